@@ -34,7 +34,9 @@ class ModelConfig:
     template: str = "internlm2-chat"  # internlm2-chat | Hermes-2 | phi3-chat | internvl2_5
     system_message: str | None = None  # None: the template's default (same in training and eval)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    attn_implementation: str = "auto"  # auto (flash_attention_2 if available on GPU, else sdpa) | sdpa | eager
+    attn_implementation: str = (
+        "auto"  # auto (flash_attention_2 if available on GPU, else sdpa) | sdpa | eager
+    )
     gradient_checkpointing: bool = True
     max_seq_length: int = 4096
 
@@ -334,7 +336,9 @@ def validate(cfg: Config) -> None:
     if t.per_device_batch_size < 1 or t.global_batch_size < 1:
         raise ConfigError("train.per_device_batch_size and train.global_batch_size must be >= 1")
     if cfg.data.min_num < 1 or cfg.data.max_num < cfg.data.min_num:
-        raise ConfigError(f"data.min_num/max_num must satisfy 1 <= min <= max, got {cfg.data.min_num}/{cfg.data.max_num}")
+        raise ConfigError(
+            f"data.min_num/max_num must satisfy 1 <= min <= max, got {cfg.data.min_num}/{cfg.data.max_num}"
+        )
     if cfg.lora.rank < 1:
         raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
     if cfg.cluster.num_workers < 1:

@@ -1,0 +1,268 @@
+"""Annotation readers and row validation.
+
+Sources: InternVL chat-format JSONL (one row per image/caption), InternVL meta JSON (several
+datasets with root, annotation, repeat_time) and the Karpathy test/val JSON + COCO gt pair.
+A bad row is never silently dropped: it becomes a :class:`Reject` with its file, line and reason
+(or, in strict mode, a :class:`DataError` naming the same).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageFile
+
+from raylora.data.templates import IMAGE_PLACEHOLDER, RowRejected
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+_RAW_LIMIT = 2000  # characters of a bad row kept in the rejects file
+
+REASONS = {
+    "malformed_json": "the line is not valid JSON",
+    "bad_fields": "missing or wrongly typed fields (image, conversations, from/value)",
+    "empty_caption": "an assistant turn has no text",
+    "too_many_placeholders": "more <image> placeholders than images",
+    "image_outside_root": "the image path leaves the data root",
+    "image_missing": "the image file does not exist",
+    "image_unreadable": "the image file cannot be decoded",
+    "image_truncated": "the image file is truncated",
+    "too_long": "text plus expanded image tokens exceed max_seq_length",
+}
+
+
+class DataError(ValueError):
+    """Strict mode: the first bad row, with file, line and reason."""
+
+
+@dataclass
+class Reject:
+    source: str
+    line: int
+    reason: str
+    detail: str
+    row: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    def message(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}: {self.detail}"
+
+
+@dataclass
+class Record:
+    """A validated-so-far training row: its images (absolute paths) and normalised conversation."""
+
+    id: str
+    source: str
+    line: int
+    images: list[str]
+    conversations: list[dict[str, str]]
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    annotation: Path
+    root: Path
+    repeat_time: float = 1.0
+
+
+def read_specs(train: str | Path, root: str | Path | None = None) -> list[DatasetSpec]:
+    """A JSONL annotation (with its image root) or an InternVL meta JSON -> dataset specs."""
+    path = Path(train)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    if path.suffix == ".jsonl":
+        if root is None:
+            raise ValueError(f"{path}: a JSONL annotation needs an image root (data.root / --root)")
+        return [DatasetSpec(path.stem, path, Path(root))]
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid meta JSON: {e.msg}") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+        raise DataError(f"{path}: a meta file maps dataset names to {{root, annotation, repeat_time}}")
+    specs = []
+    for name, entry in meta.items():
+        for key in ("root", "annotation"):
+            if key not in entry:
+                raise DataError(f"{path}: dataset {name!r} lacks {key!r}")
+        ann = Path(entry["annotation"])
+        spec_root = Path(entry["root"])
+        if not ann.is_absolute() and not ann.exists():
+            ann = path.parent / ann  # relative to the meta file when not relative to the cwd
+        if not spec_root.is_absolute() and not spec_root.exists():
+            spec_root = path.parent / spec_root
+        specs.append(DatasetSpec(name, ann, spec_root, float(entry.get("repeat_time", 1.0))))
+    return specs
+
+
+def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
+    if not isinstance(obj, dict):
+        raise RowRejected("bad_fields", "a row must be a JSON object")
+    image = obj.get("image")
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        raise RowRejected("bad_fields", "'image' must be a path or a non-empty list of paths")
+    conv = obj.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise RowRejected("bad_fields", "'conversations' must be a non-empty list")
+    turns = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise RowRejected("bad_fields", f"conversations[{i}] needs a string 'value'")
+        if turn.get("from") not in ("human", "gpt", "system"):
+            raise RowRejected("bad_fields", f"conversations[{i}].from must be human, gpt or system")
+        turns.append({"from": turn["from"], "value": turn["value"]})
+    body = turns[1:] if turns[0]["from"] == "system" else turns
+    if not body or body[0]["from"] != "human" or not any(t["from"] == "gpt" for t in body):
+        raise RowRejected("bad_fields", "conversations must start with a human turn and contain a gpt turn")
+    for i, turn in enumerate(body):
+        expected = "human" if i % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            raise RowRejected(
+                "bad_fields", f"turn {i} is {turn['from']!r}, expected {expected!r} (turns alternate)"
+            )
+        if expected == "gpt" and not turn["value"].strip():
+            raise RowRejected("empty_caption", f"assistant turn {i} is empty")
+    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in body if t["from"] == "human")
+    if placeholders > len(images):
+        raise RowRejected(
+            "too_many_placeholders", f"{placeholders} <image> placeholders for {len(images)} image(s)"
+        )
+    if placeholders == 0:  # InternVL prepends the placeholder(s) to the first human turn
+        body[0]["value"] = (IMAGE_PLACEHOLDER + "\n") * len(images) + body[0]["value"]
+    elif placeholders < len(images):
+        raise RowRejected("bad_fields", f"{placeholders} <image> placeholders for {len(images)} images")
+    return images, turns
+
+
+def resolve_image(root: Path, rel: str) -> Path:
+    """join(root, image), refusing paths that escape the root."""
+    root_abs = Path(os.path.abspath(root))
+    full = Path(os.path.abspath(root_abs / rel))
+    if os.path.commonpath([root_abs, full]) != str(root_abs):
+        raise RowRejected("image_outside_root", f"{rel!r} resolves outside {root_abs}")
+    if not full.is_file():
+        raise RowRejected("image_missing", f"{full} does not exist")
+    return full
+
+
+def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reject]:
+    """Records and rejects of one JSONL annotation, repeat_time applied (fractions keep a seeded subset)."""
+    source = str(spec.annotation)
+    items: list[Record | Reject] = []
+    with open(spec.annotation, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                items.append(Reject(source, lineno, "malformed_json", e.msg, line[:_RAW_LIMIT]))
+                continue
+            try:
+                images, turns = _check_fields(obj)
+                paths = [str(resolve_image(spec.root, rel)) for rel in images]
+            except RowRejected as e:
+                items.append(Reject(source, lineno, e.reason, e.detail, line[:_RAW_LIMIT]))
+                continue
+            rid = str(obj.get("id", lineno))
+            items.append(Record(f"{spec.name}:{rid}", source, lineno, paths, turns))
+    if spec.repeat_time == 1.0:
+        yield from items
+        return
+    good = [i for i in items if isinstance(i, Record)]
+    yield from (i for i in items if isinstance(i, Reject))
+    whole, frac = int(spec.repeat_time), spec.repeat_time - int(spec.repeat_time)
+    yield from good * whole
+    if frac > 0:
+        rng = random.Random(seed)
+        yield from rng.sample(good, math.floor(len(good) * frac))
+
+
+def inspect_image(path: str) -> tuple[int, int]:
+    """Fully decode an image (catches truncation); its (width, height). Raises RowRejected."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except FileNotFoundError:
+        raise RowRejected("image_missing", f"{path} does not exist") from None
+    except OSError as e:
+        if "truncated" in str(e).lower():
+            raise RowRejected("image_truncated", f"{path}: {e}") from None
+        raise RowRejected("image_unreadable", f"{path}: {e}") from None
+    except Exception as e:  # PIL raises a zoo of errors on garbage
+        raise RowRejected("image_unreadable", f"{path}: {type(e).__name__}: {e}") from None
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
+    im = Image.open(path)
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------ test / val
+
+
+@dataclass
+class EvalItem:
+    image_id: int
+    image: str  # absolute path
+
+
+_ID_RE = re.compile(r"(\d+)\.\w+$")
+
+
+def read_karpathy(items_path: str | Path, root: str | Path, limit: int | None = None) -> list[EvalItem]:
+    """The Karpathy test/val list: image_id from the item, else the number ending the file name."""
+    path = Path(items_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation file not found: {path}")
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "images" in data:
+        data = data["images"]
+    out = []
+    for i, item in enumerate(data):
+        rel = item.get("image") or item.get("file_name")
+        if not isinstance(rel, str):
+            raise DataError(f"{path}: item {i} has no 'image'")
+        image_id = item.get("image_id", item.get("id"))
+        if image_id is None:
+            m = _ID_RE.search(rel)
+            if not m:
+                raise DataError(f"{path}: item {i}: no image_id and none in the file name {rel!r}")
+            image_id = int(m.group(1))
+        out.append(EvalItem(int(image_id), str(Path(root) / rel)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def read_gt(gt_path: str | Path, image_ids: list[int] | None = None) -> dict[int, list[str]]:
+    """COCO caption ground truth -> {image_id: [captions]} (restricted to ``image_ids``)."""
+    data = json.loads(Path(gt_path).read_text())
+    keep = set(image_ids) if image_ids is not None else None
+    gts: dict[int, list[str]] = {}
+    for ann in data["annotations"]:
+        iid = int(ann["image_id"])
+        if keep is None or iid in keep:
+            gts.setdefault(iid, []).append(ann["caption"])
+    return gts

@@ -1,0 +1,434 @@
+"""The built-in demo: a tiny InternVL of the real architecture, an offline tokenizer, and a synthetic
+caption dataset in COCO's layout, all built deterministically and cached under the user's cache dir.
+
+The scenes are 112 px images of one or two coloured shapes. Captions come in two styles:
+style A ("a red circle on the left and a blue square on the right") teaches the demo *base* model
+to caption a little; style B (five paraphrases, the references of val/test) is what LoRA learns.
+A base that already captions makes LoRA's job the real one: adapt the style, not learn vision.
+
+    python -m raylora.demo            # build (or show) the cached assets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+DEMO_VERSION = "v1"
+IMAGE_SIZE = 112
+PROMPT = "Provide a one-sentence caption for the provided image."
+SYSTEM_MESSAGE = "You are a helpful assistant that describes images."
+TEMPLATE = "Hermes-2"
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
+STYLE_B = (
+    "there is a {c1} {s1} at the {p1} and a {c2} {s2} at the {p2}",
+    "an image with a {c1} {s1} at the {p1} and a {c2} {s2} at the {p2}",
+    "this picture shows a {c1} {s1} at the {p1} and a {c2} {s2} at the {p2}",
+    "a {c1} {s1} placed at the {p1} with a {c2} {s2} at the {p2}",
+    "you can see a {c1} {s1} at the {p1} and a {c2} {s2} at the {p2}",
+)
+STYLE_B_SINGLE = (
+    "there is a {c1} {s1} in the middle",
+    "an image with a {c1} {s1} in the middle",
+    "this picture shows a {c1} {s1} in the middle",
+    "a {c1} {s1} placed in the middle",
+    "you can see a {c1} {s1} in the middle",
+)
+SPLITS = {"base": 2000, "train": 1200, "val": 64, "test": 64}
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+]
+
+
+def cache_root() -> Path:
+    """``$RAYLORA_CACHE`` or ``~/.cache/raylora``."""
+    return Path(os.environ.get("RAYLORA_CACHE", Path.home() / ".cache" / "raylora"))
+
+
+def demo_dir() -> Path:
+    return cache_root() / f"demo-{DEMO_VERSION}"
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _scene(rng: random.Random) -> dict:
+    n = 1 if rng.random() < 0.2 else 2
+    colors = rng.sample(sorted(COLORS), n)
+    shapes = [rng.choice(SHAPES) for _ in range(n)]
+    positions = ["middle"] if n == 1 else list(rng.choice(PAIRS))
+    return {"colors": colors, "shapes": shapes, "positions": positions}
+
+
+def _draw(scene: dict, rng: random.Random) -> Image.Image:
+    bg = tuple(rng.randint(200, 250) for _ in range(3))
+    im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(im)
+    centers = {"left": (28, 56), "right": (84, 56), "top": (56, 28), "bottom": (56, 84), "middle": (56, 56)}
+    for color, shape, pos in zip(scene["colors"], scene["shapes"], scene["positions"]):
+        cx, cy = centers[pos]
+        cx += rng.randint(-6, 6)
+        cy += rng.randint(-6, 6)
+        r = rng.randint(12, 20)
+        fill = COLORS[color]
+        if shape == "circle":
+            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif shape == "square":
+            d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return im
+
+
+def caption_a(scene: dict) -> str:
+    c, s, p = scene["colors"], scene["shapes"], scene["positions"]
+    if len(c) == 1:
+        return f"a {c[0]} {s[0]} in the middle"
+    return f"a {c[0]} {s[0]} on the {p[0]} and a {c[1]} {s[1]} on the {p[1]}"
+
+
+def captions_b(scene: dict) -> list[str]:
+    c, s, p = scene["colors"], scene["shapes"], scene["positions"]
+    if len(c) == 1:
+        return [t.format(c1=c[0], s1=s[0]) for t in STYLE_B_SINGLE]
+    return [t.format(c1=c[0], s1=s[0], p1=p[0], c2=c[1], s2=s[1], p2=p[1]) for t in STYLE_B]
+
+
+def build_data(root: Path, seed: int = 0) -> None:
+    """Images + annotations: base (style A JSONL), train (style B JSONL), val/test (Karpathy + gt)."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    image_id = 0
+    for split, count in SPLITS.items():
+        rng = random.Random(f"{seed}-{split}")
+        (root / split).mkdir(exist_ok=True)
+        rows, items, gt_images, gt_anns = [], [], [], []
+        for _ in range(count):
+            image_id += 1
+            scene = _scene(rng)
+            rel = f"{split}/demo_{split}_{image_id:06d}.jpg"
+            _draw(scene, rng).save(root / rel, quality=95)
+            refs = captions_b(scene)
+            if split in ("base", "train"):
+                caption = caption_a(scene) if split == "base" else rng.choice(refs)
+                rows.append(
+                    {
+                        "id": image_id,
+                        "image": rel,
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\n{PROMPT}"},
+                            {"from": "gpt", "value": caption},
+                        ],
+                    }
+                )
+            else:
+                items.append({"image": rel, "caption": refs, "image_id": image_id})
+                gt_images.append({"id": image_id, "file_name": rel})
+                gt_anns += [{"image_id": image_id, "id": len(gt_anns) + 1, "caption": r} for r in refs]
+        if rows:
+            with open(root / "annotations" / f"demo_{split}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            (root / "annotations" / f"demo_{split}.json").write_text(json.dumps(items))
+            gt = {"info": {}, "licenses": [], "type": "captions", "images": gt_images, "annotations": gt_anns}
+            (root / "annotations" / f"demo_{split}_gt.json").write_text(json.dumps(gt))
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+
+def all_caption_text() -> list[str]:
+    words = []
+    for c in COLORS:
+        for s in SHAPES:
+            scene1 = {"colors": [c], "shapes": [s], "positions": ["middle"]}
+            words += [caption_a(scene1), *captions_b(scene1)]
+            for p in PAIRS:
+                scene = {"colors": [c, c], "shapes": [s, s], "positions": list(p)}
+                words += [caption_a(scene), *captions_b(scene)]
+    return words
+
+
+def build_tokenizer(out: Path):
+    """A byte-level BPE trained on the demo's text, with InternVL's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from raylora.data.templates import get_template
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = all_caption_text() * 3 + [PROMPT, SYSTEM_MESSAGE, "system", "user", "assistant"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    fast.chat_template = get_template(TEMPLATE).jinja(SYSTEM_MESSAGE)
+    fast.save_pretrained(out)
+    return fast
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def tiny_config(vocab_size: int, image_token_id: int, eos_token_id: int, pad_token_id: int):
+    """InternVL config at demo scale: 112 px tiles, 64-wide 2-layer ViT, 128-wide 2-layer Qwen2."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        image_size=[IMAGE_SIZE, IMAGE_SIZE],
+        patch_size=[14, 14],
+    )
+    text = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=(IMAGE_SIZE // 14) ** 2 // 4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+
+
+def build_random_model(tokenizer_dir: Path, seed: int = 0):
+    """A randomly initialised tiny InternVL for ``tokenizer_dir``'s tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = tiny_config(
+        len(tok), tok.convert_tokens_to_ids("<IMG_CONTEXT>"), tok.eos_token_id, tok.pad_token_id
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def _write_preprocessor(out: Path) -> None:
+    """Image processor config of transformers' native InternVL (GotOcr2, crop_to_patches)."""
+    from transformers import GotOcr2ImageProcessor
+
+    GotOcr2ImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=6,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(out)
+
+
+def pretrain_base(model, data_root: Path, tokenizer_dir: Path, seconds: float, steps: int, log=print) -> dict:
+    """Full fine-tune on caption style A: the demo base that already captions a little."""
+    import torch
+
+    from raylora.data.pipeline import iter_microbatches, make_plan, plan_microbatches, prepare
+    from raylora.data.tiling import normalize
+
+    settings = demo_image_settings(tokenizer_dir)
+    prepared = prepare(data_root / "annotations" / "demo_base.jsonl", data_root, settings, use_ray=False)
+    bs = 32
+    plan = make_plan(prepared.rows_ok, bs, bs, 1, epochs=1)
+    batches = list(
+        iter_microbatches(prepared.table, plan_microbatches(prepared.table, plan, seed=0), settings)
+    )
+    batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    model.train()
+    start = time.time()
+    loss = float("nan")
+    for step in range(steps):
+        b = batches[step % len(batches)]
+        out = model(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            pixel_values=normalize(b["pixel_values"]),
+            labels=b["labels"],
+        )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(
+                f"[demo] base pre-training step {step + 1}/{steps} loss {loss:.3f} ({time.time() - start:.0f}s)"
+            )
+        if time.time() - start > seconds:
+            log(f"[demo] base pre-training stopped at its time budget ({seconds:.0f}s), step {step + 1}")
+            break
+    model.eval()
+    return {"steps": step + 1, "loss": loss, "seconds": round(time.time() - start, 1)}
+
+
+def demo_image_settings(tokenizer_dir: Path, max_num: int = 6):
+    from raylora.data.pipeline import ImageSettings
+
+    return ImageSettings(
+        tokenizer_path=str(tokenizer_dir),
+        template=TEMPLATE,
+        system_message=SYSTEM_MESSAGE,
+        image_size=IMAGE_SIZE,
+        max_num=max_num,
+        tokens_per_tile=(IMAGE_SIZE // 14) ** 2 // 4,
+        max_seq_length=512,
+    )
+
+
+def ensure_demo(log=print, base_steps: int = 900, base_seconds: float = 120.0) -> Path:
+    """Build whatever part of the demo is not cached yet; returns the demo dir.
+
+    Layout: ``data/`` (COCO-like: annotations/, base/, train/, val/, test/), ``tokenizer/``,
+    ``base/`` (the pre-trained demo base model, native transformers InternVL with processor files).
+    """
+    import torch
+
+    root = demo_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    done = root / "COMPLETE"
+    if done.exists():
+        return root
+    lock = root / ".lock"
+    _acquire(lock)
+    try:
+        if done.exists():
+            return root
+        log(f"[demo] building the demo assets in {root} (once)")
+        data = root / "data"
+        if not (data / "annotations" / "demo_test_gt.json").exists():
+            tmp = root / "data.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_data(tmp)
+            tmp.rename(data)
+        tok_dir = root / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists():
+            build_tokenizer(tok_dir)
+        base = root / "base"
+        if not (base / "config.json").exists():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            model = build_random_model(tok_dir)
+            info = pretrain_base(model, data, tok_dir, base_seconds, base_steps, log)
+            torch.set_num_threads(threads)
+            save_model_dir(model, tok_dir, base.with_suffix(".tmp"))
+            (base.with_suffix(".tmp") / "raylora_demo_base.json").write_text(json.dumps(info))
+            base.with_suffix(".tmp").rename(base)
+        done.write_text(DEMO_VERSION)
+        log(f"[demo] demo assets ready in {root}")
+        return root
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def save_model_dir(model, tokenizer_dir: Path, out: Path) -> None:
+    """A native checkpoint dir: safetensors weights, tokenizer, image processor config."""
+    from transformers import AutoTokenizer
+
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    _write_preprocessor(out)
+    (out / "raylora.json").write_text(json.dumps({"template": TEMPLATE, "system_message": SYSTEM_MESSAGE}))
+
+
+def _acquire(lock: Path, timeout: float = 900.0) -> None:
+    """A cross-process lock file (several Ray workers may ask for the demo at once)."""
+    start = time.time()
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError):
+                lock.unlink(missing_ok=True)  # stale lock of a dead process
+                continue
+            except PermissionError:
+                pass
+            if time.time() - start > timeout:
+                raise TimeoutError(
+                    f"waited {timeout:.0f}s for {lock}; delete it if no build is running"
+                ) from None
+            time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m raylora.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--rebuild", action="store_true", help="delete the cached demo assets and build them again"
+    )
+    args = p.parse_args(argv)
+    if args.rebuild:
+        shutil.rmtree(demo_dir(), ignore_errors=True)
+    root = ensure_demo()
+    print(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Batched greedy captioning with left padding: the one generation path used by evaluation,
+training-time validation, sweeps and ``raylora.caption``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from raylora.data.pipeline import ImageSettings
+from raylora.data.templates import ConversationTokenizer
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    prompt: str = "Provide a one-sentence caption for the provided image."
+    min_new_tokens: int = 8
+    max_new_tokens: int = 30
+    batch_size: int = 16
+
+
+def prompt_batch(
+    conv_tok: ConversationTokenizer, settings: ImageSettings, paths: list[str], prompt: str
+) -> dict[str, np.ndarray]:
+    """Tiles + left-padded prompt ids for a list of image paths."""
+    tiles = [settings.tile(p) for p in paths]
+    ids = [conv_tok.encode_prompt(prompt, [len(t)]) for t in tiles]
+    pad = conv_tok.tokenizer.pad_token_id or 0
+    width = max(len(i) for i in ids)
+    input_ids = np.full((len(ids), width), pad, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    return {
+        "pixel_values": np.concatenate(tiles, axis=0),
+        "num_tiles": np.asarray([len(t) for t in tiles]),
+        "input_ids": input_ids,
+        "attention_mask": mask,
+    }
+
+
+def generate_batch(
+    model: Any,
+    conv_tok: ConversationTokenizer,
+    batch: dict[str, np.ndarray],
+    gen: GenerationSettings,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Greedy decoding of one prompt batch; returns the stripped captions."""
+    import torch
+
+    from raylora.data.tiling import normalize
+
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    input_ids = torch.from_numpy(batch["input_ids"]).to(device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
+            pixel_values=normalize(torch.from_numpy(batch["pixel_values"]).to(device), dtype),
+            do_sample=False,
+            num_beams=1,
+            min_new_tokens=gen.min_new_tokens,
+            max_new_tokens=gen.max_new_tokens,
+            eos_token_id=conv_tok.stop_token_ids(),
+            pad_token_id=conv_tok.tokenizer.pad_token_id or 0,
+            synced_gpus=synced_gpus,
+        )
+    new = out[:, input_ids.shape[1] :]
+    return [t.strip() for t in conv_tok.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def generate_captions(
+    model: Any,
+    conv_tok: ConversationTokenizer,
+    settings: ImageSettings,
+    paths: list[str],
+    gen: GenerationSettings,
+    synced_gpus: bool = False,
+    progress: Any = None,
+) -> list[str]:
+    """Captions for ``paths`` in order, ``gen.batch_size`` images at a time."""
+    was_training = model.training
+    model.eval()
+    captions: list[str] = []
+    for start in range(0, len(paths), gen.batch_size):
+        chunk = paths[start : start + gen.batch_size]
+        captions += generate_batch(
+            model, conv_tok, prompt_batch(conv_tok, settings, chunk, gen.prompt), gen, synced_gpus
+        )
+        if progress is not None:
+            progress(len(captions), len(paths))
+    if was_training:
+        model.train()
+    return captions
