@@ -430,5 +430,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def demo_data_paths() -> dict[str, Path]:
+    """The demo dataset in data-config terms (built on first use)."""
+    data = ensure_demo() / "data"
+    return {
+        "train": data / "annotations" / "demo_train.jsonl",
+        "root": data,
+        "val": data / "annotations" / "demo_val.json",
+        "val_gt": data / "annotations" / "demo_val_gt.json",
+        "val_root": data,
+    }
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,6 @@ tile, tokenize, collate) on Ray Data or as a plain iterator.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -136,6 +135,7 @@ def _image_sizes(paths: list[str], use_ray: bool) -> dict[str, tuple[int, int] |
                 ),
             }
 
+        quiet_progress()
         ds = ray.data.from_items([{"path": p} for p in paths]).map_batches(check_batch, batch_size=256)
         result: dict[str, tuple[int, int] | RowRejected] = {}
         for row in ds.iter_rows():
@@ -402,6 +402,7 @@ def train_dataset(
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    quiet_progress()
     records_ref = ray.put(records)
     ds = ray.data.from_arrow(planned, override_num_blocks=max(1, min(planned.num_rows, 64 * actors)))
     return ds.map_batches(
@@ -430,5 +431,10 @@ def to_torch(batch: dict[str, np.ndarray], device: Any = "cpu") -> dict[str, Any
     }
 
 
-def cache_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def quiet_progress() -> None:
+    """Ray Data's per-operator progress bars flood non-interactive logs; training prints its own."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

@@ -1,0 +1,125 @@
+"""``python -m raylora.data check ANNOTATION``: a pre-flight report on a caption dataset.
+
+Validates every row and image exactly as training does: rows ok / rejected by reason, the
+tiles-per-image histogram and token length percentiles. Rejected rows go to ``--rejects``.
+With ``--json`` the last line printed is one JSON object with the same numbers.
+Exit status: 0, or 1 when ``--strict`` met a bad row (it names file, line and reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raylora.config import DEMO
+
+
+def _tokenizer_dir(arg: str | None) -> tuple[str, str, str | None]:
+    """(tokenizer dir, template, system message) for the report."""
+    from raylora.model import model_info, resolve_model_dir
+
+    if arg is None:
+        recipe = Path("pretrained/InternVL2-2B")
+        arg = str(recipe) if (recipe / "config.json").is_file() else DEMO
+    model_dir = resolve_model_dir(arg, log=lambda m: print(m, file=sys.stderr))
+    saved = model_info(model_dir)["template"]
+    template = saved.get("template", "internlm2-chat")
+    return str(model_dir), template, saved.get("system_message")
+
+
+def check(args: argparse.Namespace) -> int:
+    from raylora.data.pipeline import ImageSettings, prepare
+    from raylora.data.records import DataError
+
+    tok_dir, template, system = _tokenizer_dir(args.model)
+    settings = ImageSettings(
+        tokenizer_path=tok_dir,
+        template=args.template or template,
+        system_message=system,
+        image_size=args.image_size,
+        min_num=args.min_num,
+        max_num=args.max_num,
+        use_thumbnail=not args.no_thumbnail,
+        tokens_per_tile=(args.image_size // 14) ** 2 // 4,
+        max_seq_length=args.max_seq_length,
+    )
+    root = args.root
+    if root is None and args.annotation.endswith(".jsonl"):
+        root = str(
+            Path(args.annotation).resolve().parent.parent
+        )  # the tutorial's data/coco/annotations layout
+    try:
+        prepared = prepare(args.annotation, root, settings, strict=args.strict, progress=True)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stats = prepared.stats()
+    rejects = Path(args.rejects) if args.rejects else Path(args.annotation).with_suffix(".rejects.jsonl")
+    prepared.write_rejects(rejects)
+    print(f"annotation: {args.annotation} (images under {root})")
+    print(
+        f"tokenizer: {tok_dir} [{settings.template}], tiles of {args.image_size}px, {args.min_num}..{args.max_num} per image"
+    )
+    print(f"rows: {stats['rows_total']} total, {stats['rows_ok']} ok, {stats['rows_rejected']} rejected")
+    for reason, n in stats["rejects"].items():
+        print(f"  rejected {reason}: {n}")
+    if prepared.rejects:
+        print(f"rejected rows written to {rejects}; first: {prepared.rejects[0].message()}")
+    print("tiles per image: " + ", ".join(f"{k}: {v}" for k, v in stats["tiles"].items()))
+    t = stats["tokens"]
+    print(
+        f"tokens per row: p50 {t['p50']}, p95 {t['p95']}, max {t['max']} (max_seq_length {args.max_seq_length})"
+    )
+    if args.json:
+        print(json.dumps(stats))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m raylora.data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "check",
+        help="validate an annotation file and report on it",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("annotation", help="InternVL chat-format JSONL, or a meta JSON listing several")
+    c.add_argument("--root", help="image root of a JSONL (default: the folder above the annotation's folder)")
+    c.add_argument(
+        "--model",
+        help="checkpoint whose tokenizer counts tokens (default: pretrained/InternVL2-2B if present, else the demo's)",
+    )
+    c.add_argument("--template", help="chat template (default: the model's)")
+    c.add_argument("--image-size", type=int, default=448, help="tile side in px (default 448)")
+    c.add_argument("--min-num", type=int, default=1, help="minimum tiles per image (default 1)")
+    c.add_argument("--max-num", type=int, default=6, help="maximum tiles per image (default 6)")
+    c.add_argument("--no-thumbnail", action="store_true", help="no thumbnail tile after a multi-tile grid")
+    c.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=4096,
+        help="token budget per row incl. image tokens (default 4096)",
+    )
+    c.add_argument("--rejects", help="where rejected rows go (default: ANNOTATION with .rejects.jsonl)")
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad row (exit 1), naming file, line and reason",
+    )
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    args = parser.parse_args(argv)
+    return check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

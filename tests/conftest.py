@@ -1,0 +1,68 @@
+"""Session-wide fixtures: one local Ray cluster, the demo assets, a tiny model; all built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+COCO = FIXTURES / "coco"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_root() -> Path:
+    """The cached demo assets (built on first use, ~2 minutes, then reused)."""
+    from raylora.demo import ensure_demo
+
+    return ensure_demo()
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(demo_root: Path) -> Path:
+    return demo_root / "base"
+
+
+@pytest.fixture(scope="session")
+def demo_settings(demo_tokenizer_dir: Path):
+    from raylora.demo import demo_image_settings
+
+    return demo_image_settings(demo_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_base_model(demo_root: Path):
+    from raylora.model import load_base_model
+
+    return load_base_model(demo_root / "base").eval()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (2 CPUs, ~1 GiB object store)."""
+    import ray
+
+    from raylora.train import ray_runtime_env
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=1 << 30,
+            include_dashboard=True,
+            runtime_env=ray_runtime_env(),
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """A fresh sqlite MLflow store for the session."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri

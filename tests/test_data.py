@@ -1,0 +1,428 @@
+"""Data layer: tiling against transformers, templates and label masks, validation and rejects,
+the micro-batch plan, and the Ray Data pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raylora.data import tiling
+from raylora.data.pipeline import (
+    ImageSettings,
+    grad_accum_steps,
+    iter_microbatches,
+    make_plan,
+    plan_microbatches,
+    prepare,
+    to_torch,
+    train_dataset,
+    unpack,
+)
+from raylora.data.records import REASONS, DataError, load_rgb
+from raylora.data.templates import IGNORE_INDEX, TEMPLATES, ConversationTokenizer, RowRejected
+
+from .conftest import COCO
+
+SIZES = [
+    (640, 480),
+    (480, 640),
+    (500, 375),
+    (640, 427),
+    (333, 500),
+    (1000, 100),
+    (100, 1000),
+    (448, 448),
+    (896, 448),
+    (900, 300),
+    (300, 900),
+    (1200, 700),
+    (50, 60),
+    (2000, 1000),
+    (1344, 896),
+    (447, 449),
+    (500, 400),
+    (640, 640),
+    (1, 1),
+]
+
+
+# ------------------------------------------------------------------------------------------- tiling
+
+
+@pytest.mark.parametrize("max_num", [1, 4, 6, 12])
+def test_grid_matches_transformers(max_num):
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    for w, h in SIZES + [(w * 7, h * 3) for w, h in SIZES[:6]]:
+        assert tiling.choose_grid(w, h, 448, 1, max_num) == get_optimal_tiled_canvas(
+            (h, w), (448, 448), 1, max_num
+        ), (w, h)
+
+
+def test_coco_640x480_gives_seven_tiles():
+    assert tiling.choose_grid(640, 480) == (3, 2)
+    assert tiling.num_tiles(640, 480) == 7
+    tiles = tiling.tile_image(Image.new("RGB", (640, 480)))
+    assert tiles.shape == (7, 3, 448, 448) and tiles.dtype == np.uint8
+
+
+def _transformers_tiles(image: Image.Image, max_num: int) -> np.ndarray:
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    proc = GotOcr2ImageProcessorPil(
+        size={"height": 448, "width": 448},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_num,
+        do_rescale=False,
+        do_normalize=False,
+    )
+    return np.asarray(proc(images=image, return_tensors="np")["pixel_values"])
+
+
+@pytest.mark.parametrize("path", sorted((COCO / "train2014").glob("*.jpg"))[:4], ids=lambda p: p.name[-10:])
+def test_pixels_match_transformers_on_real_coco(path):
+    """Same grid and tile order; pixels within 1 grey level (both PIL bicubic)."""
+    image = load_rgb(str(path))
+    ours = tiling.tile_image(image, 448, 1, 6, True).astype(np.float32)
+    theirs = _transformers_tiles(image, 6)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1.0
+
+
+@pytest.mark.parametrize("size", [(300, 900), (1000, 100), (896, 448)])
+def test_pixels_match_transformers_on_synthetic(size):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    ours = tiling.tile_image(image, 448, 1, 6, True).astype(np.float32)
+    theirs = _transformers_tiles(image, 6)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1.0
+
+
+def test_normalize_imagenet():
+    import torch
+
+    tiles = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = tiling.normalize(tiles)
+    expected = [(1 - m) / s for m, s in zip(tiling.IMAGENET_MEAN, tiling.IMAGENET_STD)]
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16"])
+def test_image_modes_become_rgb(tmp_path, mode):
+    im = Image.new("RGB", (60, 40), (10, 200, 30)).convert(mode)
+    path = tmp_path / f"x.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    im.save(path)
+    rgb = load_rgb(str(path))
+    assert rgb.mode == "RGB" and rgb.size == (60, 40)
+
+
+# ---------------------------------------------------------------------------------------- templates
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_template_expansion_and_labels(demo_tokenizer_dir, name):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    t = TEMPLATES[name]
+    ct = ConversationTokenizer(tok, name, tokens_per_tile=256, max_seq_length=8192)
+    conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle"}]
+    ids, labels = ct.encode_conversation(conv, [7])
+    img = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert (ids == img).sum() == 7 * 256
+    start = int(np.where(ids == tok.convert_tokens_to_ids("<img>"))[0][0])
+    end = int(np.where(ids == tok.convert_tokens_to_ids("</img>"))[0][0])
+    assert end - start - 1 == 7 * 256 and (ids[start + 1 : end] == img).all()
+    supervised = ids[labels != IGNORE_INDEX]
+    assert tok.decode(supervised) == "a red circle" + t.sep
+    assert (
+        labels[: len(ids) - len(supervised)] == IGNORE_INDEX
+    ).all()  # everything up to the answer is masked
+    full = tok.decode(ids)
+    assert full.startswith(t.system_text(None)) and (t.assistant_role + "a red circle") in full
+
+
+def test_multi_turn_supervises_every_answer(demo_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    ct = ConversationTokenizer(tok, "internlm2-chat", tokens_per_tile=4)
+    conv = [
+        {"from": "human", "value": "<image>\nfirst"},
+        {"from": "gpt", "value": "one"},
+        {"from": "human", "value": "second"},
+        {"from": "gpt", "value": "two"},
+    ]
+    ids, labels = ct.encode_conversation(conv, [1])
+    assert tok.decode(ids[labels != IGNORE_INDEX]) == "one<|im_end|>two<|im_end|>"
+
+
+def test_too_long_is_rejected_not_truncated(demo_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    ct = ConversationTokenizer(
+        AutoTokenizer.from_pretrained(demo_tokenizer_dir), "Hermes-2", 256, max_seq_length=1000
+    )
+    with pytest.raises(RowRejected) as e:
+        ct.encode_conversation([{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}], [7])
+    assert e.value.reason == "too_long"
+
+
+def test_generation_prompt_matches_training_prefix(demo_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    ct = ConversationTokenizer(
+        AutoTokenizer.from_pretrained(demo_tokenizer_dir), "Hermes-2", 16, system_message="sys"
+    )
+    prompt = "Provide a one-sentence caption for the provided image."
+    train_ids, labels = ct.encode_conversation(
+        [{"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": "a cat"}], [1]
+    )
+    gen_ids = ct.encode_prompt(prompt, [1])
+    assert (train_ids[: len(gen_ids)] == gen_ids).all()
+    assert (labels[: len(gen_ids)] == IGNORE_INDEX).all() and labels[len(gen_ids)] != IGNORE_INDEX
+
+
+# -------------------------------------------------------------------------------------- validation
+
+
+def _coco_settings(demo_tokenizer_dir, max_seq_length=4096):
+    return ImageSettings(
+        str(demo_tokenizer_dir), "internlm2-chat", None, 448, 1, 6, True, 256, max_seq_length
+    )
+
+
+def _bad_dataset(tmp_path):
+    """Good COCO rows plus one row of every bad kind; returns (jsonl, root, expected reasons by line)."""
+    root = tmp_path / "coco"
+    shutil.copytree(COCO, root)
+    good = [
+        json.loads(line)
+        for line in (COCO / "annotations" / "coco_karpathy_train.jsonl").read_text().splitlines()
+    ][:6]
+    img = good[0]["image"]
+    (root / "train2014" / "truncated.jpg").write_bytes((root / img).read_bytes()[:4000])
+    (root / "train2014" / "garbage.jpg").write_bytes(b"not an image at all")
+    Image.new("L", (320, 240), 128).save(root / "train2014" / "gray.jpg")
+    Image.new("RGB", (64, 64), (1, 2, 3)).convert("CMYK").save(root / "train2014" / "cmyk.jpg")
+    Image.new("RGBA", (64, 64), (1, 2, 3, 100)).save(root / "train2014" / "rgba.png")
+    Image.new("P", (64, 64)).save(root / "train2014" / "palette.png")
+
+    def row(
+        image, caption="a caption", human="<image>\nProvide a one-sentence caption for the provided image."
+    ):
+        return json.dumps(
+            {
+                "id": 1,
+                "image": image,
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+            }
+        )
+
+    lines = [json.dumps(g) for g in good]
+    bad = {
+        "malformed_json": '{"id": 3, "image": "train2014/x.jpg", ',
+        "bad_fields": json.dumps({"id": 4, "image": img}),
+        "empty_caption": row(img, caption="   "),
+        "too_many_placeholders": row(img, human="<image>\n<image>\ncaption this"),
+        "image_outside_root": row("../../etc/passwd"),
+        "image_missing": row("train2014/does_not_exist.jpg"),
+        "image_unreadable": row("train2014/garbage.jpg"),
+        "image_truncated": row("train2014/truncated.jpg"),
+        "too_long": None,  # checked with a small max_seq_length below
+    }
+    expected = {}
+    for reason, text in bad.items():
+        if text is not None:
+            lines.append(text)
+            expected[len(lines)] = reason
+    lines += [
+        row("train2014/gray.jpg"),
+        row("train2014/cmyk.jpg"),
+        row("train2014/rgba.png"),
+        row("train2014/palette.png"),
+    ]
+    lines.append(row(img, human="Provide a caption."))  # no <image>: InternVL prepends it
+    path = root / "annotations" / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, root, expected, len(lines)
+
+
+def test_every_reject_reason_is_recorded(tmp_path, demo_tokenizer_dir):
+    path, root, expected, total = _bad_dataset(tmp_path)
+    prepared = prepare(path, root, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    got = {r.line: r.reason for r in prepared.rejects}
+    assert got == expected
+    assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total == total
+    assert set(expected.values()) | {"too_long"} == set(REASONS)
+    # accepted as InternVL accepts them: odd image modes and a missing placeholder
+    assert prepared.rows_ok == 6 + 5
+    convs = [json.loads(c) for c in prepared.table.column("conversations").to_pylist()]
+    assert convs[-1][0]["value"].startswith("<image>\n")
+
+
+def test_too_long_rows_rejected_with_reason(tmp_path, demo_tokenizer_dir):
+    path, root, _, _ = _bad_dataset(tmp_path)
+    prepared = prepare(path, root, _coco_settings(demo_tokenizer_dir, max_seq_length=1000), use_ray=False)
+    too_long = [r for r in prepared.rejects if r.reason == "too_long"]
+    assert too_long and "max_seq_length 1000" in too_long[0].detail
+    assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total
+
+
+def test_strict_names_file_line_and_reason(tmp_path, demo_tokenizer_dir):
+    path, root, expected, _ = _bad_dataset(tmp_path)
+    first = min(expected)
+    with pytest.raises(DataError, match=rf"mixed.jsonl:{first}: {expected[first]}"):
+        prepare(path, root, _coco_settings(demo_tokenizer_dir), strict=True, use_ray=False)
+
+
+def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
+    from raylora.data.__main__ import main
+
+    path, root, expected, total = _bad_dataset(tmp_path)
+    rejects = tmp_path / "rejects.jsonl"
+    code = main(
+        [
+            "check",
+            str(path),
+            "--root",
+            str(root),
+            "--rejects",
+            str(rejects),
+            "--json",
+            "--model",
+            str(demo_tokenizer_dir),
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows_total"] == total
+    assert report["rows_ok"] + report["rows_rejected"] == report["rows_total"]
+    assert report["rejects"] == {r: 1 for r in expected.values()}
+    lines = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert sorted(x["line"] for x in lines) == sorted(expected)
+    assert report["tiles"]["7"] >= 1 and set(report["tokens"]) == {"p50", "p95", "max"}
+    assert (
+        main(["check", str(path), "--root", str(root), "--strict", "--model", str(demo_tokenizer_dir)]) == 1
+    )
+
+
+def test_meta_file_with_repeat_time(tmp_path, demo_tokenizer_dir):
+    ann = COCO / "annotations" / "coco_karpathy_train.jsonl"
+    n = len(ann.read_text().splitlines())
+    meta = tmp_path / "meta.json"
+    meta.write_text(
+        json.dumps(
+            {
+                "coco_full": {"root": str(COCO), "annotation": str(ann), "repeat_time": 2},
+                "coco_half": {"root": str(COCO), "annotation": str(ann), "repeat_time": 0.5},
+            }
+        )
+    )
+    prepared = prepare(meta, None, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    assert prepared.rows_ok == 2 * n + n // 2
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def test_grad_accum_arithmetic():
+    assert grad_accum_steps(512, 4, 8) == 16  # the recipe
+    assert grad_accum_steps(32, 16, 2) == 1
+    with pytest.raises(ValueError, match="not a multiple"):
+        grad_accum_steps(100, 4, 8)
+
+
+def test_plan_equal_counts_and_resume(demo_settings, demo_root):
+    prepared = prepare(
+        demo_root / "data/annotations/demo_train.jsonl", demo_root / "data", demo_settings, use_ray=False
+    )
+    plan = make_plan(prepared.rows_ok, 64, 8, 2, epochs=2)
+    full = plan_microbatches(prepared.table, plan, seed=1, group_by_length=True)
+    assert full.num_rows == plan.total_steps * plan.microbatches_per_step
+    assert full.column("index").to_pylist() == list(range(full.num_rows))
+    rows = full.column("rows").to_pylist()
+    assert all(len(r) == 8 for r in rows)
+    epoch0 = [i for r, e in zip(rows, full.column("epoch").to_pylist()) if e == 0 for i in r]
+    assert len(set(epoch0)) == len(epoch0)  # no record twice within an epoch
+    resumed = plan_microbatches(prepared.table, plan, seed=1, group_by_length=True, start_step=5)
+    assert resumed.column("rows").to_pylist() == rows[5 * plan.microbatches_per_step :]
+    again = plan_microbatches(prepared.table, plan, seed=1, group_by_length=True)
+    assert again.column("rows").to_pylist() == rows
+
+
+def test_plain_iterator_feeds_the_model(demo_settings, demo_root, demo_base_model):
+    import torch
+
+    from raylora.data.tiling import normalize
+
+    prepared = prepare(
+        COCO / "annotations" / "coco_karpathy_train.jsonl",
+        COCO,
+        _coco_like_demo(demo_settings),
+        use_ray=False,
+    )
+    plan = make_plan(prepared.rows_ok, 4, 4, 1, epochs=1, max_steps=1)
+    batch = next(
+        iter_microbatches(
+            prepared.table, plan_microbatches(prepared.table, plan), _coco_like_demo(demo_settings)
+        )
+    )
+    assert batch["pixel_values"].dtype == np.uint8
+    assert batch["pixel_values"].shape[0] == batch["num_tiles"].sum()
+    t = to_torch(batch)
+    with torch.no_grad():
+        out = demo_base_model(
+            input_ids=t["input_ids"],
+            attention_mask=t["attention_mask"],
+            labels=t["labels"],
+            pixel_values=normalize(t["pixel_values"]),
+        )
+    assert torch.isfinite(out.loss)
+
+
+def _coco_like_demo(demo_settings):
+    """Real COCO photos at the demo model's tile size (112 px, 16 tokens per tile)."""
+    from dataclasses import replace
+
+    return replace(demo_settings, max_seq_length=1024)
+
+
+def test_ray_pipeline_end_to_end(ray_cluster, demo_settings, demo_base_model):
+    """Real COCO through Ray Data (actor pool), split evenly over 2 consumers, into the model."""
+    import torch
+
+    from raylora.data.tiling import normalize
+
+    settings = _coco_like_demo(demo_settings)
+    prepared = prepare(COCO / "annotations" / "coco_karpathy_train.jsonl", COCO, settings, use_ray=True)
+    plan = make_plan(prepared.rows_ok, 8, 2, 2, epochs=1)
+    planned = plan_microbatches(prepared.table, plan, seed=0)
+    ds = train_dataset(prepared.table, planned, settings, actors=1)
+    shards = ds.streaming_split(2, equal=True)
+
+    @ray_cluster.remote(num_cpus=0)
+    def consume(shard):
+        return [unpack(r["payload"][0]) for r in shard.iter_batches(batch_size=1, batch_format="numpy")]
+
+    per_rank = ray_cluster.get([consume.remote(s) for s in shards])
+    assert [len(x) for x in per_rank] == [planned.num_rows // 2] * 2
+    batch = per_rank[0][0]
+    local = next(iter_microbatches(prepared.table, planned, settings))
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == batch["num_tiles"].sum()
+    t = to_torch(batch)
+    with torch.no_grad():
+        out = demo_base_model(
+            input_ids=t["input_ids"],
+            attention_mask=t["attention_mask"],
+            labels=t["labels"],
+            pixel_values=normalize(t["pixel_values"]),
+        )
+    assert torch.isfinite(out.loss)
+    assert set(local) == set(batch)
