@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"
 IMAGE_SIZE = 112
 PROMPT = "Provide a one-sentence caption for the provided image."
 SYSTEM_MESSAGE = "You are a helpful assistant that describes images."
@@ -36,7 +36,7 @@ COLORS = {
     "orange": (245, 140, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
+PAIRS = (("left", "right"), ("top", "bottom"))  # left before right, top before bottom: one right caption
 STYLE_B = (
     "there is a {c1} {s1} at the {p1} and a {c2} {s2} at the {p2}",
     "an image with a {c1} {s1} at the {p1} and a {c2} {s2} at the {p2}",
@@ -132,7 +132,7 @@ def build_data(root: Path, seed: int = 0) -> None:
             _draw(scene, rng).save(root / rel, quality=95)
             refs = captions_b(scene)
             if split in ("base", "train"):
-                caption = caption_a(scene) if split == "base" else rng.choice(refs)
+                caption = caption_a(scene) if split == "base" else refs[0]  # LoRA learns one new style
                 rows.append(
                     {
                         "id": image_id,
@@ -332,7 +332,7 @@ def demo_image_settings(tokenizer_dir: Path, max_num: int = 6):
     )
 
 
-def ensure_demo(log=print, base_steps: int = 900, base_seconds: float = 120.0) -> Path:
+def ensure_demo(log=print, base_steps: int = 1000, base_seconds: float = 400.0) -> Path:
     """Build whatever part of the demo is not cached yet; returns the demo dir.
 
     Layout: ``data/`` (COCO-like: annotations/, base/, train/, val/, test/), ``tokenizer/``,
