@@ -56,6 +56,7 @@ class DataConfig:
     strict: bool = False  # fail at the first bad row instead of rejecting it
     shuffle_seed: int = 42
     decode_actors: int = 1  # Ray Data actors that decode, tile and tokenize
+    decode_cpus: float = 1.0  # CPUs reserved per decode actor
     rejects: str | None = None  # where rejected rows go; default <output>/rejects.jsonl
 
 
@@ -129,6 +130,8 @@ class SweepConfig:
     reduction_factor: int = 2
     max_concurrent: int = 0  # 0: derived from the cluster and each trial's workers
     trials: int = 16
+    alpha_ratio: float = 2.0  # lora.alpha = alpha_ratio * rank in every trial (0: keep lora.alpha)
+    trial_overrides: dict[str, Any] = field(default_factory=dict)  # config keys set in every trial
 
 
 @dataclass

@@ -162,6 +162,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     step = 0
     restored = ray.train.get_checkpoint()
+    if plan["resume_from"] and _checkpoint_step(restored) < plan["dataset_start_step"]:
+        restored = ray.train.Checkpoint(plan["resume_from"])  # found on disk, not yet registered by Ray
     if restored is not None:
         with restored.as_directory() as d:
             engine.load_checkpoint(
@@ -194,9 +196,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     client = None
     if is_rank0 and config.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
-
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(config["tracking_uri"])
         client = MlflowClient()
@@ -247,6 +248,8 @@ def train_func(config: dict[str, Any]) -> None:
         if micro % plan["grad_accum"]:
             continue
         step += 1
+        if config.get("fail_at_step") == step and rank == world - 1:
+            _inject_failure(Path(config["fail_marker"]), step)
         done = step >= total_steps
         if step % cfg.train.log_every_n_steps == 0 or done:
             stats = torch.tensor(
@@ -299,6 +302,21 @@ def train_func(config: dict[str, Any]) -> None:
         )
 
 
+def _checkpoint_step(checkpoint: Any) -> int:
+    if checkpoint is None:
+        return -1
+    with checkpoint.as_directory() as d:
+        return int(json.loads(Path(d, "train_state.json").read_text())["step"])
+
+
+def _inject_failure(marker: Path, step: int) -> None:
+    """Fault drill (RAYLORA_FAIL_AT_STEP): crash this worker once, to exercise FailureConfig restarts."""
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(step))
+        raise RuntimeError(f"RAYLORA_FAIL_AT_STEP: simulated worker crash at step {step}")
+
+
 # ================================================================================== on the driver
 
 
@@ -329,24 +347,40 @@ def resolve_paths(cfg: Config, log: Any = print) -> Path:
     return model_dir
 
 
-def latest_checkpoint_step(run_dir: str) -> int:
-    """The step of the newest checkpoint under ``run_dir`` (local path or URI); 0 when none."""
+def latest_checkpoint(run_dir: str, world_size: int) -> tuple[int, str | None]:
+    """(step, uri) of the newest *complete* checkpoint under ``run_dir`` (local path or URI).
+
+    Complete means rank 0's train_state.json plus every rank's DeepSpeed shard, so a checkpoint
+    cut by a crash mid-upload, or one Ray had not registered yet when the driver died, is judged
+    by its files rather than by Ray's bookkeeping.
+    """
     import pyarrow.fs as pafs
 
+    uri = run_dir if "://" in run_dir else os.path.abspath(run_dir)
     try:
-        fs, base = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+        fs, base = pafs.FileSystem.from_uri(uri)
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
     except (OSError, ValueError):
-        return 0
-    best = 0
+        return 0, None
+    best: tuple[int, str | None] = (0, None)
     for info in infos:
-        if info.type == pafs.FileType.Directory and Path(info.path).name.startswith("checkpoint_"):
-            state = f"{info.path}/train_state.json"
-            try:
-                with fs.open_input_stream(state) as f:
-                    best = max(best, int(json.loads(f.read())["step"]))
-            except (OSError, KeyError, ValueError):
-                continue
+        if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/train_state.json") as f:
+                step = int(json.loads(f.read())["step"])
+            files = [
+                i.base_name
+                for i in fs.get_file_info(pafs.FileSelector(f"{info.path}/ds/ds", allow_not_found=True))
+            ]
+        except (OSError, KeyError, ValueError):
+            continue
+        shards = [n for n in files if n.endswith("optim_states.pt")]
+        if len(shards) < world_size and "mp_rank_00_model_states.pt" not in files:
+            continue
+        if step > best[0]:
+            where = info.path if "://" not in run_dir else f"{uri.split('://')[0]}://{info.path}"
+            best = (step, where)
     return best
 
 
@@ -447,7 +481,6 @@ def build_trainer(
     run_id: str | None,
     tracking_uri: str | None,
     callbacks: list[Any] | None = None,
-    name: str | None = None,
 ):
     """The TorchTrainer of a job: dataset from the resume point, scaling, checkpoints, failures."""
     import ray.train
@@ -457,14 +490,18 @@ def build_trainer(
     from raylora.model import image_settings, model_info
 
     cfg, plan = job.cfg, job.plan
-    start = latest_checkpoint_step(job.run_dir)
+    start, resume_from = latest_checkpoint(job.run_dir, cfg.cluster.num_workers)
     if start >= plan.total_steps:
         start = plan.total_steps  # finished already: the workers only restore and report
     planned = plan_microbatches(
         job.prepared.table, plan, cfg.train.seed, cfg.train.group_by_length, start_step=start
     )
     dataset = train_dataset(
-        job.prepared.table, planned, image_settings(cfg, job.model_dir), actors=cfg.data.decode_actors
+        job.prepared.table,
+        planned,
+        image_settings(cfg, job.model_dir),
+        actors=cfg.data.decode_actors,
+        cpus_per_actor=cfg.data.decode_cpus,
     )
     loop_config = {
         "cfg": cfg.to_dict(),
@@ -475,15 +512,22 @@ def build_trainer(
             "grad_accum": plan.grad_accum,
             "steps_per_epoch": plan.steps_per_epoch,
             "dataset_start_step": start,
+            "resume_from": resume_from,
         },
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri,
+        "fail_at_step": int(os.environ["RAYLORA_FAIL_AT_STEP"])
+        if os.environ.get("RAYLORA_FAIL_AT_STEP")
+        else None,
+        "fail_marker": os.path.abspath(os.path.join(job.run_dir, "injected_failure"))
+        if "://" not in job.run_dir
+        else "",
         **val_payload(cfg, job.model_dir),
     }
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
-    storage = cfg.cluster.storage_path
+    storage, run_name = job.run_dir.rstrip("/").rsplit("/", 1)
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -491,7 +535,7 @@ def build_trainer(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=name or Path(job.run_dir).name,
+            name=run_name,
             storage_path=storage if "://" in storage else os.path.abspath(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
@@ -504,9 +548,9 @@ def build_trainer(
 
 def mlflow_run(job: Job, output_dir: Path) -> tuple[str, str, str]:
     """(tracking uri, experiment id, run id): a new run, or the one this run dir started before."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    import mlflow
     from raylora import tracking
 
     uri, exp_id = tracking.setup(job.cfg)
@@ -543,38 +587,40 @@ def mlflow_run(job: Job, output_dir: Path) -> tuple[str, str, str]:
     return uri, exp_id, run.info.run_id
 
 
-def write_outputs(job: Job, checkpoint_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
-    """<output>/adapter (PEFT + tokenizer + processor files), config.yaml, metrics.json."""
+def complete_adapter_dir(adapter: Path, model_dir: Path, template: str, system_message: str | None) -> None:
+    """Add to a saved PEFT adapter dir what loading it needs: the base's tokenizer and processor
+    files, and raylora.json (template, system message, base model dir)."""
     from transformers import AutoTokenizer
 
-    adapter = output_dir / "adapter"
-    if adapter.exists():
-        shutil.rmtree(adapter)
-    shutil.copytree(checkpoint_dir / "adapter", adapter)
-    AutoTokenizer.from_pretrained(job.model_dir).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
     for name in ("preprocessor_config.json", "processor_config.json", "raylora.json"):
-        if (job.model_dir / name).is_file():
-            shutil.copy(job.model_dir / name, adapter / name)
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, adapter / name)
     (adapter / "raylora.json").write_text(
         json.dumps(
-            {
-                "template": job.cfg.model.template,
-                "system_message": job.cfg.model.system_message,
-                "base_model": str(job.model_dir),
-            },
+            {"template": template, "system_message": system_message, "base_model": str(model_dir)},
             indent=2,
             ensure_ascii=False,
         )
     )
+
+
+def write_outputs(job: Job, checkpoint_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
+    """<output>/adapter (PEFT + tokenizer + processor files), config.yaml, metrics.json."""
+    adapter = output_dir / "adapter"
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    shutil.copytree(checkpoint_dir / "adapter", adapter)
+    complete_adapter_dir(adapter, job.model_dir, job.cfg.model.template, job.cfg.model.system_message)
     save_config(job.cfg, output_dir / "config.yaml")
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
 
 
 def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one job end to end; returns the summary written to metrics.json."""
+    import ray.train
     from mlflow.tracking import MlflowClient
 
-    import mlflow
     from raylora import tracking
 
     output_dir = Path(output_dir or cfg.output_dir)
@@ -584,8 +630,21 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     job = prepare_job(cfg, output_dir)
     uri, exp_id, run_id = mlflow_run(job, output_dir)
     print(f"[mlflow] {tracking.run_url(uri, exp_id, run_id)}", flush=True)
-    trainer, start = build_trainer(job, run_id, uri)
     plan = job.plan
+    done_step, done_path = latest_checkpoint(job.run_dir, cfg.cluster.num_workers)
+    if done_step >= plan.total_steps and done_path is not None:
+        print(f"[train] {job.run_dir} already finished ({done_step} steps); writing its outputs", flush=True)
+        return finish(
+            job,
+            ray.train.Checkpoint(done_path),
+            output_dir,
+            run_id,
+            uri,
+            exp_id,
+            start=done_step,
+            seconds=0.0,
+        )
+    trainer, start = build_trainer(job, run_id, uri)
     print(
         f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
         f"({cfg.cluster.num_workers} workers x {cfg.train.per_device_batch_size} x {plan.grad_accum} accumulation)"
@@ -599,11 +658,30 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    seconds = time.time() - t0
     if result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(f"training ended without a checkpoint; see the logs under {job.run_dir}")
-    with result.checkpoint.as_directory() as d:
+    return finish(job, result.checkpoint, output_dir, run_id, uri, exp_id, start, time.time() - t0)
+
+
+def finish(
+    job: Job,
+    checkpoint: Any,
+    output_dir: Path,
+    run_id: str,
+    uri: str,
+    exp_id: str,
+    start: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """Outputs from the final checkpoint, artifacts to MLflow, the summary line."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from raylora import tracking
+
+    cfg = job.cfg
+    with checkpoint.as_directory() as d:
         state = json.loads(Path(d, "train_state.json").read_text())
         steps_run = state["step"] - start
         summary = {
@@ -617,7 +695,7 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
             "rows_ok": job.prepared.rows_ok,
             "rows_rejected": len(job.prepared.rejects),
             "mlflow_run_id": run_id,
-            "checkpoint": result.checkpoint.path,
+            "checkpoint": checkpoint.path,
         }
         history = tracking.metric_history(run_id, "tokens_per_s")
         if history:
@@ -630,11 +708,11 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
         mlflow.log_artifact(str(output_dir / "config.yaml"))
         if (output_dir / "rejects.jsonl").is_file():
             mlflow.log_artifact(str(output_dir / "rejects.jsonl"))
-    client.set_terminated(run_id, "FINISHED")
+    MlflowClient().set_terminated(run_id, "FINISHED")
+    cider_text = f"val CIDEr {summary['val_cider']:.3f}, " if summary["val_cider"] is not None else ""
     print(
-        f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-        + (f"val CIDEr {summary['val_cider']:.3f}, " if summary["val_cider"] is not None else "")
-        + f"{seconds:.0f}s; adapter: {output_dir / 'adapter'}; MLflow run {run_id}",
+        f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {cider_text}{seconds:.0f}s; "
+        f"adapter: {output_dir / 'adapter'}; MLflow run {run_id} ({tracking.run_url(uri, exp_id, run_id)})",
         flush=True,
     )
     return summary

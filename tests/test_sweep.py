@@ -1,0 +1,122 @@
+"""Ray Tune sweep: search space, concurrency, and a small real sweep with ASHA and the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raylora.config import load_config
+from raylora.sweep import default_point, max_concurrent, search_space, trial_config, trial_resources
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_search_space_from_config():
+    cfg = load_config("demo")
+    space = search_space(cfg)
+    assert set(space) == {"lora.rank", "train.lr", "train.global_batch_size"}
+    assert space["lora.rank"].categories == [4, 8, 16, 32]
+    assert space["train.lr"].lower == pytest.approx(3e-4) and space["train.lr"].upper == pytest.approx(1e-2)
+    assert default_point(cfg, space) == {"lora.rank": 16, "train.lr": 3e-3, "train.global_batch_size": 32}
+    recipe = search_space(load_config("internvl2_2b_coco"))
+    assert recipe["lora.rank"].categories == [16, 32, 64, 128, 256]
+    assert recipe["train.global_batch_size"].categories == [128, 256, 512]
+
+
+def test_trial_config_applies_params_and_overrides():
+    cfg = load_config("demo")
+    t = trial_config(cfg, {"lora.rank": 8, "train.lr": 1e-3})
+    assert t.lora.rank == 8 and t.lora.alpha == 16 and t.train.lr == 1e-3
+    assert t.cluster.num_workers == 1 and t.data.decode_cpus == 0.5  # demo's sweep.trial_overrides
+    assert t.train.checkpoint_every_n_steps == t.eval.every_n_steps
+    assert cfg.lora.rank == 16  # the base config is untouched
+
+
+def test_concurrency_from_cluster_and_unfit_trials():
+    cfg = load_config("demo")
+    assert trial_resources(cfg) == {"CPU": 1.0}
+    assert max_concurrent(cfg, {"CPU": 2.0}) == 2
+    assert max_concurrent(load_config("demo", ["sweep.max_concurrent=1"]), {"CPU": 2.0}) == 1
+    with pytest.raises(RuntimeError, match="one trial needs"):
+        max_concurrent(load_config("demo", ["sweep.trial_overrides={cluster.num_workers: 8}"]), {"CPU": 2.0})
+    gpu = load_config("internvl2_2b_coco")
+    assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 16.0}) == 1
+    with pytest.raises(RuntimeError):
+        max_concurrent(gpu, {"CPU": 64.0, "GPU": 4.0})
+
+
+def _sweep_overrides(tmp_path: Path) -> list[str]:
+    return [
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"output_dir={tmp_path / 'out' / 'x'}",
+        "data.val_size=16",
+        "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, data.decode_cpus: 0.5, "
+        "train.max_steps: 30, eval.every_n_steps: 10, train.log_every_n_steps: 10}",
+        "sweep.searcher=random",
+        "tracking.registered_model=raylora-test-lora",
+    ]
+
+
+@pytest.mark.slow
+def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from raylora.sweep import run_sweep
+
+    cfg = load_config("demo", _sweep_overrides(tmp_path))
+    summary = run_sweep(cfg, trials=6)
+    assert summary["trials"] == 6 and summary["best_cider"] > 0
+    client = MlflowClient(tracking_uri)
+    mv = client.get_model_version_by_alias("raylora-test-lora", "champion")
+    assert float(mv.tags["cider"]) == pytest.approx(summary["best_cider"])
+    assert mv.tags["trial_id"] == summary["best_trial"] and "config_hash" in mv.tags and mv.tags["base_model"] == "demo"
+    from raylora.registry import resolve_source
+
+    source = resolve_source("models:/raylora-test-lora@champion")
+    weights = load_file(source.adapter_dir / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    children = client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(children) == 6
+    states = {r.data.tags["trial_state"] for r in children}
+    assert states <= {"completed", "stopped early", "failed"} and "completed" in states
+    report = Path(summary["report"])
+    assert report.is_file() and (report.parent / "cider_vs_lr.png").is_file()
+    rows = json.loads((report.parent / "trials.json").read_text())
+    assert max(r["cider"] or 0 for r in rows) == pytest.approx(summary["best_cider"])
+
+
+@pytest.mark.slow
+def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path):
+    """Kill the sweep driver once a trial has finished; --resume completes without re-running it."""
+    overrides = _sweep_overrides(tmp_path) + ["sweep.max_concurrent=1"]
+    cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "3", *overrides]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials = tmp_path / "runs" / "demo_sweep" / "trials"
+
+    def finished() -> list[Path]:
+        return [d for d in trials.glob("*") if any(
+            json.loads(s.read_text()).get("step") == 30 for s in d.glob("checkpoint_*/train_state.json"))]
+
+    deadline = time.time() + 400
+    while time.time() < deadline and not finished():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(1)
+    proc.kill()
+    proc.wait()
+    done_before = {d.name: sorted(p.name for p in d.glob("checkpoint_*")) for d in finished()}
+    assert done_before
+    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for name, ckpts in done_before.items():
+        assert sorted(p.name for p in (trials / name).glob("checkpoint_*")) == ckpts  # not run again
+    summary = json.loads((tmp_path / "out" / "demo_sweep" / "summary.json").read_text())
+    assert summary["trials"] == 3

@@ -1,0 +1,294 @@
+"""The training job on a real local Ray cluster with real DeepSpeed (CPU accelerator, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raylora.config import load_config
+from raylora.model import apply_lora, lora_target_regex
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(
+        "demo",
+        [
+            f"cluster.storage_path={tmp_path / 'runs'}",
+            f"output_dir={tmp_path / 'out'}",
+            "data.val_size=16",
+            *overrides,
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_targets_llm_only(demo_base_model):
+    import copy
+
+    cfg = load_config("demo")
+    model = apply_lora(copy.deepcopy(demo_base_model), cfg, "qwen2")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("language_model.layers" in n and "lora_" in n for n in names)
+    hit = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names}
+    assert hit == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("vision_tower" in n for n, _ in model.named_modules() if "lora" in n)
+
+
+def test_lora_vision_and_projector_only_when_asked(demo_base_model):
+    import copy
+
+    cfg = load_config("demo", ["lora.vision_lora=true", "lora.train_projector=true"])
+    model = apply_lora(copy.deepcopy(demo_base_model), cfg, "qwen2")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("vision_tower" in n and "lora_" in n for n in names)
+    assert any("multi_modal_projector" in n for n in names)
+    assert not any("embed_tokens" in n or "lm_head" in n for n in names)
+
+
+def test_recipe_trainable_params_internlm2_1_8b():
+    """The recipe's LLM (InternLM2-1.8B dims in the native Llama layout) at rank 128.
+
+    The original fused wqkv gives 125,829,120 LoRA params; split q/k/v (native layout) gives
+    138,412,032, because q, k and v each get their own A matrix.
+    """
+    import re
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=92553,
+    )
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(cfg)
+    pattern = re.compile(lora_target_regex("llama", None, False).replace("language_model", "model"))
+    rank = 128
+    total = sum(
+        rank * (m.in_features + m.out_features)
+        for n, m in llm.named_modules()
+        if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)
+    )
+    assert total == 138_412_032
+    # the original layout: wqkv (2048 -> 4096), wo, w1, w3, w2 per layer
+    fused = 24 * rank * ((2048 + 4096) + (2048 + 2048) + 3 * (2048 + 8192))
+    assert fused == 125_829_120
+
+
+def test_deepspeed_config_batch_arithmetic():
+    from raylora.train import deepspeed_config
+
+    cfg = load_config("internvl2_2b_coco")
+    ds = deepspeed_config(cfg, grad_accum=16, world_size=8, bf16=True)
+    assert ds["train_batch_size"] == 512 == ds["train_micro_batch_size_per_gpu"] * 16 * 8
+    assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"]
+    assert (
+        deepspeed_config(load_config("demo", ["train.zero_stage=3"]), 1, 2, False)["zero_optimization"][
+            "stage"
+        ]
+        == 3
+    )
+
+
+# ------------------------------------------------------------------------------- end to end (Ray)
+
+
+def _lora_from_ds_checkpoint(ckpt: Path, base_dir: Path, cfg):
+    """The trained LoRA tensors as DeepSpeed saved them (ZeRO-1/2: mp_rank_00_model_states.pt)."""
+    from raylora.model import load_base_model
+
+    model = apply_lora(load_base_model(base_dir), cfg, "qwen2")
+    states = torch.load(
+        ckpt / "ds" / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
+    missing = [k for k in states if k not in dict(model.named_parameters())]
+    assert not missing, missing[:3]
+    model.load_state_dict(states, strict=False)
+    return model.eval()
+
+
+def _logits(model, batch):
+    from raylora.data.tiling import normalize
+
+    with torch.no_grad():
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=normalize(batch["pixel_values"]),
+        ).logits
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_zero2(
+    ray_cluster, tracking_uri, tmp_path, demo_root, demo_settings, demo_base_model
+):
+    """The default demo (ZeRO-2, 2 workers): CIDEr >= 3.0 and >= 3x the base, adapter == trained
+    weights, and the MLflow store holds params, a loss curve, eval CIDEr and the adapter."""
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+
+    from raylora.data.records import read_gt, read_karpathy
+    from raylora.generation import GenerationSettings, generate_captions
+    from raylora.metrics import cider
+    from raylora.model import load_base_model
+    from raylora.train import run
+
+    cfg = _cfg(tmp_path, "data.val_size=64")
+    summary = run(cfg)
+    assert summary["steps"] == 150 and summary["val_cider"] is not None
+
+    # the base model's CIDEr with the same protocol and validation subset
+    items = read_karpathy(demo_root / "data/annotations/demo_val.json", demo_root / "data", limit=64)
+    gts = read_gt(demo_root / "data/annotations/demo_val_gt.json", [i.image_id for i in items])
+    caps = generate_captions(
+        demo_base_model,
+        demo_settings.conversation_tokenizer(),
+        demo_settings,
+        [i.image for i in items],
+        GenerationSettings(batch_size=32),
+    )
+    base_cider = cider(gts, {i.image_id: [c] for i, c in zip(items, caps)})
+    assert summary["val_cider"] >= 3.0 and summary["val_cider"] >= 3 * base_cider, (
+        summary["val_cider"],
+        base_cider,
+    )
+
+    # the exported adapter gives the trained model's logits
+    out = Path(cfg.output_dir)
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    peft_model = PeftModel.from_pretrained(load_base_model(demo_root / "base"), adapter).eval()
+    trained = _lora_from_ds_checkpoint(Path(summary["checkpoint"]), demo_root / "base", cfg)
+    from raylora.data.pipeline import iter_microbatches, make_plan, plan_microbatches, prepare, to_torch
+
+    prepared = prepare(
+        demo_root / "data/annotations/demo_train.jsonl", demo_root / "data", demo_settings, use_ray=False
+    )
+    plan = make_plan(prepared.rows_ok, 4, 4, 1, 1, 1)
+    batch = to_torch(
+        next(iter_microbatches(prepared.table, plan_microbatches(prepared.table, plan), demo_settings))
+    )
+    diff = (_logits(peft_model, batch) - _logits(trained, batch)).abs().max().item()
+    assert diff < 1e-5, diff
+
+    # outputs and MLflow
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"final_loss", "steps", "samples", "samples_per_s", "tokens_per_s", "val_cider"} <= set(metrics)
+    assert (out / "config.yaml").is_file() and (out / "rejects.jsonl").is_file()
+    client = MlflowClient(tracking_uri)
+    r = client.get_run(summary["mlflow_run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["lora.rank"] == "16" and r.data.params["train.zero_stage"] == "2"
+    assert len(client.get_metric_history(r.info.run_id, "loss")) >= 10
+    assert client.get_metric_history(r.info.run_id, "val_cider")[-1].value == pytest.approx(
+        summary["val_cider"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in artifacts
+    assert r.data.tags["base_model"] == "demo" and "git_commit" in r.data.tags
+
+
+@pytest.mark.slow
+def test_zero1_survives_a_worker_crash(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    """A worker dies at step 3; FailureConfig restarts from the step-2 checkpoint and ends at 6."""
+    from raylora.train import run
+
+    monkeypatch.setenv("RAYLORA_FAIL_AT_STEP", "3")
+    cfg = _cfg(
+        tmp_path,
+        "train.zero_stage=1",
+        "train.max_steps=6",
+        "train.checkpoint_every_n_steps=2",
+        "eval.every_n_steps=0",
+        "cluster.max_failures=1",
+        "train.log_every_n_steps=1",
+    )
+    summary = run(cfg)
+    assert (tmp_path / "runs" / "demo" / "injected_failure").read_text() == "3"
+    assert summary["steps"] == 6
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(summary["mlflow_run_id"], "loss")]
+    assert sorted(set(steps)) == list(range(1, 7))  # every optimizer step logged, none skipped
+
+
+@pytest.mark.slow
+def test_zero3_kill_and_resume(ray_cluster, tracking_uri, tmp_path):
+    """Kill the driver after the first checkpoint; the same command resumes and ends at max_steps,
+    in the same MLflow run; ZeRO-3 adapters are gathered (lora_B not all zero)."""
+    from safetensors.torch import load_file
+
+    overrides = [
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"output_dir={tmp_path / 'out'}",
+        "data.val_size=8",
+        "train.zero_stage=3",
+        "train.max_steps=8",
+        "train.checkpoint_every_n_steps=2",
+        "eval.every_n_steps=0",
+        "train.log_every_n_steps=1",
+    ]
+    cmd = [sys.executable, "-m", "raylora.train", "--config", "demo", *overrides]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+    }
+    run_dir = tmp_path / "runs" / "demo"
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/train_state.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    first_run = (run_dir / "mlflow_run_id").read_text()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "resuming at step" in log
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and 0 < metrics["steps_this_run"] < 8
+    assert metrics["mlflow_run_id"] == first_run
+    weights = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+
+
+@pytest.mark.slow
+def test_demo_base_matters(ray_cluster, tracking_uri, tmp_path, demo_root):
+    """At equal LoRA steps, LoRA from the demo base beats LoRA from a random model of the same config."""
+    from raylora.demo import build_random_model, save_model_dir
+    from raylora.train import run
+
+    random_dir = tmp_path / "random_base"
+    save_model_dir(build_random_model(demo_root / "tokenizer", seed=1), demo_root / "tokenizer", random_dir)
+    common = [
+        "train.max_steps=30",
+        "eval.every_n_steps=0",
+        "cluster.num_workers=1",
+        "train.global_batch_size=16",
+        "cluster.cpus_per_worker=1",
+    ]
+    demo_base = run(_cfg(tmp_path / "a", *common))
+    random_base = run(_cfg(tmp_path / "b", *common, f"model.path={random_dir}"))
+    assert demo_base["val_cider"] > random_base["val_cider"] + 1.0, (
+        demo_base["val_cider"],
+        random_base["val_cider"],
+    )
