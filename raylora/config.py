@@ -49,6 +49,9 @@ class DataConfig:
     val_gt: str = "data/coco/annotations/coco_karpathy_val_gt.json"  # COCO caption ground truth
     val_root: str = "data/coco"
     val_size: int = 500  # fixed validation subset: the first N images of `val`, same for every trial
+    test: str = "data/coco/annotations/coco_karpathy_test.json"  # what raylora.evaluate scores by default
+    test_gt: str = "data/coco/annotations/coco_karpathy_test_gt.json"
+    test_root: str = "data/coco"
     image_size: int = 448  # tile side in pixels
     min_num: int = 1
     max_num: int = 6
@@ -115,6 +118,7 @@ class EvalConfig:
     batch_size: int = 16
     every_n_steps: int = 200  # 0: only at the end
     max_num: int = 6  # dynamic tiling for evaluation
+    workers: int = 1  # model replicas in the captioning actor pool (one per GPU on a GPU cluster)
 
 
 @dataclass

@@ -439,6 +439,9 @@ def demo_data_paths() -> dict[str, Path]:
         "val": data / "annotations" / "demo_val.json",
         "val_gt": data / "annotations" / "demo_val_gt.json",
         "val_root": data,
+        "test": data / "annotations" / "demo_test.json",
+        "test_gt": data / "annotations" / "demo_test_gt.json",
+        "test_root": data,
     }
 
 

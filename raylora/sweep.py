@@ -179,13 +179,19 @@ def build_tuner(
     space = search_space(cfg)
     first = [default_point(cfg, space)]
     if cfg.sweep.searcher == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(metric=METRIC, mode="max", points_to_evaluate=first, seed=cfg.train.seed)
+        searcher = ConcurrencyLimiter(
+            OptunaSearch(metric=METRIC, mode="max", points_to_evaluate=first, seed=cfg.train.seed),
+            max_concurrent=concurrency,
+        )
     elif cfg.sweep.searcher == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        searcher = BasicVariantGenerator(points_to_evaluate=first, random_state=cfg.train.seed)
+        searcher = BasicVariantGenerator(
+            points_to_evaluate=first, random_state=cfg.train.seed, max_concurrent=concurrency
+        )
     else:
         raise ConfigError(f"sweep.searcher must be optuna or random, got {cfg.sweep.searcher!r}")
     max_t = trial_config(cfg, {}).train.max_steps

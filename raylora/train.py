@@ -387,7 +387,12 @@ def latest_checkpoint(run_dir: str, world_size: int) -> tuple[int, str | None]:
 def ray_runtime_env() -> dict[str, Any]:
     """Environment for every Ray process: a persistent DeepSpeed op cache, quiet tokenizers."""
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    env = {"TORCH_EXTENSIONS_DIR": extensions, "TOKENIZERS_PARALLELISM": "false"}
+    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 would tee every worker print through its logger (shown twice)
+    env = {
+        "TORCH_EXTENSIONS_DIR": extensions,
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME"):
         if os.environ.get(key):
             env[key] = os.environ[key]

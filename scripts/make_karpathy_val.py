@@ -28,7 +28,9 @@ def main() -> None:
         caps = [s["raw"].strip() for s in img["sentences"]]
         items.append({"image": rel, "caption": caps, "image_id": img["cocoid"]})
         images.append({"id": img["cocoid"], "file_name": rel})
-        anns += [{"image_id": img["cocoid"], "id": len(anns) + 1 + i, "caption": c} for i, c in enumerate(caps)]
+        anns += [
+            {"image_id": img["cocoid"], "id": len(anns) + 1 + i, "caption": c} for i, c in enumerate(caps)
+        ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"coco_karpathy_{args.split}.json").write_text(json.dumps(items))

@@ -76,14 +76,20 @@ def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path):
     client = MlflowClient(tracking_uri)
     mv = client.get_model_version_by_alias("raylora-test-lora", "champion")
     assert float(mv.tags["cider"]) == pytest.approx(summary["best_cider"])
-    assert mv.tags["trial_id"] == summary["best_trial"] and "config_hash" in mv.tags and mv.tags["base_model"] == "demo"
+    assert (
+        mv.tags["trial_id"] == summary["best_trial"]
+        and "config_hash" in mv.tags
+        and mv.tags["base_model"] == "demo"
+    )
     from raylora.registry import resolve_source
 
     source = resolve_source("models:/raylora-test-lora@champion")
     weights = load_file(source.adapter_dir / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
-    children = client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    children = client.search_runs(
+        [client.get_run(summary["parent_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
+    )
     assert len(children) == 6
     states = {r.data.tags["trial_state"] for r in children}
     assert states <= {"completed", "stopped early", "failed"} and "completed" in states
@@ -98,13 +104,24 @@ def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path)
     """Kill the sweep driver once a trial has finished; --resume completes without re-running it."""
     overrides = _sweep_overrides(tmp_path) + ["sweep.max_concurrent=1"]
     cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "3", *overrides]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+    }
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     trials = tmp_path / "runs" / "demo_sweep" / "trials"
 
     def finished() -> list[Path]:
-        return [d for d in trials.glob("*") if any(
-            json.loads(s.read_text()).get("step") == 30 for s in d.glob("checkpoint_*/train_state.json"))]
+        return [
+            d
+            for d in trials.glob("*")
+            if any(
+                json.loads(s.read_text()).get("step") == 30 for s in d.glob("checkpoint_*/train_state.json")
+            )
+        ]
 
     deadline = time.time() + 400
     while time.time() < deadline and not finished():
@@ -114,7 +131,9 @@ def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path)
     proc.wait()
     done_before = {d.name: sorted(p.name for p in d.glob("checkpoint_*")) for d in finished()}
     assert done_before
-    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        [*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     for name, ckpts in done_before.items():
         assert sorted(p.name for p in (trials / name).glob("checkpoint_*")) == ckpts  # not run again

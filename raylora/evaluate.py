@@ -1,0 +1,339 @@
+"""COCO-caption evaluation as Ray Data batch inference.
+
+    python -m raylora.evaluate                                    # the demo (or the recipe's) adapter on its test split
+    python -m raylora.evaluate --model outputs/internvl2_2b_coco/adapter
+    python -m raylora.evaluate --model models:/raylora-coco-lora@champion --split val
+    python -m raylora.evaluate --model pretrained/InternVL2-2B    # zero-shot baseline
+
+The Karpathy-format list flows through the training code's decode + tile + tokenize (a CPU
+``map_batches`` stage), then an actor pool with one model replica per GPU (or per CPU worker)
+generates greedily with left padding. The tutorial's protocol by default: "Provide a one-sentence
+caption for the provided image.", 8 to 30 new tokens, tiling max 6, the model's chat template.
+Scores: pycocoevalcap (PTB tokenizer, BLEU 1-4, METEOR, ROUGE_L, CIDEr) on ``results.json``.
+Writes ``results.json``, ``metrics.json`` and ``gallery.html`` (worst captions first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raylora.config import DEMO, Config, ConfigError, load_config
+from raylora.data.pipeline import ImageSettings
+from raylora.generation import GenerationSettings
+
+
+class PromptBuilder:
+    """CPU stage: image paths -> tiled, tokenized, left-padded prompt batches (pickled)."""
+
+    def __init__(self, settings: ImageSettings, prompt: str):
+        self.settings = settings
+        self.prompt = prompt
+        self.conv_tok = settings.conversation_tokenizer()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raylora.generation import prompt_batch
+
+        built = prompt_batch(self.conv_tok, self.settings, list(batch["image"]), self.prompt)
+        built["image_id"] = np.asarray(batch["image_id"])
+        return {"payload": np.asarray([pickle.dumps(built, protocol=5)], dtype=object)}
+
+
+class Captioner:
+    """Model stage: one replica per actor; prompt batches -> (image_id, caption) rows."""
+
+    def __init__(self, spec: str, settings: ImageSettings, gen: GenerationSettings, dtype: str = "auto"):
+        import torch
+
+        from raylora.model import torch_dtype
+        from raylora.registry import load_model, resolve_source
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        source = resolve_source(spec)
+        self.model = load_model(source, dtype=torch_dtype(dtype, device), merge=True).to(device).eval()
+        self.conv_tok = settings.conversation_tokenizer()
+        self.gen = gen
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raylora.generation import generate_batch
+
+        ids, caps = [], []
+        for payload in batch["payload"]:
+            built = pickle.loads(payload)
+            caps += generate_batch(self.model, self.conv_tok, built, self.gen)
+            ids += built["image_id"].tolist()
+        return {"image_id": np.asarray(ids), "caption": np.asarray(caps, dtype=object)}
+
+
+def eval_settings(spec: str, cfg: Config, max_num: int | None = None) -> ImageSettings:
+    """ImageSettings for a model spec: its tokenizer, template and tile size; tiling from the config."""
+    from raylora.model import model_info
+    from raylora.registry import resolve_source
+
+    source = resolve_source(spec)
+    info = model_info(source.base_dir)
+    return ImageSettings(
+        tokenizer_path=str(
+            source.adapter_dir
+            if source.adapter_dir and (source.adapter_dir / "tokenizer_config.json").is_file()
+            else source.base_dir
+        ),
+        template=source.template,
+        system_message=source.system_message,
+        image_size=info["image_size"],
+        min_num=cfg.data.min_num,
+        max_num=cfg.eval.max_num if max_num is None else max_num,
+        use_thumbnail=cfg.data.use_thumbnail,
+        tokens_per_tile=info["tokens_per_tile"],
+        max_seq_length=cfg.model.max_seq_length,
+    )
+
+
+def caption_items(
+    spec: str,
+    items: list[dict[str, Any]],
+    settings: ImageSettings,
+    gen: GenerationSettings,
+    workers: int = 1,
+    use_gpu: bool = False,
+    dtype: str = "auto",
+) -> dict[int, str]:
+    """Captions for ``[{"image_id", "image"}]`` through Ray Data: CPU prompt stage, model actor pool."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from raylora.data.pipeline import quiet_progress
+
+    quiet_progress()
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // gen.batch_size, 64)))
+    ds = ds.map_batches(
+        PromptBuilder,
+        fn_constructor_kwargs={"settings": settings, "prompt": gen.prompt},
+        batch_size=gen.batch_size,
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    )
+    ds = ds.map_batches(
+        Captioner,
+        fn_constructor_kwargs={"spec": spec, "settings": settings, "gen": gen, "dtype": dtype},
+        batch_size=1,
+        compute=ActorPoolStrategy(size=workers),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else 1,
+    )
+    out: dict[int, str] = {}
+    for row in ds.iter_rows():
+        out[int(row["image_id"])] = str(row["caption"])
+    return out
+
+
+def _thumbnail(path: str, size: int = 160) -> str:
+    from PIL import Image
+
+    from raylora.data.records import load_rgb
+
+    im = load_rgb(path)
+    im.thumbnail((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_gallery(
+    path: Path,
+    items: list[dict[str, Any]],
+    captions: dict[int, str],
+    gts: dict[int, list[str]],
+    per_image: dict[int, float],
+    title: str,
+    limit: int = 200,
+) -> None:
+    """A self-contained HTML grid: thumbnail, generated caption, references, CIDEr; worst first."""
+    order = sorted(items, key=lambda it: per_image.get(it["image_id"], 0.0))[:limit]
+    cards = []
+    for it in order:
+        iid = it["image_id"]
+        refs = "".join(f"<li>{html.escape(r)}</li>" for r in gts.get(iid, []))
+        cards.append(
+            "<div class='card'>"
+            f"<img src='data:image/jpeg;base64,{_thumbnail(it['image'])}'>"
+            f"<p><b>{html.escape(captions.get(iid, ''))}</b></p>"
+            f"<p>CIDEr {per_image.get(iid, 0.0):.3f} &middot; image {iid}</p><ul>{refs}</ul></div>"
+        )
+    style = (
+        "body{font-family:sans-serif}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}"
+        ".card{border:1px solid #ccc;padding:8px;font-size:13px}.card img{max-width:160px;display:block}"
+    )
+    path.write_text(
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{len(order)} of {len(items)} images, lowest CIDEr first.</p>"
+        f"<div class='grid'>{''.join(cards)}</div></body></html>"
+    )
+
+
+def evaluate(
+    spec: str,
+    cfg: Config,
+    items_path: str,
+    gt_path: str,
+    root: str,
+    output_dir: Path,
+    limit: int | None = None,
+    log_mlflow: bool = True,
+) -> dict[str, Any]:
+    """Caption the split, score it with pycocoevalcap, write results/metrics/gallery, log to MLflow."""
+    from raylora.data.records import read_gt, read_karpathy
+    from raylora.metrics import cider_per_image, coco_caption_scores, format_scores
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    eval_items = read_karpathy(items_path, root, limit=limit)
+    items = [{"image_id": i.image_id, "image": i.image} for i in eval_items]
+    settings = eval_settings(spec, cfg)
+    gen = GenerationSettings(
+        cfg.eval.prompt, cfg.eval.min_new_tokens, cfg.eval.max_new_tokens, cfg.eval.batch_size
+    )
+    print(
+        f"[eval] {len(items)} images from {items_path} with {spec} ({settings.template}, batch {gen.batch_size})",
+        flush=True,
+    )
+    t0 = time.time()
+    captions = caption_items(
+        spec, items, settings, gen, cfg.eval.workers, cfg.cluster.use_gpu, cfg.model.dtype
+    )
+    seconds = time.time() - t0
+    results = [{"image_id": it["image_id"], "caption": captions[it["image_id"]]} for it in items]
+    results_path = output_dir / "results.json"
+    results_path.write_text(json.dumps(results))
+    scores = coco_caption_scores(str(results_path), gt_path)
+    print(format_scores(scores), flush=True)
+    gts = read_gt(gt_path, [it["image_id"] for it in items])
+    per_image = cider_per_image(gts, {k: [v] for k, v in captions.items()})
+    write_gallery(output_dir / "gallery.html", items, captions, gts, per_image, f"raylora evaluation: {spec}")
+    metrics = {
+        **scores,
+        "images": len(items),
+        "seconds": round(seconds, 1),
+        "images_per_s": len(items) / max(seconds, 1e-9),
+        "model": spec,
+        "split": items_path,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if log_mlflow:
+        metrics["mlflow_run_id"] = _log_to_mlflow(cfg, spec, items_path, output_dir, scores, settings)
+    print(
+        f"[eval] {len(items)} images in {seconds:.0f}s; results {results_path}, gallery {output_dir / 'gallery.html'}",
+        flush=True,
+    )
+    return metrics
+
+
+def _log_to_mlflow(
+    cfg: Config, spec: str, split: str, output_dir: Path, scores: dict[str, float], settings: ImageSettings
+) -> str:
+    import mlflow
+
+    from raylora import tracking
+
+    tracking.setup(cfg)
+    with mlflow.start_run(
+        experiment_id=mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id,
+        run_name="evaluate",
+        tags={"kind": "evaluation", "model": spec, "split": split},
+    ) as run:
+        mlflow.log_params(
+            {
+                "model": spec[:500],
+                "split": split[:500],
+                "max_num": settings.max_num,
+                "template": settings.template,
+                "prompt": cfg.eval.prompt,
+                "max_new_tokens": cfg.eval.max_new_tokens,
+            }
+        )
+        mlflow.log_metrics({k: float(v) for k, v in scores.items()})
+        for name in ("results.json", "metrics.json", "gallery.html"):
+            mlflow.log_artifact(str(output_dir / name))
+        return run.info.run_id
+
+
+def default_model(cfg: Config) -> str:
+    """The config's trained adapter when present, else its base model."""
+    adapter = Path(cfg.output_dir) / "adapter"
+    if (adapter / "adapter_config.json").is_file():
+        return str(adapter)
+    return cfg.model.path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raylora.train import default_config_name, init_ray, resolve_paths
+
+    parser = argparse.ArgumentParser(
+        prog="python -m raylora.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        help="base/merged checkpoint dir, adapter dir, models:/NAME@ALIAS or runs:/ID/adapter "
+        "(default: the config's trained adapter, else its base model)",
+    )
+    parser.add_argument(
+        "--config", help="YAML file or name in tune_configs/ (default: the recipe if present, else demo)"
+    )
+    parser.add_argument(
+        "--split", choices=["test", "val"], default="test", help="which configured split (default test)"
+    )
+    parser.add_argument("--items", help="Karpathy-format list to caption instead of the configured split")
+    parser.add_argument("--gt", help="COCO-format ground truth for --items")
+    parser.add_argument("--root", help="image root for --items")
+    parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument(
+        "--output",
+        help="where results.json, metrics.json and gallery.html go (default <output_dir>/eval_<split>)",
+    )
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. eval.batch_size=32 eval.workers=8",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config or default_config_name(), args.overrides)
+        if args.items:
+            if not (args.gt and args.root):
+                raise ConfigError("--items needs --gt and --root")
+            items, gt, root = args.items, args.gt, args.root
+        else:
+            if cfg.data.train == DEMO or cfg.model.path == DEMO:
+                resolve_paths(cfg)
+            d = cfg.data
+            items, gt, root = (
+                (d.test, d.test_gt, d.test_root) if args.split == "test" else (d.val, d.val_gt, d.val_root)
+            )
+        for p in (items, gt):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"evaluation file not found: {p}")
+        spec = args.model or default_model(cfg)
+        init_ray(cfg)
+        output = Path(args.output or Path(cfg.output_dir) / f"eval_{args.split}")
+        evaluate(spec, cfg, items, gt, root, output, args.limit, log_mlflow=not args.no_mlflow)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
