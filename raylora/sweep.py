@@ -327,12 +327,13 @@ def run_sweep(
     from mlflow.tracking import MlflowClient
 
     from raylora import registry, tracking
-    from raylora.train import init_ray, prepare_job
+    from raylora.train import init_ray, prepare_job, resolve_paths
 
     trials = trials or cfg.sweep.trials
     output = Path(output_dir or Path(cfg.output_dir).parent / f"{cfg.name}_sweep")
     output.mkdir(parents=True, exist_ok=True)
     uri, exp_id = tracking.setup(cfg)  # fails fast when the store is unreachable
+    resolve_paths(cfg)  # missing model or data: an error before the cluster starts
     init_ray(cfg)
     concurrency = max_concurrent(cfg, _cluster_resources())
     job = prepare_job(cfg, output)

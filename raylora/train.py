@@ -631,6 +631,7 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     output_dir = Path(output_dir or cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tracking.check_tracking(tracking.tracking_uri(cfg))  # before any heavy work
+    resolve_paths(cfg)  # missing model or data: an error before the cluster starts
     init_ray(cfg)
     job = prepare_job(cfg, output_dir)
     uri, exp_id, run_id = mlflow_run(job, output_dir)

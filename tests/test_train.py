@@ -292,3 +292,27 @@ def test_demo_base_matters(ray_cluster, tracking_uri, tmp_path, demo_root):
         demo_base["val_cider"],
         random_base["val_cider"],
     )
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, capsys):
+    from raylora.train import main
+
+    code = main(["--config", "demo", "tracking.uri=http://127.0.0.1:9", f"output_dir={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "MLflow tracking server http://127.0.0.1:9 cannot be reached" in err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_explicit_missing_paths_are_errors_not_fallbacks(tmp_path, capsys):
+    from raylora.train import main
+
+    assert (
+        main(["--config", "internvl2_2b_coco", f"output_dir={tmp_path}", f"cluster.storage_path={tmp_path}"])
+        == 2
+    )
+    assert "pretrained/InternVL2-2B" in capsys.readouterr().err
+    assert main(["--config", "demo", f"data.train={tmp_path / 'nope.jsonl'}", f"output_dir={tmp_path}"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
