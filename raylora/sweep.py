@@ -26,6 +26,7 @@ from typing import Any
 from raylora.config import Config, ConfigError, load_config
 
 METRIC = "val_cider"
+TRIAL_FN_CPUS = 0.01  # the trial function itself (Tune + Train V2 need a non-zero reservation)
 
 
 # ------------------------------------------------------------------------------------ the space
@@ -76,9 +77,8 @@ def default_point(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What one trial occupies: its Train workers plus its data actors."""
     c = trial_config(cfg, {})
-    need = {
-        "CPU": c.cluster.num_workers * c.cluster.cpus_per_worker + c.data.decode_actors * c.data.decode_cpus
-    }
+    cpus = c.cluster.num_workers * c.cluster.cpus_per_worker + c.data.decode_actors * c.data.decode_cpus
+    need = {"CPU": round(cpus + TRIAL_FN_CPUS, 6)}
     if c.cluster.use_gpu:
         need["GPU"] = c.cluster.num_workers * c.cluster.gpus_per_worker
     return need
@@ -167,7 +167,7 @@ def build_tuner(
 
     storage = sweep_info["tune_storage"]
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=job, sweep_info=sweep_info), {"CPU": 0.01}
+        tune.with_parameters(run_trial, job=job, sweep_info=sweep_info), {"CPU": TRIAL_FN_CPUS}
     )
     if restore:
         return tune.Tuner.restore(

@@ -33,14 +33,14 @@ def test_trial_config_applies_params_and_overrides():
     cfg = load_config("demo")
     t = trial_config(cfg, {"lora.rank": 8, "train.lr": 1e-3})
     assert t.lora.rank == 8 and t.lora.alpha == 16 and t.train.lr == 1e-3
-    assert t.cluster.num_workers == 1 and t.data.decode_cpus == 0.5  # demo's sweep.trial_overrides
+    assert t.cluster.num_workers == 1 and t.data.decode_cpus == 0.45  # demo's sweep.trial_overrides
     assert t.train.checkpoint_every_n_steps == t.eval.every_n_steps
     assert cfg.lora.rank == 16  # the base config is untouched
 
 
 def test_concurrency_from_cluster_and_unfit_trials():
     cfg = load_config("demo")
-    assert trial_resources(cfg) == {"CPU": 1.0}
+    assert trial_resources(cfg) == {"CPU": 0.96}
     assert max_concurrent(cfg, {"CPU": 2.0}) == 2
     assert max_concurrent(load_config("demo", ["sweep.max_concurrent=1"]), {"CPU": 2.0}) == 1
     with pytest.raises(RuntimeError, match="one trial needs"):
@@ -56,7 +56,7 @@ def _sweep_overrides(tmp_path: Path) -> list[str]:
         f"cluster.storage_path={tmp_path / 'runs'}",
         f"output_dir={tmp_path / 'out' / 'x'}",
         "data.val_size=16",
-        "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, data.decode_cpus: 0.5, "
+        "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, data.decode_cpus: 0.45, "
         "train.max_steps: 30, eval.every_n_steps: 10, train.log_every_n_steps: 10}",
         "sweep.searcher=random",
         "tracking.registered_model=raylora-test-lora",
