@@ -228,6 +228,7 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
                 "params": {k: v for k, v in r.config.items()},
                 "cider": m.get(METRIC),
                 "steps": steps,
+                "total_steps": m.get("total_steps", steps),
                 "state": state,
                 "checkpoint": m.get("checkpoint_path"),
                 "history": r.metrics_dataframe[["step", METRIC]].dropna().values.tolist()
@@ -239,10 +240,11 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def classify(rows: list[dict[str, Any]], max_steps: int) -> None:
+def classify(rows: list[dict[str, Any]]) -> None:
+    """completed (reached its own last step) / stopped early (by ASHA) / failed."""
     for row in rows:
         if row["state"] != "failed":
-            row["state"] = "completed" if row["steps"] >= max_steps else "stopped early"
+            row["state"] = "completed" if row["steps"] >= row["total_steps"] else "stopped early"
 
 
 def print_table(rows: list[dict[str, Any]]) -> str:
@@ -389,8 +391,7 @@ def run_sweep(
         client.set_terminated(parent_run_id, "FAILED")
         raise
     rows = trial_rows(results)
-    max_steps = trial_config(cfg, {}).train.max_steps
-    classify(rows, max_steps)
+    classify(rows)
     for row in rows:
         marker = Path(sweep_info["storage"]) / "trials" / row["trial_id"] / "mlflow_run_id"
         if marker.is_file():

@@ -293,7 +293,7 @@ def train_func(config: dict[str, Any]) -> None:
                     flush=True,
                 )
         if do_eval or do_ckpt:
-            checkpoint_and_report({"step": step, "loss": last_loss, **last_eval})
+            checkpoint_and_report({"step": step, "total_steps": total_steps, "loss": last_loss, **last_eval})
         if done:
             break
     if step < total_steps:
