@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -329,7 +330,7 @@ def run_sweep(
     from mlflow.tracking import MlflowClient
 
     from raylora import registry, tracking
-    from raylora.train import init_ray, prepare_job, resolve_paths
+    from raylora.train import complete_adapter_dir, init_ray, prepare_job, resolve_paths
 
     trials = trials or cfg.sweep.trials
     output = Path(output_dir or Path(cfg.output_dir).parent / f"{cfg.name}_sweep")
@@ -417,14 +418,17 @@ def run_sweep(
         client.log_artifact(parent_run_id, str(f), "report")
     client.log_metric(parent_run_id, "best_cider", best["cider"])
     client.set_tag(parent_run_id, "best_trial", best["trial_id"])
-    adapter = _local_checkpoint(best["checkpoint"]) / "adapter"
+    best_cfg = trial_config(cfg, best["params"])
+    adapter = output / "champion_adapter"  # the trial's adapter plus tokenizer, processor and raylora.json
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(_local_checkpoint(best["checkpoint"]) / "adapter", adapter)
+    complete_adapter_dir(adapter, job.model_dir, best_cfg.model.template, best_cfg.model.system_message)
     best_run = best.get("mlflow_run_id")
     if best_run:
         client.log_artifacts(best_run, str(adapter), "adapter")
         source = f"{client.get_run(best_run).info.artifact_uri}/adapter"
     else:
         source = adapter.resolve().as_uri()
-    best_cfg = trial_config(cfg, best["params"])
     model_name = tracking.registered_model_name(cfg)
     version, moved = registry.register_adapter(
         model_name,

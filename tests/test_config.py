@@ -54,7 +54,8 @@ def test_overrides_parse_as_yaml():
     assert cfg.train.lr == 1e-4 and cfg.lora.rank == 8 and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.cluster.address is None
     assert parse_override("lora.rank=4") == ("lora.rank", 4)
-    assert load_config("demo", ["train.lr=4e-5"]).train.lr == 4e-5  # YAML reads 4e-5 as text; the field makes it a float
+    # YAML reads 4e-5 as text; the float field makes it a number
+    assert load_config("demo", ["train.lr=4e-5"]).train.lr == 4e-5
 
 
 def test_unknown_key_lists_valid_ones():

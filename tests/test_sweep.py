@@ -83,7 +83,8 @@ def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path):
     )
     from raylora.registry import resolve_source
 
-    source = resolve_source("models:/raylora-test-lora@champion")
+    source = resolve_source("models:/raylora-test-lora@champion", cache_dir=tmp_path / "cache")
+    assert json.loads((source.adapter_dir / "raylora.json").read_text())["template"] == "Hermes-2"
     weights = load_file(source.adapter_dir / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     children = client.search_runs(

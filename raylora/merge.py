@@ -1,0 +1,597 @@
+"""Merge a LoRA adapter into its base model: a plain transformers checkpoint, verified before it is published.
+
+    python -m raylora.merge --adapter outputs/demo/adapter --output merged/demo
+    python -m raylora.merge --model-uri models:/raylora-coco-lora@champion --output merged/coco --dtype bf16 --register
+
+The output loads with ``AutoModelForImageTextToText.from_pretrained(DIR)`` and
+``AutoProcessor.from_pretrained(DIR)`` (no remote code, no raylora): safetensors weights, config,
+generation config (stops at the template's end token), tokenizer with the training chat template,
+image + video processor config (transformers' InternVL processor needs a video processor, hence
+torchvision), and ``raylora.json`` (template, system message, provenance, verification numbers).
+
+Verification (on by default), on the caption prompt with a few real images (demo validation
+images, synthetic scenes, or ``--verify-images``); logits in fp32 at the last 32 positions, each
+pass repeated until two agree bit for bit (the first forward pass of a process is occasionally off
+by ~3e-3 on these CPUs). The max abs difference between the merged checkpoint *reloaded from disk*
+and the unmerged base + adapter must stay within the tolerance, else the merge fails (exit 1,
+nothing published):
+
+* fp32 weights: 1e-4, or 1e-5 x max |logit| when larger (measured on the demo: ~2e-5);
+* bf16 weights: 5e-2 x max(1, max |logit|), the cost of rounding every weight to bf16 (measured on
+  the demo's fp32 base: up to 0.41 with logits up to 12.4). Two tight checks make up for the loose
+  one: the fp32 merge in memory vs base + adapter (fp32 tolerance), and the reloaded checkpoint
+  vs the bf16-rounded merged weights it was saved from (fp32 tolerance).
+
+The adapter's own effect (base vs base + adapter) is reported: a merge that silently produced the
+base weights would be off by that much. Then the reloaded model captions one image.
+
+Everything is written into a temp dir next to ``--output`` and renamed at the end: the output
+either does not exist or is complete. A non-empty output is refused without ``--overwrite``.
+
+``--register`` logs the merged dir as artifacts (``model/``) of a new MLflow run, tagged with the
+adapter's registry name, version and run, and registers it as ``<name>-merged``; its ``champion``
+alias moves when the merged adapter is the adapter champion (else by the adapter's ``cider`` tag).
+
+Exit codes: 0 done, 1 verification failed (nothing published), 2 bad arguments, source or output,
+3 published but not registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from raylora.registry import ModelSource, SourceError, resolve_source
+
+FP32_TOLERANCE = 1e-4  # absolute, or 1e-5 x max |logit| when that is larger
+FP32_RELATIVE_TOLERANCE = 1e-5
+BF16_RELATIVE_TOLERANCE = 5e-2  # x max(1, max |logit|)
+VERIFY_POSITIONS = 32  # logits compared at the last N positions of every prompt
+DTYPES = ("fp32", "bf16")
+
+
+class MergeError(RuntimeError):
+    """The merge cannot be done or its verification failed; nothing was published."""
+
+
+class RegistrationError(RuntimeError):
+    """The merged checkpoint was published but could not be logged/registered in MLflow."""
+
+
+# --------------------------------------------------------------------------------------- output
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(output: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that is a file, non-empty without ``overwrite``, or would swallow a source dir."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} exists and is not a directory")
+    for p in protected:
+        if p is not None and _is_within(p, output):  # replacing output would delete the source
+            raise FileExistsError(
+                f"output {output} overlaps the model being merged ({p}); choose another output directory"
+            )
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output {output} is not empty; pass --overwrite (overwrite=True) to replace it, "
+            "or choose another directory (it was left untouched)"
+        )
+
+
+def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished temp dir to ``output`` (moving a replaced output aside until done)."""
+    old = None
+    if output.exists():
+        if output.is_dir() and any(output.iterdir()) and not overwrite:
+            raise FileExistsError(f"output {output} became non-empty during the merge; nothing published")
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        if old is not None and not output.exists():
+            os.replace(old, output)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- verification
+
+
+def verification_images(paths: list[str] | None, scratch: Path, count: int = 2) -> list[str]:
+    """``paths`` if given; else the cached demo validation images; else synthetic demo scenes."""
+    if paths:
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"verification image(s) not found: {', '.join(missing)}")
+        return [str(p) for p in paths]
+    from raylora.demo import demo_dir
+
+    val = demo_dir() / "data" / "val"
+    if (demo_dir() / "COMPLETE").exists() and val.is_dir():
+        found = sorted(str(p) for p in val.glob("*.jpg"))[:count]
+        if len(found) == count:
+            return found
+    import random
+
+    from raylora.demo import _draw, _scene
+
+    rng = random.Random(0)
+    out = []
+    for i in range(count):
+        path = scratch / f"verify_{i}.jpg"
+        _draw(_scene(rng), rng).resize((448, 336)).save(path, quality=95)
+        out.append(str(path))
+    return out
+
+
+def _logits(model: Any, batch: dict[str, Any]) -> Any:
+    """fp32 logits at the last VERIFY_POSITIONS positions; padding positions set to 0."""
+    import torch
+
+    from raylora.data.tiling import normalize
+
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    mask = torch.from_numpy(batch["attention_mask"])
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(batch["input_ids"]),
+            attention_mask=mask,
+            pixel_values=normalize(torch.from_numpy(batch["pixel_values"]), dtype),
+            logits_to_keep=VERIFY_POSITIONS,
+        )
+    logits = out.logits.float()
+    keep = mask[:, -logits.shape[1] :].unsqueeze(-1).bool()
+    return torch.where(keep, logits, torch.zeros_like(logits))
+
+
+def stable_logits(model: Any, batch: dict[str, Any], attempts: int = 3) -> tuple[Any, int]:
+    """Logits repeated until two consecutive passes agree exactly; returns (logits, passes).
+
+    On this project's CPU machines the first forward pass of a process is occasionally off by ~3e-3
+    (measured against fp64: about 1 run in 6, subsequent passes agree bit for bit), which would
+    fail an fp32 check that is otherwise met by 100x.
+    """
+    prev = _logits(model, batch)
+    for n in range(2, attempts + 1):
+        cur = _logits(model, batch)
+        if float((cur - prev).abs().max()) == 0.0:
+            return cur, n
+        prev = cur
+    return prev, attempts
+
+
+def _check(
+    what: str, got: Any, ref: Any, tol: float, report: dict[str, Any], output: Path, log: Any
+) -> dict[str, float]:
+    """Log max |got - ref| against ``tol``; MergeError (nothing published) when above it."""
+    diff = float((got - ref).abs().max())
+    report.setdefault("checks", []).append({"check": what, "max_abs_diff": diff, "tolerance": tol})
+    log(f"[merge] verification, {what}: max abs logit difference {diff:.3g} (tolerance {tol:.3g})")
+    if not math.isfinite(diff) or diff > tol:
+        raise MergeError(
+            f"verification failed ({what}): max abs logit difference {diff:.3g} > tolerance {tol:.3g}; "
+            f"nothing was written to {output}"
+        )
+    return {"max_abs_diff": diff, "tolerance": tol}
+
+
+def tolerance_for(dtype: str, ref_logits: Any) -> float:
+    """The allowed max abs logit difference for weights saved in ``dtype`` (see the module doc)."""
+    if dtype == "fp32":
+        return max(FP32_TOLERANCE, FP32_RELATIVE_TOLERANCE * float(ref_logits.abs().max()))
+    return BF16_RELATIVE_TOLERANCE * max(1.0, float(ref_logits.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def _image_processor(source: ModelSource, image_size: int) -> Any:
+    from transformers import AutoImageProcessor, GotOcr2ImageProcessor
+
+    for d in (source.tokenizer_dir, source.base_dir):
+        if (d / "preprocessor_config.json").is_file() or (d / "processor_config.json").is_file():
+            try:
+                return AutoImageProcessor.from_pretrained(d)
+            except (OSError, ValueError, KeyError):
+                continue
+    return GotOcr2ImageProcessor(
+        size={"height": image_size, "width": image_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=12,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+
+
+def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: dict[str, Any]) -> None:
+    """Weights, config, generation config, tokenizer + chat template, processor files, raylora.json."""
+    import torch
+    from transformers import AutoTokenizer, InternVLProcessor
+
+    from raylora.data.templates import ConversationTokenizer, get_template
+    from raylora.model import model_info
+
+    try:
+        from transformers import InternVLVideoProcessor
+    except ImportError as e:  # the video processor is torchvision-based
+        raise MergeError(
+            f"transformers' InternVL processor needs a video processor, which needs torchvision: {e}"
+        ) from None
+
+    info = model_info(source.base_dir)
+    jinja = get_template(source.template).jinja(source.system_message)
+    tok = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    tok.chat_template = jinja
+    stop_ids = ConversationTokenizer(tok, source.template, info["tokens_per_tile"]).stop_token_ids()
+
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model.config.use_cache = True
+    gen = model.generation_config
+    gen.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+
+    image_processor = _image_processor(source, info["image_size"])
+    video_processor = InternVLVideoProcessor(
+        size={"height": info["image_size"], "width": info["image_size"]},
+        image_mean=list(image_processor.image_mean),
+        image_std=list(image_processor.image_std),
+    )
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor,
+        image_seq_length=info["tokens_per_tile"],
+        chat_template=jinja,
+    )
+    processor.save_pretrained(out)
+    # the separate files older transformers versions read (5.x reads processor_config.json)
+    image_processor.save_pretrained(out)
+    video_processor.save_pretrained(out)
+    (out / "raylora.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    stray = sorted(p.name for p in out.rglob("*.py"))
+    if stray:
+        raise MergeError(f"python files in the merged checkpoint: {stray}")
+
+
+# ----------------------------------------------------------------------------------------- merge
+
+
+def merge_adapter(
+    spec: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    verify: bool = True,
+    *,
+    base: str | None = None,
+    verify_images: list[str] | None = None,
+    tolerance: float | None = None,
+    register: bool = False,
+    name: str | None = None,
+    experiment: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Merge the adapter of ``spec`` (dir or MLflow URI) into its base and save it at ``output``.
+
+    Returns a report: paths, dtype, ``max_abs_diff`` / ``tolerance`` / ``adapter_effect`` (max abs
+    logit change the adapter makes on the base), a caption, timings, and the registry version with
+    ``register``. Raises MergeError (verification failed; nothing published), SourceError,
+    FileExistsError, FileNotFoundError, RegistrationError (published, not registered).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from raylora.generation import GenerationSettings, generate_captions, prompt_batch
+
+    t0 = time.time()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    output = Path(output).expanduser()
+    check_output(output, overwrite)
+    missing = [p for p in verify_images or [] if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"verification image(s) not found: {', '.join(map(str, missing))}")
+    source = resolve_source(spec, base=base)
+    if source.adapter_dir is None:
+        raise SourceError(f"{spec}: a full checkpoint ({source.base_dir}), not an adapter: nothing to merge")
+    check_output(output, overwrite, (source.adapter_dir, source.base_dir))
+    if register and not (name or source.origin.get("name")):
+        raise ValueError("register needs a registry name (--name) when the adapter is not a models:/ URI")
+    report: dict[str, Any] = {
+        "spec": str(spec),
+        "output": str(output),
+        "base_dir": str(source.base_dir),
+        "adapter_dir": str(source.adapter_dir),
+        "template": source.template,
+        "dtype": dtype,
+    }
+    log(f"[merge] base {source.base_dir} + adapter {source.adapter_dir} (template {source.template})")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.merge-tmp-{uuid.uuid4().hex[:8]}"
+    scratch = Path(tempfile.mkdtemp(prefix="raylora-merge-"))
+    try:
+        from raylora.registry import load_model
+
+        model = load_model(source, dtype=torch.float32)  # merge in fp32, cast at save time
+        report["seconds_load"] = round(time.time() - t0, 1)
+        if verify:
+            images = verification_images(verify_images, scratch)
+            settings = source.image_settings()
+            conv_tok = settings.conversation_tokenizer()
+            prompt = GenerationSettings().prompt
+            batch = prompt_batch(conv_tok, settings, images, prompt)
+            ref, passes = stable_logits(model, batch)
+            report["reference_passes"] = passes
+            with model.disable_adapter():
+                base_logits = _logits(model, batch)
+            report["verify_images"] = images
+            report["adapter_effect"] = float((ref - base_logits).abs().max())
+            del base_logits
+        t1 = time.time()
+        merged = model.merge_and_unload(safe_merge=True)
+        del model
+        expected = None  # what the reloaded bf16 checkpoint must reproduce exactly
+        if verify and dtype == "bf16":
+            # the merge itself, in fp32 (tight), then the bf16-rounded weights (what gets saved)
+            in_memory, _ = stable_logits(merged, batch)
+            _check("fp32 merge (in memory)", in_memory, ref, tolerance_for("fp32", ref), report, output, log)
+            del in_memory
+            with torch.no_grad():
+                for p in merged.parameters():
+                    if p.is_floating_point():
+                        p.copy_(p.to(torch.bfloat16).float())
+            expected, _ = stable_logits(merged, batch)
+        record = {
+            "template": source.template,
+            "system_message": source.system_message,
+            "merged_from": {
+                "spec": str(spec),
+                "base_model": str(source.base_dir),
+                "adapter": str(source.adapter_dir),
+                **{k: v for k, v in source.origin.items() if k != "tracking_uri"},
+            },
+            "dtype": dtype,
+        }
+        tmp.mkdir()
+        save_merged(merged, source, tmp, dtype, record)
+        del merged
+        gc.collect()
+        report["seconds_merge_save"] = round(time.time() - t1, 1)
+
+        if verify:
+            t2 = time.time()
+            reloaded = AutoModelForImageTextToText.from_pretrained(tmp, dtype=torch.float32).eval()
+            got, passes = stable_logits(reloaded, batch)
+            report["merged_passes"] = passes
+            if expected is not None:
+                fp32_tol = tolerance_for("fp32", expected)
+                _check(
+                    "saved bf16 weights vs merged bf16 weights", got, expected, fp32_tol, report, output, log
+                )
+            tol = tolerance if tolerance is not None else tolerance_for(dtype, ref)
+            report.update(max_abs_logit=float(ref.abs().max()))
+            report.update(
+                _check(f"merged ({dtype}, reloaded) vs base + adapter", got, ref, tol, report, output, log)
+            )
+            log(f"[merge] the adapter itself moves logits by up to {report['adapter_effect']:.3g}")
+            if report["adapter_effect"] <= tolerance_for("fp32", ref):
+                log(
+                    "[merge] WARNING: the adapter does not change the base model's logits (lora_B all "
+                    "zeros?): the merged model is the base model"
+                )
+            processor = AutoProcessor.from_pretrained(tmp)
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = processor.apply_chat_template(messages, add_generation_prompt=True)
+            from PIL import Image
+
+            with Image.open(images[0]) as im:
+                plain = processor(images=[im.convert("RGB")], text=[text], return_tensors="np")
+            ids_ok = (
+                plain["input_ids"][0].tolist()
+                == conv_tok.encode_prompt(prompt, [len(settings.tile(images[0]))]).tolist()
+            )
+            report["processor_prompt_matches"] = ids_ok
+            if not ids_ok:
+                log("[merge] WARNING: AutoProcessor's prompt tokens differ from raylora's for the same image")
+            cap_settings = source.image_settings(tokenizer_dir=tmp)
+            caption = generate_captions(
+                reloaded,
+                cap_settings.conversation_tokenizer(),
+                cap_settings,
+                images[:1],
+                GenerationSettings(batch_size=1),
+            )[0]
+            report["caption"] = {"image": images[0], "text": caption}
+            report["seconds_verify"] = round(time.time() - t2, 1)
+            log(f"[merge] caption of {images[0]} by the reloaded merged model: {caption!r}")
+            del reloaded
+        else:
+            log("[merge] WARNING: verification skipped; the merged logits were not compared")
+
+        _publish(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report["files"] = sorted(p.name for p in output.iterdir())
+    report["seconds"] = round(time.time() - t0, 1)
+    log(f"[merge] wrote {output} ({len(report['files'])} files, {report['seconds']}s)")
+    if register:
+        try:
+            report["registered"] = register_merged(output, source, report, name=name, experiment=experiment)
+        except Exception as e:
+            raise RegistrationError(
+                f"the merged checkpoint {output} is complete, but registering it failed: {e}; "
+                "re-run with --overwrite --register, or register it later with raylora.merge.register_merged"
+            ) from e
+        r = report["registered"]
+        log(
+            f"[merge] registered {r['name']} version {r['version']} (run {r['run_id']}); "
+            f"alias champion {'moved to it' if r['alias_moved'] else 'kept on a better version'}"
+        )
+    return report
+
+
+def register_merged(
+    output: Path,
+    source: ModelSource,
+    report: dict[str, Any],
+    name: str | None = None,
+    experiment: str | None = None,
+    metric_key: str = "cider",
+) -> dict[str, Any]:
+    """Log ``output`` as artifacts of a new run and register it as ``<adapter name>-merged``.
+
+    The alias ``champion`` moves to it when its adapter holds the adapter's champion alias, else by
+    ``metric_key`` (copied from the adapter's version tags) like any adapter registration.
+    """
+    from raylora import registry, tracking
+    from raylora.config import Config
+
+    adapter_name = name or source.origin["name"]
+    merged_name = f"{adapter_name}-merged"
+    uri = registry.current_tracking_uri()
+    client = registry._client(uri)
+    adapter_version = source.origin.get("version") if source.origin.get("name") == adapter_name else None
+    adapter_run = source.origin.get("run_id") or None
+    adapter_tags: dict[str, str] = {}
+    is_champion = False
+    if adapter_version:
+        info = registry.version_info(adapter_name, adapter_version, uri)
+        adapter_tags = info["tags"]
+        held = registry.champion(adapter_name, tracking_uri=uri)
+        is_champion = held is not None and held[0] == int(adapter_version)
+    if adapter_run:
+        experiment_id = client.get_run(adapter_run).info.experiment_id
+    else:
+        cfg = Config()
+        cfg.tracking.uri = uri
+        if experiment:
+            cfg.tracking.experiment = experiment
+        _, experiment_id = tracking.setup(cfg)
+    link = {
+        "raylora.kind": "merged",
+        "adapter_model": adapter_name,
+        "adapter_version": adapter_version,
+        "adapter_run_id": adapter_run,
+        "adapter_source": report["spec"],
+        "dtype": report["dtype"],
+    }
+    run = client.create_run(
+        experiment_id,
+        run_name=f"merge-{adapter_name}" + (f"-v{adapter_version}" if adapter_version else ""),
+        tags={k: str(v) for k, v in link.items() if v},
+    )
+    run_id = run.info.run_id
+    try:
+        client.log_artifacts(run_id, str(output), artifact_path="model")
+        for key in ("max_abs_diff", "adapter_effect", "tolerance"):
+            if report.get(key) is not None:
+                client.log_metric(run_id, f"merge_{key}", float(report[key]))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    metric = registry._metric(adapter_tags, metric_key)
+    version, moved = registry.register_adapter(
+        merged_name,
+        registry.artifact_uri(run_id, "model", uri),
+        run_id,
+        tags={**link, "max_abs_diff": report.get("max_abs_diff")},
+        metric_key=metric_key,
+        metric_value=metric,
+        force_alias=is_champion or metric is None,
+        tracking_uri=uri,
+    )
+    return {"name": merged_name, "version": version, "alias_moved": moved, "run_id": run_id}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m raylora.merge",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--adapter", metavar="DIR", help="PEFT adapter dir (or a training output dir with adapter/)"
+    )
+    src.add_argument(
+        "--model-uri",
+        metavar="URI",
+        help="MLflow URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/adapter",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="directory of the merged checkpoint")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="weight dtype of the output (default fp32)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--base", metavar="DIR", help="base checkpoint (default: the one the adapter records)")
+    p.add_argument("--verify-images", nargs="+", metavar="IMG", help="images for the logit check and caption")
+    p.add_argument("--tolerance", type=float, help="max abs logit difference allowed (default: by dtype)")
+    p.add_argument("--no-verify", action="store_true", help="skip the logit check and the sample caption")
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="log the merged dir to MLflow and register it as <name>-merged",
+    )
+    p.add_argument(
+        "--name", help="registry name of the adapter (default: NAME of --model-uri models:/NAME...)"
+    )
+    p.add_argument("--experiment", help="MLflow experiment of the merge run when the adapter has no run")
+    args = p.parse_args(argv)
+    try:
+        merge_adapter(
+            args.adapter or args.model_uri,
+            args.output,
+            args.dtype,
+            args.overwrite,
+            verify=not args.no_verify,
+            base=args.base,
+            verify_images=args.verify_images,
+            tolerance=args.tolerance,
+            register=args.register,
+            name=args.name,
+            experiment=args.experiment,
+        )
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RegistrationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (SourceError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
