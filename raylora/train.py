@@ -181,6 +181,13 @@ def train_func(config: dict[str, Any]) -> None:
             f"checkpoint step {step} is behind the planned data start {plan['dataset_start_step']}"
         )
     skip = (step - plan["dataset_start_step"]) * plan["grad_accum"]  # a worker restart within the run
+    if restored is not None and step >= total_steps:
+        # cut after its last checkpoint (e.g. a sweep driver killed before Tune saw the end):
+        # report that checkpoint's metrics again so the run ends with them
+        with restored.as_directory() as d:
+            final = json.loads(Path(d, "train_state.json").read_text())
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
+        return
 
     eval_ctx = None
     if cfg.eval.every_n_steps >= 0 and config.get("val_items"):

@@ -113,16 +113,18 @@ def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path)
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    trials = tmp_path / "runs" / "demo_sweep" / "trials"
+    sweep_dir = tmp_path / "runs" / "demo_sweep"
+    trials = sweep_dir / "trials"
 
     def finished() -> list[Path]:
-        return [
-            d
-            for d in trials.glob("*")
-            if any(
-                json.loads(s.read_text()).get("step") == 20 for s in d.glob("checkpoint_*/train_state.json")
-            )
-        ]
+        """Trials Tune has recorded as done (their last result has done=true)."""
+        done = []
+        for d in sweep_dir.glob("run_trial_*"):
+            lines = (d / "result.json").read_text().splitlines() if (d / "result.json").is_file() else []
+            results = [json.loads(x) for x in lines if x.strip()]
+            if any(r.get("done") for r in results):
+                done.append(trials / results[-1]["trial_id"])
+        return done
 
     deadline = time.time() + 400
     while time.time() < deadline and not finished():

@@ -280,7 +280,7 @@ def test_demo_base_matters(ray_cluster, tracking_uri, tmp_path, demo_root):
     random_dir = tmp_path / "random_base"
     save_model_dir(build_random_model(demo_root / "tokenizer", seed=1), demo_root / "tokenizer", random_dir)
     common = [
-        "train.max_steps=20",
+        "train.max_steps=30",
         "eval.every_n_steps=0",
         "cluster.num_workers=1",
         "train.global_batch_size=16",
