@@ -725,7 +725,7 @@ def finish(
     cider_text = f"val CIDEr {summary['val_cider']:.3f}, " if summary["val_cider"] is not None else ""
     print(
         f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {cider_text}{seconds:.0f}s; "
-        f"adapter: {output_dir / 'adapter'}; MLflow run {run_id} ({tracking.run_url(uri, exp_id, run_id)})",
+        f"adapter: {output_dir / 'adapter'}; MLflow {tracking.run_url(uri, exp_id, run_id)}",
         flush=True,
     )
     return summary
