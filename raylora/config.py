@@ -8,6 +8,7 @@ values are parsed as YAML, so ``[a, b]``, ``null``, ``true`` and ``3e-4`` work.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "tune_configs"
 DEMO = "demo"  # model.path / data.train value that selects the built-in demo assets
+RECIPE_CONFIG = "internvl2_2b_coco"
+RECIPE_PATHS = ("pretrained/InternVL2-2B", "data/coco")  # the tutorial's layout
 
 
 class ConfigError(ValueError):
@@ -366,3 +369,35 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def default_config_name() -> str:
+    """The recipe when its model and data are present in the working directory, else the demo."""
+    if all(Path(p).exists() for p in RECIPE_PATHS):
+        return RECIPE_CONFIG
+    print(
+        f"[raylora] {RECIPE_PATHS[0]} and {RECIPE_PATHS[1]} not found: running the built-in demo (tune_configs/demo.yaml)",
+        flush=True,
+    )
+    return DEMO
+
+
+def config_parser(prog: str, doc: str | None, overrides_example: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with the options every config-driven command shares."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", help="YAML file or name in tune_configs/ (default: the recipe if present, else demo)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}"
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
+    return load_config(args.config or default_config_name(), list(args.overrides) + (extra or []))

@@ -15,7 +15,6 @@ Writes ``results.json``, ``metrics.json`` and ``gallery.html`` (worst captions f
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from raylora.config import DEMO, Config, ConfigError, load_config
+from raylora.config import DEMO, Config, ConfigError, config_from_args, config_parser
 from raylora.data.pipeline import ImageSettings
 from raylora.generation import GenerationSettings
 
@@ -275,20 +274,13 @@ def default_model(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raylora.train import default_config_name, init_ray, resolve_paths
+    from raylora.train import init_ray, resolve_paths
 
-    parser = argparse.ArgumentParser(
-        prog="python -m raylora.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = config_parser("python -m raylora.evaluate", __doc__, "eval.batch_size=32 eval.workers=8")
     parser.add_argument(
         "--model",
         help="base/merged checkpoint dir, adapter dir, models:/NAME@ALIAS or runs:/ID/adapter "
         "(default: the config's trained adapter, else its base model)",
-    )
-    parser.add_argument(
-        "--config", help="YAML file or name in tune_configs/ (default: the recipe if present, else demo)"
     )
     parser.add_argument(
         "--split", choices=["test", "val"], default="test", help="which configured split (default test)"
@@ -302,15 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         help="where results.json, metrics.json and gallery.html go (default <output_dir>/eval_<split>)",
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. eval.batch_size=32 eval.workers=8",
-    )
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config or default_config_name(), args.overrides)
+        cfg = config_from_args(args)
         if args.items:
             if not (args.gt and args.root):
                 raise ConfigError("--items needs --gt and --root")

@@ -13,7 +13,6 @@ the registered model, and its ``champion`` alias moves only if it beats the curr
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raylora.config import Config, ConfigError, load_config
+from raylora.config import Config, ConfigError, config_from_args, config_parser
 
 METRIC = "val_cider"
 TRIAL_FN_CPUS = 0.01  # the trial function itself (Tune + Train V2 need a non-zero reservation)
@@ -483,16 +482,7 @@ def _local_checkpoint(path: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raylora.train import default_config_name
-
-    parser = argparse.ArgumentParser(
-        prog="python -m raylora.sweep",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config", help="YAML file or name in tune_configs/ (default: the recipe if present, else demo)"
-    )
+    parser = config_parser("python -m raylora.sweep", __doc__, "sweep.lr_max=1e-3")
     parser.add_argument("--trials", type=int, help="number of trials (default: sweep.trials)")
     parser.add_argument(
         "--resume",
@@ -503,13 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         "--searcher", choices=["optuna", "random"], help="search algorithm (default: sweep.searcher)"
     )
     parser.add_argument("--output", help="report directory (default: outputs/<config>_sweep)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sweep.lr_max=1e-3"
-    )
     args = parser.parse_args(argv)
     try:
-        overrides = list(args.overrides) + ([f"sweep.searcher={args.searcher}"] if args.searcher else [])
-        cfg = load_config(args.config or default_config_name(), overrides)
+        cfg = config_from_args(args, [f"sweep.searcher={args.searcher}"] if args.searcher else [])
         run_sweep(cfg, args.trials, args.resume, args.output)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,6 @@ checkpoint; ``cluster.max_failures`` restarts crashed workers from it within a r
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,11 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylora.config import DEMO, Config, ConfigError, config_from_dict, load_config, save_config
+from raylora.config import (
+    DEMO,
+    Config,
+    ConfigError,
+    config_from_args,
+    config_from_dict,
+    config_parser,
+    save_config,
+)
 
 DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed_configs"
-RECIPE_CONFIG = "internvl2_2b_coco"
-RECIPE_PATHS = ("pretrained/InternVL2-2B", "data/coco")
 
 
 # ============================================================================ on every worker
@@ -731,33 +736,12 @@ def finish(
     return summary
 
 
-def default_config_name() -> str:
-    """The recipe when its model and data are present in the working directory, else the demo."""
-    if all(Path(p).exists() for p in RECIPE_PATHS):
-        return RECIPE_CONFIG
-    print(
-        f"[raylora] {RECIPE_PATHS[0]} and {RECIPE_PATHS[1]} not found: running the built-in demo (tune_configs/demo.yaml)",
-        flush=True,
-    )
-    return "demo"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m raylora.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config", help="YAML file or name in tune_configs/ (default: the recipe if present, else demo)"
-    )
+    parser = config_parser("python -m raylora.train", __doc__, "train.lr=1e-4 lora.rank=16")
     parser.add_argument("--output", help="output directory (default: the config's output_dir)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4 lora.rank=16"
-    )
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config or default_config_name(), args.overrides)
+        cfg = config_from_args(args)
         run(cfg, args.output)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
