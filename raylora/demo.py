@@ -259,18 +259,30 @@ def build_random_model(tokenizer_dir: Path, seed: int = 0):
     return model
 
 
-def _write_preprocessor(out: Path) -> None:
-    """Image processor config of transformers' native InternVL (GotOcr2, crop_to_patches)."""
-    from transformers import GotOcr2ImageProcessor
+def write_processor(out: Path, tokenizer_dir: Path) -> None:
+    """transformers' InternVL processor files for the demo (GotOcr2 tiling, 16 tokens per tile)."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessor
 
-    GotOcr2ImageProcessor(
+    from raylora.data.templates import get_template
+    from raylora.model import save_processor
+
+    image_processor = GotOcr2ImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         crop_to_patches=True,
         min_patches=1,
         max_patches=6,
         image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(out)
+    )
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    save_processor(
+        out,
+        tok,
+        image_processor,
+        IMAGE_SIZE,
+        (IMAGE_SIZE // 14) ** 2 // 4,
+        get_template(TEMPLATE).jinja(SYSTEM_MESSAGE),
+    )
 
 
 def pretrain_base(model, data_root: Path, tokenizer_dir: Path, seconds: float, steps: int, log=print) -> dict:
@@ -343,12 +355,14 @@ def ensure_demo(log=print, base_steps: int = 1000, base_seconds: float = 400.0) 
     root = demo_dir()
     root.mkdir(parents=True, exist_ok=True)
     done = root / "COMPLETE"
-    if done.exists():
+    if done.exists() and (root / "base" / "processor_config.json").exists():
         return root
     lock = root / ".lock"
     _acquire(lock)
     try:
-        if done.exists():
+        if done.exists():  # built by another process meanwhile, or a cache from before processor files
+            if not (root / "base" / "processor_config.json").exists():
+                write_processor(root / "base", root / "tokenizer")
             return root
         log(f"[demo] building the demo assets in {root} (once)")
         data = root / "data"
@@ -384,7 +398,7 @@ def save_model_dir(model, tokenizer_dir: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    _write_preprocessor(out)
+    write_processor(out, tokenizer_dir)
     (out / "raylora.json").write_text(json.dumps({"template": TEMPLATE, "system_message": SYSTEM_MESSAGE}))
 
 

@@ -226,13 +226,13 @@ def _image_processor(source: ModelSource, image_size: int) -> Any:
 def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: dict[str, Any]) -> None:
     """Weights, config, generation config, tokenizer + chat template, processor files, raylora.json."""
     import torch
-    from transformers import AutoTokenizer, InternVLProcessor
+    from transformers import AutoTokenizer
 
     from raylora.data.templates import ConversationTokenizer, get_template
-    from raylora.model import model_info
+    from raylora.model import model_info, save_processor
 
     try:
-        from transformers import InternVLVideoProcessor
+        from transformers import InternVLVideoProcessor  # noqa: F401
     except ImportError as e:  # the video processor is torchvision-based
         raise MergeError(
             f"transformers' InternVL processor needs a video processor, which needs torchvision: {e}"
@@ -253,22 +253,7 @@ def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: 
     model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
 
     image_processor = _image_processor(source, info["image_size"])
-    video_processor = InternVLVideoProcessor(
-        size={"height": info["image_size"], "width": info["image_size"]},
-        image_mean=list(image_processor.image_mean),
-        image_std=list(image_processor.image_std),
-    )
-    processor = InternVLProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        video_processor=video_processor,
-        image_seq_length=info["tokens_per_tile"],
-        chat_template=jinja,
-    )
-    processor.save_pretrained(out)
-    # the separate files older transformers versions read (5.x reads processor_config.json)
-    image_processor.save_pretrained(out)
-    video_processor.save_pretrained(out)
+    save_processor(out, tok, image_processor, info["image_size"], info["tokens_per_tile"], jinja)
     (out / "raylora.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     stray = sorted(p.name for p in out.rglob("*.py"))
     if stray:

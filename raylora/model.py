@@ -149,3 +149,28 @@ def count_trainable(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def save_processor(
+    out: Path, tokenizer: Any, image_processor: Any, image_size: int, tokens_per_tile: int, chat_template: str
+) -> None:
+    """transformers' InternVL processor files (processor_config.json, image and video processor
+    configs, tokenizer with the chat template), so ``AutoProcessor.from_pretrained(out)`` works."""
+    from transformers import InternVLProcessor, InternVLVideoProcessor
+
+    tokenizer.chat_template = chat_template
+    video_processor = InternVLVideoProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=list(image_processor.image_mean),
+        image_std=list(image_processor.image_std),
+    )
+    InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=tokens_per_tile,
+        chat_template=chat_template,
+    ).save_pretrained(out)
+    # the separate files older transformers versions read (5.x reads processor_config.json)
+    image_processor.save_pretrained(out)
+    video_processor.save_pretrained(out)

@@ -82,3 +82,16 @@ def test_eval_settings_follow_the_model(demo_root):
     s = eval_settings(str(demo_root / "base"), load_config("demo"))
     assert s.image_size == 112 and s.tokens_per_tile == 16 and s.template == "Hermes-2"
     assert replace(s, max_num=1).max_num == 1
+
+
+def test_demo_base_loads_with_auto_classes(demo_root):
+    """The demo base is a plain transformers checkpoint, processor included (16 tokens per 112 px tile)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(demo_root / "base")
+    assert processor.image_seq_length == 16
+    assert processor.image_processor.size["height"] == 112 and processor.image_processor.crop_to_patches
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True
+    )
+    assert text.endswith("<|im_start|>assistant\n") and "<IMG_CONTEXT>" in text
