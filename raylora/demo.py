@@ -261,19 +261,12 @@ def build_random_model(tokenizer_dir: Path, seed: int = 0):
 
 def write_processor(out: Path, tokenizer_dir: Path) -> None:
     """transformers' InternVL processor files for the demo (GotOcr2 tiling, 16 tokens per tile)."""
-    from transformers import AutoTokenizer, GotOcr2ImageProcessor
+    from transformers import AutoTokenizer
 
     from raylora.data.templates import get_template
-    from raylora.model import save_processor
+    from raylora.model import internvl_image_processor, save_processor
 
-    image_processor = GotOcr2ImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        crop_to_patches=True,
-        min_patches=1,
-        max_patches=6,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    image_processor = internvl_image_processor(IMAGE_SIZE, max_patches=6)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     save_processor(
         out,

@@ -22,6 +22,7 @@ import json
 import pickle
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,24 +77,13 @@ class Captioner:
 
 def eval_settings(spec: str, cfg: Config, max_num: int | None = None) -> ImageSettings:
     """ImageSettings for a model spec: its tokenizer, template and tile size; tiling from the config."""
-    from raylora.model import model_info
     from raylora.registry import resolve_source
 
-    source = resolve_source(spec)
-    info = model_info(source.base_dir)
-    return ImageSettings(
-        tokenizer_path=str(
-            source.adapter_dir
-            if source.adapter_dir and (source.adapter_dir / "tokenizer_config.json").is_file()
-            else source.base_dir
-        ),
-        template=source.template,
-        system_message=source.system_message,
-        image_size=info["image_size"],
+    base = resolve_source(spec).image_settings(max_num=cfg.eval.max_num if max_num is None else max_num)
+    return replace(
+        base,
         min_num=cfg.data.min_num,
-        max_num=cfg.eval.max_num if max_num is None else max_num,
         use_thumbnail=cfg.data.use_thumbnail,
-        tokens_per_tile=info["tokens_per_tile"],
         max_seq_length=cfg.model.max_seq_length,
     )
 

@@ -205,7 +205,9 @@ def tolerance_for(dtype: str, ref_logits: Any) -> float:
 
 
 def _image_processor(source: ModelSource, image_size: int) -> Any:
-    from transformers import AutoImageProcessor, GotOcr2ImageProcessor
+    from transformers import AutoImageProcessor
+
+    from raylora.model import internvl_image_processor
 
     for d in (source.tokenizer_dir, source.base_dir):
         if (d / "preprocessor_config.json").is_file() or (d / "processor_config.json").is_file():
@@ -213,14 +215,7 @@ def _image_processor(source: ModelSource, image_size: int) -> Any:
                 return AutoImageProcessor.from_pretrained(d)
             except (OSError, ValueError, KeyError):
                 continue
-    return GotOcr2ImageProcessor(
-        size={"height": image_size, "width": image_size},
-        crop_to_patches=True,
-        min_patches=1,
-        max_patches=12,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    return internvl_image_processor(image_size, max_patches=12)
 
 
 def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from raylora.config import DEMO, Config
 from raylora.data.pipeline import ImageSettings
+from raylora.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 # Linear layers of one decoder block, per LLM family (native transformers names).
 LLM_TARGETS = {
@@ -149,6 +150,20 @@ def count_trainable(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def internvl_image_processor(image_size: int, max_patches: int) -> Any:
+    """transformers' image processor for InternVL tiling (GotOcr2 with crop_to_patches, ImageNet stats)."""
+    from transformers import GotOcr2ImageProcessor
+
+    return GotOcr2ImageProcessor(
+        size={"height": image_size, "width": image_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_patches,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
 
 
 def save_processor(

@@ -216,12 +216,19 @@ def build_tuner(
 
 
 def trial_rows(results: Any) -> list[dict[str, Any]]:
-    """One row per trial: params, last CIDEr, steps, state, checkpoint."""
+    """One row per trial: params, last CIDEr, steps, state, checkpoint.
+
+    State: failed, completed (reached its own last step: batch size changes the step count), or
+    stopped early (by ASHA).
+    """
     rows = []
     for r in results:
         m = r.metrics or {}
         steps = m.get("step", 0)
-        state = "failed" if r.error is not None else "completed"  # refined by classify()
+        if r.error is not None:
+            state = "failed"
+        else:
+            state = "completed" if steps >= m.get("total_steps", steps) else "stopped early"
         rows.append(
             {
                 "trial_id": m.get("trial_id") or Path(r.path).name,
@@ -238,13 +245,6 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def classify(rows: list[dict[str, Any]]) -> None:
-    """completed (reached its own last step) / stopped early (by ASHA) / failed."""
-    for row in rows:
-        if row["state"] != "failed":
-            row["state"] = "completed" if row["steps"] >= row["total_steps"] else "stopped early"
 
 
 def print_table(rows: list[dict[str, Any]]) -> str:
@@ -391,7 +391,6 @@ def run_sweep(
         client.set_terminated(parent_run_id, "FAILED")
         raise
     rows = trial_rows(results)
-    classify(rows)
     for row in rows:
         marker = Path(sweep_info["storage"]) / "trials" / row["trial_id"] / "mlflow_run_id"
         if marker.is_file():
