@@ -49,7 +49,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Bump when the output of the conversion changes, so that cached conversions are redone.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 # Used only when the tokenizer files do not name <IMG_CONTEXT> (they always do in the published checkpoints).
@@ -140,20 +140,42 @@ def llm_family(original_config: Mapping[str, Any]) -> str:
 
 
 def _rope_parameters(llm_config: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """transformers-5 ``rope_parameters`` from the legacy ``rope_theta`` / ``rope_scaling`` fields."""
-    scaling = dict(llm_config.get("rope_scaling") or {})
+    """transformers-5 ``rope_parameters`` of the LLM, read from the config dict the way transformers 5 reads it.
+
+    Configs saved by transformers 5 carry one ``rope_parameters`` dict (``rope_type``, ``rope_theta`` and the
+    scaling keys: ``factor``, ``short_factor`` / ``long_factor``, ...); older ones a top-level ``rope_theta``
+    and an optional ``rope_scaling`` dict (``type`` plus the scaling keys). Like transformers 5, a non-empty
+    ``rope_scaling`` is read before ``rope_parameters``, and what the dict lacks comes from the top level:
+    ``rope_theta`` (default 10000, as in every original LLM config class) and ``partial_rotary_factor``.
+    """
+    scaling = llm_config.get("rope_scaling") or llm_config.get("rope_parameters") or {}
+    if not isinstance(scaling, Mapping) or any(isinstance(v, Mapping) for v in scaling.values()):
+        raise ConversionError(
+            f"unsupported rope_scaling / rope_parameters {scaling!r}: expected one dict for all layers"
+        )
+    scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
     if family == "phi3" and rope_type in ("su", "yarn"):
         rope_type = "longrope"  # Phi-3's legacy names for LongRoPE (as transformers' Phi3Config maps them)
     params: dict[str, Any] = {"rope_type": rope_type, **scaling}
-    if rope_type == "longrope" and "original_max_position_embeddings" not in params:
-        params["original_max_position_embeddings"] = llm_config.get(
-            "original_max_position_embeddings", llm_config.get("max_position_embeddings")
-        )
-    params["rope_theta"] = float(llm_config.get("rope_theta", 10000.0))
+    if rope_type == "longrope":
+        if family == "phi3":
+            # Phi-3 keeps it as a top-level field (default 4096), which both the original Phi3Config and
+            # transformers 5's use, even over a value inside the rope dict
+            params["original_max_position_embeddings"] = llm_config.get(
+                "original_max_position_embeddings", 4096
+            )
+        elif "original_max_position_embeddings" not in params:
+            params["original_max_position_embeddings"] = llm_config.get(
+                "original_max_position_embeddings", llm_config.get("max_position_embeddings")
+            )
+    rope_theta = params.get("rope_theta")
+    if rope_theta is None:
+        rope_theta = llm_config.get("rope_theta")
+    params["rope_theta"] = float(10000.0 if rope_theta is None else rope_theta)
     if "partial_rotary_factor" in llm_config:
-        params["partial_rotary_factor"] = llm_config["partial_rotary_factor"]
+        params.setdefault("partial_rotary_factor", llm_config["partial_rotary_factor"])
     return params
 
 
