@@ -66,6 +66,28 @@ LLM_FAMILIES = {
 }
 # LLM family -> native text model_type in the converted config
 NATIVE_TEXT_MODEL_TYPE = {"internlm2": "llama", "qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+# Defaults of the original InternLM2Config (InternLM's configuration_internlm2.py, the remote code of the
+# InternLM2 checkpoints), for an llm_config that leaves keys out. The other LLMs' original configs are
+# transformers' own classes (Qwen2Config, LlamaConfig) or a copy of one (Phi3Config), whose defaults the
+# native classes share.
+INTERNLM2_CONFIG_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 103168,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,  # None: num_attention_heads
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "bias": True,  # biases on wqkv and wo
+    "rope_theta": 10000,
+}
 
 # Files copied verbatim (when present) next to the converted weights.
 TOKENIZER_FILES = (
@@ -139,6 +161,13 @@ def llm_family(original_config: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ config
 
 
+def llm_config_with_defaults(llm_config: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """``llm_config`` with the original config class's defaults filled in where keys are left out."""
+    if family == "internlm2":
+        return {**INTERNLM2_CONFIG_DEFAULTS, **llm_config}
+    return dict(llm_config)
+
+
 def _rope_parameters(llm_config: Mapping[str, Any], family: str) -> dict[str, Any]:
     """transformers-5 ``rope_parameters`` of the LLM, read from the config dict the way transformers 5 reads it.
 
@@ -192,27 +221,27 @@ def convert_text_config(llm_config: Mapping[str, Any], family: str | None = None
     from transformers import CONFIG_MAPPING, LlamaConfig, PreTrainedConfig
 
     family = family or llm_family({"llm_config": llm_config})
-    rope_parameters = _rope_parameters(llm_config, family)
     if family == "internlm2":
-        hidden_size = llm_config["hidden_size"]
-        num_heads = llm_config["num_attention_heads"]
+        llm = llm_config_with_defaults(llm_config, family)
+        hidden_size = llm["hidden_size"]
+        num_heads = llm["num_attention_heads"]
         config = LlamaConfig(
-            vocab_size=llm_config["vocab_size"],
+            vocab_size=llm["vocab_size"],
             hidden_size=hidden_size,
-            intermediate_size=llm_config["intermediate_size"],
-            num_hidden_layers=llm_config["num_hidden_layers"],
+            intermediate_size=llm["intermediate_size"],
+            num_hidden_layers=llm["num_hidden_layers"],
             num_attention_heads=num_heads,
-            num_key_value_heads=llm_config.get("num_key_value_heads") or num_heads,
+            num_key_value_heads=llm["num_key_value_heads"] or num_heads,
             head_dim=hidden_size // num_heads,
-            hidden_act=llm_config.get("hidden_act", "silu"),
-            max_position_embeddings=llm_config.get("max_position_embeddings", 2048),
-            initializer_range=llm_config.get("initializer_range", 0.02),
-            rms_norm_eps=llm_config.get("rms_norm_eps", 1e-6),
-            pad_token_id=llm_config.get("pad_token_id"),
-            bos_token_id=llm_config.get("bos_token_id", 1),
-            eos_token_id=llm_config.get("eos_token_id", 2),
-            rope_parameters=rope_parameters,
-            attention_bias=bool(llm_config.get("bias", False)),  # InternLM2 `bias` covers wqkv and wo
+            hidden_act=llm["hidden_act"],
+            max_position_embeddings=llm["max_position_embeddings"],
+            initializer_range=llm["initializer_range"],
+            rms_norm_eps=llm["rms_norm_eps"],
+            pad_token_id=llm["pad_token_id"],
+            bos_token_id=llm["bos_token_id"],
+            eos_token_id=llm["eos_token_id"],
+            rope_parameters=_rope_parameters(llm, family),
+            attention_bias=bool(llm["bias"]),  # InternLM2 `bias` covers wqkv and wo
             mlp_bias=False,  # InternLM2's feed_forward never has biases
             tie_word_embeddings=False,
         )
@@ -223,7 +252,7 @@ def convert_text_config(llm_config: Mapping[str, Any], family: str | None = None
         base_fields = {f.name for f in dataclasses.fields(PreTrainedConfig)}
         own_fields = {f.name for f in dataclasses.fields(config_class)} - base_fields
         kwargs = {k: v for k, v in llm_config.items() if k in own_fields}
-        kwargs["rope_parameters"] = rope_parameters
+        kwargs["rope_parameters"] = _rope_parameters(llm_config, family)
         kwargs["tie_word_embeddings"] = False  # lm_head is always written out (see convert_checkpoint)
         config = config_class(**kwargs)
     _set_dtype(config, llm_config)
@@ -353,7 +382,7 @@ class KeyMapSpec:
     @classmethod
     def from_original_config(cls, original_config: Mapping[str, Any]) -> KeyMapSpec:
         family = llm_family(original_config)
-        llm = original_config["llm_config"]
+        llm = llm_config_with_defaults(original_config["llm_config"], family)
         heads = int(llm["num_attention_heads"])
         return cls(
             llm_family=family,

@@ -766,6 +766,26 @@ def test_llm_config_saved_by_transformers_5_with_only_rope_parameters(tmp_path, 
     assert json.loads((out / "config.json").read_text())["text_config"]["rope_parameters"] == rope_parameters
 
 
+def test_internlm2_llm_config_without_bias_or_pad_token_id_gets_the_original_defaults(tmp_path):
+    # the original InternLM2Config defaults to bias=True (wqkv and wo have biases) and pad_token_id=0
+    native = build_native("internlm2", vit_6b=False, seed=8, attention_bias=True)
+    src = tmp_path / "orig"
+    sd = write_original_checkpoint(src, native, "internlm2", False, "safetensors")
+    assert "language_model.model.layers.0.attention.wqkv.bias" in sd
+    assert "language_model.model.layers.0.attention.wo.bias" in sd
+    edit_llm_config(src, drop=("bias", "pad_token_id"))
+
+    out = convert_checkpoint(src, tmp_path / "native")
+    text_config = json.loads((out / "config.json").read_text())["text_config"]
+    assert text_config["attention_bias"] is True and text_config["mlp_bias"] is False
+    assert text_config["pad_token_id"] == 0
+    tensors, expected = read_converted(out), native.state_dict()
+    assert set(tensors) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name], tensor), name
+    assert_same_logits(native, out)
+
+
 def _llm_config(family: str, **rope) -> dict:
     return {
         "architectures": [ARCH[family]],
