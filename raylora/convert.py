@@ -275,7 +275,7 @@ def convert_vision_config(vision_config: Mapping[str, Any]) -> Any:
         intermediate_size=vc["intermediate_size"],
         num_attention_heads=vc["num_attention_heads"],
         num_hidden_layers=vc["num_hidden_layers"],
-        image_size=vc.get("image_size", 448),
+        image_size=vc.get("image_size", 224),  # InternVisionConfig's default
         patch_size=vc.get("patch_size", 14),
         num_channels=vc.get("num_channels", 3),
         attention_bias=bool(vc.get("qkv_bias", False)),
@@ -299,7 +299,8 @@ def convert_vision_config(vision_config: Mapping[str, Any]) -> Any:
 
 
 def _image_size(original_config: Mapping[str, Any]) -> int:
-    size = original_config.get("force_image_size") or original_config["vision_config"].get("image_size", 448)
+    # what InternVLChatModel uses: force_image_size, else the vision config's (InternVisionConfig default 224)
+    size = original_config.get("force_image_size") or original_config["vision_config"].get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 

@@ -868,3 +868,19 @@ def test_per_layer_rope_parameters_are_refused():
     nested = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
     with pytest.raises(ConversionError, match="rope_parameters"):
         convert.convert_text_config(_llm_config("qwen2", rope_parameters=nested), "qwen2")
+
+
+def test_vision_config_defaults_follow_intern_vision_config():
+    # InternVisionConfig defaults image_size to 224; InternVLChatModel uses force_image_size or that
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+    orig = {
+        "model_type": "internvl_chat",
+        "ps_version": "v2",
+        "llm_config": _llm_config("qwen2", rope_theta=1e6),
+        "vision_config": vision,
+    }
+    config = convert_config(orig, IMG_CONTEXT_ID)
+    assert tuple(config.vision_config.image_size) == (224, 224)
+    assert config.image_seq_length == (224 // 14) ** 2 // 4
+    assert config.vision_config.use_qk_norm and config.vision_config.norm_type == "rms_norm"
+    assert not config.vision_config.attention_bias and config.vision_config.layer_scale_init_value == 0.1
