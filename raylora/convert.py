@@ -49,7 +49,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Bump when the output of the conversion changes, so that cached conversions are redone.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 # Used only when the tokenizer files do not name <IMG_CONTEXT> (they always do in the published checkpoints).
@@ -66,6 +66,28 @@ LLM_FAMILIES = {
 }
 # LLM family -> native text model_type in the converted config
 NATIVE_TEXT_MODEL_TYPE = {"internlm2": "llama", "qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+# Defaults of the original InternLM2Config (InternLM's configuration_internlm2.py, the remote code of the
+# InternLM2 checkpoints), for an llm_config that leaves keys out. The other LLMs' original configs are
+# transformers' own classes (Qwen2Config, LlamaConfig) or a copy of one (Phi3Config), whose defaults the
+# native classes share.
+INTERNLM2_CONFIG_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 103168,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,  # None: num_attention_heads
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "bias": True,  # biases on wqkv and wo
+    "rope_theta": 10000,
+}
 
 # Files copied verbatim (when present) next to the converted weights.
 TOKENIZER_FILES = (
@@ -139,21 +161,50 @@ def llm_family(original_config: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ config
 
 
+def llm_config_with_defaults(llm_config: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """``llm_config`` with the original config class's defaults filled in where keys are left out."""
+    if family == "internlm2":
+        return {**INTERNLM2_CONFIG_DEFAULTS, **llm_config}
+    return dict(llm_config)
+
+
 def _rope_parameters(llm_config: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """transformers-5 ``rope_parameters`` from the legacy ``rope_theta`` / ``rope_scaling`` fields."""
-    scaling = dict(llm_config.get("rope_scaling") or {})
+    """transformers-5 ``rope_parameters`` of the LLM, read from the config dict the way transformers 5 reads it.
+
+    Configs saved by transformers 5 carry one ``rope_parameters`` dict (``rope_type``, ``rope_theta`` and the
+    scaling keys: ``factor``, ``short_factor`` / ``long_factor``, ...); older ones a top-level ``rope_theta``
+    and an optional ``rope_scaling`` dict (``type`` plus the scaling keys). Like transformers 5, a non-empty
+    ``rope_scaling`` is read before ``rope_parameters``, and what the dict lacks comes from the top level:
+    ``rope_theta`` (default 10000, as in every original LLM config class) and ``partial_rotary_factor``.
+    """
+    scaling = llm_config.get("rope_scaling") or llm_config.get("rope_parameters") or {}
+    if not isinstance(scaling, Mapping) or any(isinstance(v, Mapping) for v in scaling.values()):
+        raise ConversionError(
+            f"unsupported rope_scaling / rope_parameters {scaling!r}: expected one dict for all layers"
+        )
+    scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
     if family == "phi3" and rope_type in ("su", "yarn"):
         rope_type = "longrope"  # Phi-3's legacy names for LongRoPE (as transformers' Phi3Config maps them)
     params: dict[str, Any] = {"rope_type": rope_type, **scaling}
-    if rope_type == "longrope" and "original_max_position_embeddings" not in params:
-        params["original_max_position_embeddings"] = llm_config.get(
-            "original_max_position_embeddings", llm_config.get("max_position_embeddings")
-        )
-    params["rope_theta"] = float(llm_config.get("rope_theta", 10000.0))
+    if rope_type == "longrope":
+        if family == "phi3":
+            # Phi-3 keeps it as a top-level field (default 4096), which both the original Phi3Config and
+            # transformers 5's use, even over a value inside the rope dict
+            params["original_max_position_embeddings"] = llm_config.get(
+                "original_max_position_embeddings", 4096
+            )
+        elif "original_max_position_embeddings" not in params:
+            params["original_max_position_embeddings"] = llm_config.get(
+                "original_max_position_embeddings", llm_config.get("max_position_embeddings")
+            )
+    rope_theta = params.get("rope_theta")
+    if rope_theta is None:
+        rope_theta = llm_config.get("rope_theta")
+    params["rope_theta"] = float(10000.0 if rope_theta is None else rope_theta)
     if "partial_rotary_factor" in llm_config:
-        params["partial_rotary_factor"] = llm_config["partial_rotary_factor"]
+        params.setdefault("partial_rotary_factor", llm_config["partial_rotary_factor"])
     return params
 
 
@@ -170,27 +221,27 @@ def convert_text_config(llm_config: Mapping[str, Any], family: str | None = None
     from transformers import CONFIG_MAPPING, LlamaConfig, PreTrainedConfig
 
     family = family or llm_family({"llm_config": llm_config})
-    rope_parameters = _rope_parameters(llm_config, family)
     if family == "internlm2":
-        hidden_size = llm_config["hidden_size"]
-        num_heads = llm_config["num_attention_heads"]
+        llm = llm_config_with_defaults(llm_config, family)
+        hidden_size = llm["hidden_size"]
+        num_heads = llm["num_attention_heads"]
         config = LlamaConfig(
-            vocab_size=llm_config["vocab_size"],
+            vocab_size=llm["vocab_size"],
             hidden_size=hidden_size,
-            intermediate_size=llm_config["intermediate_size"],
-            num_hidden_layers=llm_config["num_hidden_layers"],
+            intermediate_size=llm["intermediate_size"],
+            num_hidden_layers=llm["num_hidden_layers"],
             num_attention_heads=num_heads,
-            num_key_value_heads=llm_config.get("num_key_value_heads") or num_heads,
+            num_key_value_heads=llm["num_key_value_heads"] or num_heads,
             head_dim=hidden_size // num_heads,
-            hidden_act=llm_config.get("hidden_act", "silu"),
-            max_position_embeddings=llm_config.get("max_position_embeddings", 2048),
-            initializer_range=llm_config.get("initializer_range", 0.02),
-            rms_norm_eps=llm_config.get("rms_norm_eps", 1e-6),
-            pad_token_id=llm_config.get("pad_token_id"),
-            bos_token_id=llm_config.get("bos_token_id", 1),
-            eos_token_id=llm_config.get("eos_token_id", 2),
-            rope_parameters=rope_parameters,
-            attention_bias=bool(llm_config.get("bias", False)),  # InternLM2 `bias` covers wqkv and wo
+            hidden_act=llm["hidden_act"],
+            max_position_embeddings=llm["max_position_embeddings"],
+            initializer_range=llm["initializer_range"],
+            rms_norm_eps=llm["rms_norm_eps"],
+            pad_token_id=llm["pad_token_id"],
+            bos_token_id=llm["bos_token_id"],
+            eos_token_id=llm["eos_token_id"],
+            rope_parameters=_rope_parameters(llm, family),
+            attention_bias=bool(llm["bias"]),  # InternLM2 `bias` covers wqkv and wo
             mlp_bias=False,  # InternLM2's feed_forward never has biases
             tie_word_embeddings=False,
         )
@@ -201,7 +252,7 @@ def convert_text_config(llm_config: Mapping[str, Any], family: str | None = None
         base_fields = {f.name for f in dataclasses.fields(PreTrainedConfig)}
         own_fields = {f.name for f in dataclasses.fields(config_class)} - base_fields
         kwargs = {k: v for k, v in llm_config.items() if k in own_fields}
-        kwargs["rope_parameters"] = rope_parameters
+        kwargs["rope_parameters"] = _rope_parameters(llm_config, family)
         kwargs["tie_word_embeddings"] = False  # lm_head is always written out (see convert_checkpoint)
         config = config_class(**kwargs)
     _set_dtype(config, llm_config)
@@ -224,7 +275,7 @@ def convert_vision_config(vision_config: Mapping[str, Any]) -> Any:
         intermediate_size=vc["intermediate_size"],
         num_attention_heads=vc["num_attention_heads"],
         num_hidden_layers=vc["num_hidden_layers"],
-        image_size=vc.get("image_size", 448),
+        image_size=vc.get("image_size", 224),  # InternVisionConfig's default
         patch_size=vc.get("patch_size", 14),
         num_channels=vc.get("num_channels", 3),
         attention_bias=bool(vc.get("qkv_bias", False)),
@@ -248,7 +299,8 @@ def convert_vision_config(vision_config: Mapping[str, Any]) -> Any:
 
 
 def _image_size(original_config: Mapping[str, Any]) -> int:
-    size = original_config.get("force_image_size") or original_config["vision_config"].get("image_size", 448)
+    # what InternVLChatModel uses: force_image_size, else the vision config's (InternVisionConfig default 224)
+    size = original_config.get("force_image_size") or original_config["vision_config"].get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
@@ -331,7 +383,7 @@ class KeyMapSpec:
     @classmethod
     def from_original_config(cls, original_config: Mapping[str, Any]) -> KeyMapSpec:
         family = llm_family(original_config)
-        llm = original_config["llm_config"]
+        llm = llm_config_with_defaults(original_config["llm_config"], family)
         heads = int(llm["num_attention_heads"])
         return cls(
             llm_family=family,

@@ -57,7 +57,7 @@ TEMPLATE = {"internlm2": "internlm2-chat", "qwen2": "internvl2_5", "phi3": "phi3
 # --------------------------------------------------------------------------------------- tiny models
 
 
-def _text_config(family: str):
+def _text_config(family: str, **overrides):
     common = dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
@@ -73,12 +73,13 @@ def _text_config(family: str):
         pad_token_id=2,
     )
     if family == "internlm2":  # what an InternLM2 becomes: a Llama
-        return LlamaConfig(
-            **common, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}
-        )
+        common["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}
+        return LlamaConfig(**{**common, **overrides})
     if family == "qwen2":
-        return Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    return Phi3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        common["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+        return Qwen2Config(**{**common, **overrides})
+    common["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
+    return Phi3Config(**{**common, **overrides})
 
 
 def _vision_config(vit_6b: bool) -> InternVLVisionConfig:
@@ -97,10 +98,13 @@ def _vision_config(vit_6b: bool) -> InternVLVisionConfig:
     )
 
 
-def build_native(family: str, vit_6b: bool, seed: int = 0) -> InternVLForConditionalGeneration:
+def build_native(
+    family: str, vit_6b: bool, seed: int = 0, **text_overrides
+) -> InternVLForConditionalGeneration:
+    """A tiny native model with random weights; ``text_overrides`` change its text config."""
     config = InternVLConfig(
         vision_config=_vision_config(vit_6b),
-        text_config=_text_config(family),
+        text_config=_text_config(family, **text_overrides),
         image_token_id=IMG_CONTEXT_ID,
         image_seq_length=TOKENS_PER_TILE,
         downsample_ratio=0.5,
@@ -373,6 +377,44 @@ def write_original_checkpoint(
     return sd
 
 
+def edit_llm_config(checkpoint: Path, drop: tuple[str, ...] = (), **changes) -> dict:
+    """Rewrite the ``llm_config`` of an original checkpoint's config.json; returns the new llm_config."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    llm = config["llm_config"]
+    for key in drop:
+        del llm[key]
+    llm.update(changes)
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
+    return llm
+
+
+def assert_same_logits(native: InternVLForConditionalGeneration, converted_dir: Path) -> None:
+    """The converted checkpoint loads cleanly and gives the native model's logits (images and text)."""
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        converted_dir, dtype=torch.float32, output_loading_info=True
+    )
+    assert isinstance(model, InternVLForConditionalGeneration)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.text_config.model_type == native.config.text_config.model_type
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)  # two tiles
+    ids = (
+        [1, 5, 118]
+        + [IMG_CONTEXT_ID] * TOKENS_PER_TILE
+        + [7]
+        + [IMG_CONTEXT_ID] * TOKENS_PER_TILE
+        + [119, 9, 10]
+    )
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        ref = native.eval()(input_ids=input_ids, pixel_values=pixel_values).logits
+        got = model.eval()(input_ids=input_ids, pixel_values=pixel_values).logits
+        text_only = model(input_ids=torch.tensor([[1, 5, 9, 10]])).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(text_only[0, -1], got[0, -1])  # images matter
+    assert not torch.equal(model.lm_head.weight, model.model.language_model.embed_tokens.weight)
+
+
 def read_converted(path: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -588,29 +630,7 @@ def test_converted_tensors_equal_the_native_ones(converted):
 
 def test_converted_model_gives_the_same_logits(converted):
     family, native, _, out = converted
-    model, info = AutoModelForImageTextToText.from_pretrained(
-        out, dtype=torch.float32, output_loading_info=True
-    )
-    assert isinstance(model, InternVLForConditionalGeneration)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert model.config.text_config.model_type == native.config.text_config.model_type
-    torch.manual_seed(1)
-    pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)  # two tiles
-    ids = (
-        [1, 5, 118]
-        + [IMG_CONTEXT_ID] * TOKENS_PER_TILE
-        + [7]
-        + [IMG_CONTEXT_ID] * TOKENS_PER_TILE
-        + [119, 9, 10]
-    )
-    input_ids = torch.tensor([ids])
-    with torch.no_grad():
-        ref = native(input_ids=input_ids, pixel_values=pixel_values).logits
-        got = model.eval()(input_ids=input_ids, pixel_values=pixel_values).logits
-        text_only = model(input_ids=torch.tensor([[1, 5, 9, 10]])).logits
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(text_only[0, -1], got[0, -1])  # images matter
-    assert not torch.equal(model.lm_head.weight, model.model.language_model.embed_tokens.weight)
+    assert_same_logits(native, out)
 
 
 def test_tokenizer_and_image_processor(converted):
@@ -721,3 +741,146 @@ def test_tied_lm_head_is_materialized_and_bad_weights_are_refused(tmp_path):
     with pytest.raises(ConversionError, match="shape"):
         convert_checkpoint(src, tmp_path / "shape")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["orig", "tied"]  # no partial outputs left
+
+
+# ------------------------------------------------------------------------- llm_config forms and defaults
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "default", "rope_theta": 1e6},
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    ],
+    ids=["default", "linear"],
+)
+def test_llm_config_saved_by_transformers_5_with_only_rope_parameters(tmp_path, rope_parameters):
+    # transformers 5 saves one rope_parameters dict and neither rope_theta nor rope_scaling
+    native = build_native("qwen2", vit_6b=False, seed=7, rope_parameters=dict(rope_parameters))
+    src = tmp_path / "orig"
+    write_original_checkpoint(src, native, "qwen2", False, "safetensors")
+    edit_llm_config(src, drop=("rope_theta", "rope_scaling"), rope_parameters=rope_parameters)
+
+    out = convert_checkpoint(src, tmp_path / "native")
+    assert_same_logits(native, out)
+    assert json.loads((out / "config.json").read_text())["text_config"]["rope_parameters"] == rope_parameters
+
+
+def test_internlm2_llm_config_without_bias_or_pad_token_id_gets_the_original_defaults(tmp_path):
+    # the original InternLM2Config defaults to bias=True (wqkv and wo have biases) and pad_token_id=0
+    native = build_native("internlm2", vit_6b=False, seed=8, attention_bias=True)
+    src = tmp_path / "orig"
+    sd = write_original_checkpoint(src, native, "internlm2", False, "safetensors")
+    assert "language_model.model.layers.0.attention.wqkv.bias" in sd
+    assert "language_model.model.layers.0.attention.wo.bias" in sd
+    edit_llm_config(src, drop=("bias", "pad_token_id"))
+
+    out = convert_checkpoint(src, tmp_path / "native")
+    text_config = json.loads((out / "config.json").read_text())["text_config"]
+    assert text_config["attention_bias"] is True and text_config["mlp_bias"] is False
+    assert text_config["pad_token_id"] == 0
+    tensors, expected = read_converted(out), native.state_dict()
+    assert set(tensors) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name], tensor), name
+    assert_same_logits(native, out)
+
+
+def _llm_config(family: str, **rope) -> dict:
+    return {
+        "architectures": [ARCH[family]],
+        "hidden_size": HIDDEN,
+        "intermediate_size": 96,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": VOCAB,
+        **rope,
+    }
+
+
+_FACTORS = {"short_factor": [1.0] * (HEAD_DIM // 2), "long_factor": [2.0] * (HEAD_DIM // 2)}
+
+
+@pytest.mark.parametrize(
+    "family, rope",
+    [
+        ("qwen2", {"rope_theta": 1e6, "rope_scaling": None}),
+        ("qwen2", {"rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+        ("qwen2", {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 5e5}}),
+        # the dict's rope_theta wins over a top-level one; a dict without one takes the top-level one
+        (
+            "qwen2",
+            {"rope_theta": 1e4, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+        ),
+        ("qwen2", {"rope_theta": 1e6, "rope_parameters": {"type": "linear", "factor": 2.0}}),
+        # transformers 5 reads a legacy rope_scaling dict before rope_parameters
+        (
+            "qwen2",
+            {
+                "rope_theta": 1e6,
+                "rope_scaling": {"type": "linear", "factor": 3.0},
+                "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5},
+            },
+        ),
+        (
+            "qwen2",
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+        ),
+        # Phi-3 LongRoPE in both forms; original_max_position_embeddings is the top-level field (default 4096)
+        ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, **_FACTORS}}),
+        (
+            "phi3",
+            {
+                "original_max_position_embeddings": 64,
+                "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, **_FACTORS},
+            },
+        ),
+        ("phi3", {"rope_theta": 1e4, "rope_scaling": {"type": "longrope", **_FACTORS}}),
+    ],
+)
+def test_rope_parameters_are_read_like_transformers_5_reads_them(family, rope):
+    from transformers import CONFIG_MAPPING
+
+    llm = _llm_config(family, **rope)
+    reference = dict(CONFIG_MAPPING[family](**json.loads(json.dumps(llm))).rope_parameters)
+    reference.pop("type", None)  # legacy alias transformers keeps next to rope_type
+    assert convert.convert_text_config(json.loads(json.dumps(llm)), family).rope_parameters == reference
+
+
+@pytest.mark.parametrize(
+    "rope, expected",
+    [
+        ({"rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, ("dynamic", 2.0, 1e6)),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, ("default", None, 1e6)),
+        # what transformers 5 saves for the remote-code InternLM2Config: rope_theta beside rope_parameters
+        ({"rope_theta": 1e6, "rope_parameters": {"type": "linear", "factor": 2.0}}, ("linear", 2.0, 1e6)),
+        ({}, ("default", None, 10000.0)),
+    ],
+)
+def test_internlm2_rope_parameters(rope, expected):
+    params = convert.convert_text_config(_llm_config("internlm2", **rope), "internlm2").rope_parameters
+    assert (params["rope_type"], params.get("factor"), params["rope_theta"]) == expected
+
+
+def test_per_layer_rope_parameters_are_refused():
+    nested = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    with pytest.raises(ConversionError, match="rope_parameters"):
+        convert.convert_text_config(_llm_config("qwen2", rope_parameters=nested), "qwen2")
+
+
+def test_vision_config_defaults_follow_intern_vision_config():
+    # InternVisionConfig defaults image_size to 224; InternVLChatModel uses force_image_size or that
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+    orig = {
+        "model_type": "internvl_chat",
+        "ps_version": "v2",
+        "llm_config": _llm_config("qwen2", rope_theta=1e6),
+        "vision_config": vision,
+    }
+    config = convert_config(orig, IMG_CONTEXT_ID)
+    assert tuple(config.vision_config.image_size) == (224, 224)
+    assert config.image_seq_length == (224 // 14) ** 2 // 4
+    assert config.vision_config.use_qk_norm and config.vision_config.norm_type == "rms_norm"
+    assert not config.vision_config.attention_bias and config.vision_config.layer_scale_init_value == 0.1
