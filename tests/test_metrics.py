@@ -20,6 +20,7 @@ from raylora.metrics import (
     ptb_tokenize,
     ptb_tokenize_lines,
 )
+from raylora.metrics.coco import METRICS, load_gt_and_results
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GT_FILES = [
@@ -255,14 +256,14 @@ def test_coco_caption_scores_equals_cocoevalcap(tmp_path, monkeypatch):
     evaluator.params["image_id"] = coco_res.getImgIds()
     evaluator.evaluate()
     expected = {k: v for k, v in evaluator.eval.items() if k != "SPICE"}
-    assert list(ours) == list(metrics.METRICS)
+    assert list(ours) == list(METRICS)
     assert ours == pytest.approx(expected, abs=1e-12)
     assert 0 < ours["CIDEr"] and 0 < ours["Bleu_1"] <= 1
 
     # the same dicts without pycocotools
-    with_coco = metrics._load_gt_and_results(str(results_path), str(gt_path))
+    with_coco = load_gt_and_results(str(results_path), str(gt_path))
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
-    without = metrics._load_gt_and_results(str(results_path), str(gt_path))
+    without = load_gt_and_results(str(results_path), str(gt_path))
     assert [list(d) for d in without] == [list(d) for d in with_coco]
     assert [[[a["caption"] for a in v] for v in d.values()] for d in without] == [
         [[a["caption"] for a in v] for v in d.values()] for d in with_coco
