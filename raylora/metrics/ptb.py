@@ -10,6 +10,10 @@ the start of the next line (``next_line``). Most chunks between spaces are plain
 up in a cache; only the rest goes through the lexer. One deliberate difference: line separators
 other than ``\\n`` inside a caption (``\\r``, U+2028, ...) are taken as spaces, where Java would
 start a new output line and shift every later caption (a pycocoevalcap bug).
+
+The lexer is written as data, like the JFlex spec it follows: macros (``_MACROS``, referred to as
+``{NAME}``) and the rules in priority order (``_RULES``: pattern, trailing context, action), compiled
+on first use.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from __future__ import annotations
 import itertools
 import operator
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,7 +36,113 @@ PUNCTUATIONS = frozenset(
 )
 
 # ------------------------------------------------------------------------------------------------
-# The lexer
+# Actions: the matched text (trailing context excluded) -> (token or None, characters consumed)
+# ------------------------------------------------------------------------------------------------
+
+_Action = Callable[[str], tuple[str | None, int]]
+
+
+def _keep(t: str) -> tuple[str, int]:
+    return t, len(t)
+
+
+def _soft(t: str) -> tuple[str, int]:
+    """Soft hyphens removed (a token made of soft hyphens only becomes "-")."""
+    s = t.replace("\u00ad", "")
+    return (s or "-"), len(t)
+
+
+def _skip(t: str) -> tuple[None, int]:
+    return None, len(t)
+
+
+def _const(s: str) -> _Action:
+    def act(t: str) -> tuple[str, int]:
+        return s, len(t)
+
+    return act
+
+
+def _pushback(n: int) -> _Action:
+    """The match without its last ``n`` characters, which are lexed again ("cannot" -> "can" "not")."""
+
+    def act(t: str) -> tuple[str, int]:
+        return t[:-n], len(t) - n
+
+    return act
+
+
+_SINGLE_QUOTE = re.compile("&apos;|'")
+_DOUBLE_QUOTE = re.compile('"|&quot;')
+_LEFT_SINGLE = re.compile("[\u0091\u2018\u201b\u2039]")
+_RIGHT_SINGLE = re.compile("[\u0092\u2019\u203a]")
+_LEFT_DOUBLE = re.compile("[\u0093\u201c\u00ab]")
+_RIGHT_DOUBLE = re.compile("[\u0094\u201d\u00bb]")
+
+
+def _latex_quotes(t: str, left: bool) -> str:
+    if left:
+        t = _DOUBLE_QUOTE.sub("``", _SINGLE_QUOTE.sub("`", t))
+    else:
+        t = _DOUBLE_QUOTE.sub("''", _SINGLE_QUOTE.sub("'", t))
+    t = _LEFT_SINGLE.sub("`", t)
+    t = _RIGHT_SINGLE.sub("'", t)
+    t = _LEFT_DOUBLE.sub("``", t)
+    return _RIGHT_DOUBLE.sub("''", t)
+
+
+def _quote_right(t: str) -> tuple[str, int]:
+    return _latex_quotes(t, False), len(t)
+
+
+def _quote_left(t: str) -> tuple[str, int]:
+    return _latex_quotes(t, True), len(t)
+
+
+def _nbsp(t: str) -> tuple[str, int]:
+    return t.replace(" ", "\u00a0"), len(t)
+
+
+def _amp(t: str) -> tuple[str, int]:
+    return re.sub("(?i:&amp;)", "&", t), len(t)
+
+
+def _parens(t: str) -> tuple[str, int]:
+    return t.replace("(", "-LRB-").replace(")", "-RRB-"), len(t)
+
+
+def _phone(t: str) -> tuple[str, int]:
+    return t.replace(" ", "\u00a0").replace("(", "-LRB-").replace(")", "-RRB-"), len(t)
+
+
+_FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
+_CURRENCIES = {"\u00a2": "cents", "\u00a3": "#", "\u0080": "$", "\u00a4": "$", "\u20a0": "$", "\u20ac": "$"}
+
+
+def _fraction(t: str) -> tuple[str, int]:
+    return _FRACTIONS.get(t, t), len(t)
+
+
+def _currency(t: str) -> tuple[str, int]:
+    return _CURRENCIES.get(t, t), len(t)
+
+
+def _hyphens(t: str) -> tuple[str, int]:
+    return ("--" if 3 <= len(t) <= 4 else t), len(t)
+
+
+def _sentend_abbrev(t: str) -> tuple[str, int]:
+    # "etc." before a sentence end: the token keeps its period and the period is lexed again.
+    return t, len(t) - 1
+
+
+def _acronym(t: str) -> tuple[str, int]:
+    # An acronym before "The", "He", ...: "U.S." + "." again; a single letter "A." gives "A" + ".".
+    return (t[:-1], len(t) - 1) if len(t) == 2 else (t, len(t) - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Macros (the JFlex spec's): a pattern refers to the macro NAME as {NAME}
 # ------------------------------------------------------------------------------------------------
 
 
@@ -47,7 +158,305 @@ def _words(spec: str) -> str:
     for w in spec.split("|"):
         parts = re.split(r"(\[[^\]]*\][?*+]?)", w)
         alts.append("".join(p if p.startswith("[") else _ci(p) for p in parts if p))
-    return "(?:" + "|".join(alts) + ")"
+    return "|".join(alts)
+
+
+def _capitalised(words: str) -> str:
+    """Alternation of words whose first letter is matched as written and the rest in any case."""
+    return "|".join(w[0] + _ci(w[1:]) if len(w) > 1 else w for w in words.split())
+
+
+# Abbreviations (JFlex macros ABMONTH ... of CoreNLP 3.4.1, as observed): "|"-separated, caseless
+# except inside character classes.
+_ABBREVIATIONS = {
+    "ABMONTH": "jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec",
+    "ABDAYS": "mon|tues?|wed|thu(?:rs)?|fri",
+    "ABSTATE": "ala|ariz|[A]z|[A]rk|calif|colo|conn|ct|dak|[D]el|fla|ga|[I]ll|ind|kans?|ky|[L]a|[M]ass|md"
+    "|mich|minn|[M]iss|mo|mont|neb|nev|okla|[O]re|[P]a|penn|tenn|[T]ex|va|vt|[W]ash|wisc?|wyo",
+    "ABCOMP": "inc|cos?|corp|pp?t[ye]s?|ltd|plc|rt|bancorp|bhd|assn|univ|intl|sys",
+    "ABNUM": "tel|est|ext|sq",
+    "ABPTIT": r"jr|sr|bros|ed\.d|ph\.d|blvd|rd|esq|bldg",
+    "ABTITLE": "mrs?|ms|[M]iss|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt|cpl"
+    "|pvt|mt|capt|ste?|ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|ft|adj|adv|asst|assoc|ens|insp"
+    "|mlle|mme|msgr|sfc",
+    "ABCOMP2": "invt|elec|natl|m[ft]g|dept",
+    "ABOTHER": r"vs|alex|wm|jos|cie|a\.k\.a|cf|treas|ph",
+    "ABBREV3": "ca|figs?|prop|nos?|art|pp|op",
+}
+# Any word that might be an abbreviation before a period (case-insensitive: a superset).
+_ABBREV_STEM = re.compile("|".join(_ABBREVIATIONS.values()) + "|etc|al|seq|pt[ey]|co", re.IGNORECASE)
+
+# Character-class bodies, written inside [...] as {NAME}. NUMERIC (the numeric characters that are
+# not decimal digits: "²", "½", ...) is computed from Python's Unicode tables when the lexer is built.
+_CLASSES = {
+    "WORD_EXTRA": (  # letter-like characters outside [:letter:]: marks, soft hyphen, modifiers
+        r"\u00ad\u0237-\u024f\u02c2-\u02c5\u02d2-\u02df\u02e5-\u02ff\u0300-\u036f\u0370-\u037d\u0384"
+        r"\u0385\u03cf\u03f6\u03fc-\u03ff\u0483-\u0487\u04cf\u04f6-\u04ff\u0510-\u0525\u055a-\u055f"
+        r"\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7\u0615-\u061a\u063b-\u063f\u064b-\u065e"
+        r"\u0670\u06d6-\u06ef\u06fa-\u06ff\u070f\u0711\u0730-\u074f\u0750-\u077f\u07a6-\u07b1"
+        r"\u07ca-\u07f5\u07fa\u0900-\u0903\u093c\u093e-\u094e\u0951-\u0955\u0962-\u0963\u0981-\u0983"
+        r"\u09bc-\u09c4\u09c7\u09c8\u09cb-\u09cd\u09d7\u09e2\u09e3\u0a01-\u0a03\u0a3c\u0a3e-\u0a4f"
+        r"\u0a81-\u0a83\u0abc-\u0acf\u0b82\u0bbe-\u0bc2\u0bc6-\u0bc8\u0bca-\u0bcd\u0c01-\u0c03"
+        r"\u0c3e-\u0c56\u0d3e-\u0d44\u0d46-\u0d48\u0e30-\u0e3a\u0e47-\u0e4e\u0eb1-\u0ebc\u0ec8-\u0ecd"
+    ),
+    "MISC_SYMBOL": (
+        r"+%&~\^|\\\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00b3\u00b4-\u00ba\u00d7\u00f7"
+        r"\u0387\u05be\u05c0\u05c3\u05c6\u05f3\u05f4\u0600-\u0603\u0606-\u060a\u060c\u0614\u061b\u061e"
+        r"\u066a\u066d\u0703-\u070d\u07f6\u07f7\u07f8\u0964\u0965\u0e4f\u1fbd\u2016\u2017\u2020-\u2023"
+        r"\u2030-\u2038\u203b\u203e-\u2042\u2044\u207a-\u207f\u208a-\u208e\u2100-\u214f\u2190-\u21ff"
+        r"\u2200-\u2bff\u3012\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
+    ),
+}
+
+_MACROS = {
+    # letters ([:letter:] is Python's [^\W\d_] without the non-decimal numerics), digits, words
+    "L": r"[^\W\d_{NUMERIC}]",
+    "D": r"\d",
+    "LD": r"[^\W_{NUMERIC}]",
+    "SPLET": r"&[aeiouAEIOU](?i:acute|grave|uml);",
+    "WL": r"{L}|[{WORD_EXTRA}]|{SPLET}",
+    "WLD": r"{LD}|[{WORD_EXTRA}]|{SPLET}",
+    "WORD": r"{WL}{WLD}*(?:[.!?]{WL}{WLD}*)*",
+    "SWORD": r"[A-Za-z\u00ad]*[A-MO-Za-mo-z]\u00ad*",
+    # white space, SGML tags, sentence ends
+    "SPACE": r"[ \t\u00a0\u2000-\u200a\u3000]",
+    "NEWLINE": r"\r\n|[\r\n\u2028\u2029\x0b\x0c\x85]",
+    "SPACENL": r"{SPACE}|{NEWLINE}",
+    "TAG": r"[A-Za-z][A-Za-z0-9_:.-]*",
+    "SGML": r"""<(?:[!?][A-Za-z-][^>\r\n]*|{TAG}(?:[ ]+(?:{TAG}[ ]*=[ ]*(?:'[^'\r\n]*'|"[^"\r\n]*")|{TAG}))*"""
+    r"""[ ]*\/?|\/{TAG})[ ]*>""",
+    # [:uppercase:] decides only whether "etc." before "The" also yields a "." token (dropped later):
+    # ASCII and Latin-1 capitals are enough, and compile much faster than all of Unicode.
+    "SENTEND": r"{SPACENL}(?:{SPACENL}|[A-Z\u00c0-\u00d6\u00d8-\u00de]|{SGML})",
+    # apostrophes, contractions, quotes
+    "APOS": r"['\u0092\u2019]|&(?i:apos);",
+    "APOSETC": r"{APOS}|[`\u0091\u2018\u201b]",
+    "REDAUX": r"{APOS}(?:[msdMSD]|(?i:re|ve|ll))",
+    "SREDAUX": r"(?i:n){APOSETC}(?i:t)",
+    "DBLQUOT": r'"|&(?i:quot);',
+    # numbers, acronyms, abbreviations
+    "NUM": r"{D}*(?:[.:,\u00ad\u066b\u066c]{D}+)+|{D}+",
+    "ACRO_US": r"(?i:(?:canada|sino|korean|eu|japan|non)-u\.s|u\.s\.-(?:u\.k|u\.s\.s\.r))",
+    "ACRO": r"[A-Za-z](?:\.[A-Za-z])+|{ACRO_US}",
+    "ACRO1": r"[A-Za-z](?:\.[A-Za-z])*|{ACRO_US}",
+    **{name: _words(spec) for name, spec in _ABBREVIATIONS.items()},
+    "ABBREV1": r"(?:{ABMONTH}|{ABDAYS}|{ABSTATE}|{ABCOMP}|{ABNUM}|{ABPTIT}|(?i:etc|al|seq))\.",
+    "ABBREV4": r"{ABTITLE}|{ABOTHER}|{ACRO1}|{ABCOMP2}",
+    # words after which a period ending an acronym is a sentence end
+    "LOWERCASE_WORDS": _capitalised(
+        "About According Additionally After An A As At But Earlier He Her Here However If In It Last Many More "
+        "Now Once One Other Our She Since So Some Such That The Their Then There These They This We When While "
+        "What Yet You"
+    )
+    + r"|M(?i:r)\.|M(?i:s)\.|{SGML}",
+    "FILEEXT": _words(
+        "bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|mp3|pdf|php|pl|png|ppt"
+        "|ps|py|sql|tar|txt|wav|x|xml|zip"
+    ),
+    # things: hyphenated words, compounds with "&" or "/", ...
+    "HYPHEN": r"[-_\u058a\u2010\u2011]",
+    "THING_PRE": r"[dDoOlL]{APOSETC}{LD}",
+    "THING": r"{THING_PRE}?{LD}+(?:{HYPHEN}{THING_PRE}?{LD}+)*",
+    "THINGA": r"[A-Z]+(?:(?:&(?i:amp);|[+&])[A-Z]+)+",
+    "THING3": r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?\/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}",
+    "HTHING": r"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:{ACRO}\.|[A-Za-z0-9\u00ad]+))+",
+    # URLs, e-mail addresses, phone numbers
+    "FULLURL": r'(?i:https?):\/\/[^ \t\n\f\r"<>|(){}]+[^ \t\n\f\r"<>|.!?(){},-]',
+    "URLTAIL": r'(?:\/[^ \t\n\f\r"<>|()]+[^ \t\n\f\r"<>|.!?(){},-])?',
+    "EMAIL": r'(?:&(?i:lt);|<)?[a-zA-Z0-9][^ \t\n\f\r"<>|()\u00a0{}]*@'
+    r'(?:[^ \t\n\f\r"<>|(){}.\u00a0]+\.)*[^ \t\n\f\r"<>|(){}.\u00a0]+(?:&(?i:gt);|>)?',
+    "PHONE": r"(?:\([0-9]{2,3}\)[ \u00a0]?|(?:\+\+?)?(?:[0-9]{2,4}[- \u00a0])?[0-9]{2,4}[- \u00a0])"
+    r"[0-9]{3,4}[- \u00a0]?[0-9]{3,5}|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}",
+    # punctuation
+    "INSENTP": r"[,;:\u3001]",
+    "SMILEY": r"[<>]?[:;=][-o*']?[()DPdpO\\{@|\[\]]",
+    # the characters a word-like rule's match can start with (a filter only)
+    "WORD_START": r"{L}|[{WORD_EXTRA}&]",
+    "THING_START": r"{LD}|[{WORD_EXTRA}&]",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules, in priority order: the longest match wins, the earlier rule on ties
+# ------------------------------------------------------------------------------------------------
+
+
+class _Rule(NamedTuple):
+    """A lexer rule, JFlex's ``pattern/trail { action }``.
+
+    ``pattern`` is a regex, or a tuple of alternatives matched one by one (the longest wins: Python's
+    ``|`` takes the first that matches). ``trail`` must follow the match and counts in its length
+    but is not consumed. ``first`` matches every character a match can start with (by default the
+    pattern itself, right when the first character of any match is a match), and ``needs`` must
+    occur somewhere in the text for the rule to apply: both only skip rules that cannot match.
+    """
+
+    name: str
+    pattern: str | tuple[str, ...]
+    action: _Action
+    first: str | None = None
+    trail: str | None = None
+    needs: str | None = None
+
+
+_R = _Rule  # short, so that most rules fit on one line
+_RULES: tuple[_Rule, ...] = (
+    _R("proglang", r"(?i:c\+\+|[cf]#)", _keep, "[cCfF]"),
+    _R("assim3", r"(?i:cannot|'twas)", _pushback(3), "[cC']"),
+    _R(
+        "assim2",
+        (r"(?i:gonna|gotta|lemme|gimme|wanna)", r"'(?i:tis)"),
+        _pushback(2),
+        r"[gGlLwW'&\u0092\u2019]",
+    ),
+    _R("sgml", "{SGML}", _nbsp, "<", needs="<"),
+    _R(
+        "spmdash",
+        r"&(?i:md|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]",
+        _const("--"),
+        r"[&\u0096\u0097\u2013\u2014\u2015]",
+    ),
+    _R("spamp", "&(?i:amp);", _const("&"), "&"),
+    _R("sppunc", "&(?i:ht|tl|ur|lr|qc|ql|qr|odq|cdq|#[0-9]+);", _keep, "&"),
+    _R("word_redaux", "{WORD}", _soft, "{WORD_START}", trail="{REDAUX}"),
+    _R("sword_sredaux", "{SWORD}", _soft, r"[A-Za-z\u00ad]", trail="{SREDAUX}"),
+    _R("word", "{WORD}", _soft, "{WORD_START}"),
+    _R(
+        "apoword",
+        (
+            "{APOS}(?i:n){APOS}?",
+            "[lLdDjJ]{APOS}",
+            "(?i:dunkin|somethin|ol){APOS}",
+            "{APOS}(?i:em)",
+            "[A-HJ-XZn]{APOSETC}{L}{2,}",
+            "{APOS}[2-9]0(?i:s)",
+            "{APOS}(?i:till?|cause)",
+            "{L}+[aeiouyAEIOUY]{APOSETC}[aeiouA-Z]{L}*",
+            r"(?i:cont'd\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)",
+        ),
+        _keep,
+        r"{L}|['\u0092\u2019&]",
+    ),
+    _R("apoword2", "(?i:y){APOS}", _keep, "[yY]", trail="{L}"),
+    _R("fullurl", "{FULLURL}", _keep, "[hH]", needs="://"),
+    _R(
+        "likelyurl",
+        (
+            r'(?i:www)\.(?:[^ \t\n\f\r"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}{URLTAIL}',
+            r"""(?:[^ \t\n\f\r"`'<>|.!?(){},-_$]+\.)+(?i:com|net|org|edu){URLTAIL}""",
+        ),
+        _keep,
+        ".",
+        needs=r"(?i:www\.|\.com|\.net|\.org|\.edu)",
+    ),
+    _R("email", "{EMAIL}", _keep, "[a-zA-Z0-9<&]", needs="@"),
+    _R("twitter", "@[a-zA-Z_][a-zA-Z_0-9]*|#{WL}+", _keep, "[@#]"),
+    _R("redaux_ctx", "{REDAUX}", _quote_right, r"['\u0092\u2019&]", trail="[^A-Za-z]"),
+    _R("sredaux", "{SREDAUX}", _quote_right, "[nN]"),
+    _R("date", "{D}{1,2}[-/]{D}{1,2}[-/]{D}{2,4}", _keep, "{D}"),
+    _R("number", "[-+]?{NUM}", _soft, r"[-+\d.:,\u00ad\u066b\u066c]"),
+    _R(
+        "subsupnum",
+        r"[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+)",
+        _keep,
+        r"[\u207a\u207b\u208a\u208b\u2070\u00b9\u00b2\u00b3\u2074-\u2079\u2080-\u2089]",
+    ),
+    _R("frac", r"(?:{D}{1,4}[- \u00a0])?{D}{1,4}(?:\\?\/|\u2044){D}{1,4}", _nbsp, "{D}"),
+    _R("frac2", r"[\u00bc\u00bd\u00be\u2153-\u215e]", _fraction),
+    _R(
+        "tbspec",
+        r"-(?:(?i:rrb|lrb|rcb|lcb|rsb|lsb))-|(?i:c\.d\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls)"
+        r"|(?i:cap){APOS}(?i:n)|(?i:c){APOS}(?i:est)",
+        _amp,
+        "[-cCpPaAsS]",
+    ),
+    _R("thing3", "{THING3}", _keep, "[A-Za-z0-9]", needs="/"),
+    _R("dolsign", r"[A-Z]*\$|#", _keep, "[A-Z$#]"),
+    _R(
+        "dolsign2",
+        r"[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",
+        _currency,
+    ),
+    _R(
+        "acronym",
+        r"{ACRO1}\.",
+        _acronym,
+        "[A-Za-z]",
+        trail=r"{SPACENL}+(?:{LOWERCASE_WORDS})(?:{SPACENL}|\Z)",
+    ),
+    _R("abbrev3", r"{ABBREV3}\.", _keep, "[A-Za-z]", trail="{SPACENL}?{D}"),
+    _R("pty_ltd", r"(?i:pt[ey]|co)\.", _keep, "[pPcC]", trail="{SPACE}(?i:ltd|lim)"),
+    _R("abbrev1_end", "{ABBREV1}", _sentend_abbrev, "[A-Za-z]", trail="{SENTEND}"),
+    _R("abbrev1_mid", "{ABBREV1}", _keep, "[A-Za-z]", trail="(?s:..)"),
+    _R("abbrev1", "{ABBREV1}", _sentend_abbrev, "[A-Za-z]"),
+    _R("abbrev2", r"{ABBREV4}\.", _keep, "[A-Za-z]"),
+    _R("abbrev4", "{ABBREV4}", _keep, "[A-Za-z]", trail="{SPACE}"),
+    _R("acro", "{ACRO}", _keep, "[A-Za-z]", trail="{SPACENL}"),
+    _R("tbspec2", "{APOS}[0-9][0-9]", _keep, r"['\u0092\u2019&]", trail="{SPACENL}"),
+    _R("filename", r"{LD}+(?:\.{LD}+)*\.{FILEEXT}", _keep, "{LD}", trail="{SPACENL}|[.?!,]"),
+    _R("word_dot", r"{WORD}\.", _soft, "{WORD_START}", trail="{INSENTP}"),
+    _R("phone", "{PHONE}", _phone, "[(+0-9]"),
+    _R("dblquot_left", "{DBLQUOT}", _quote_left, '["&]', trail="[A-Za-z0-9$]"),
+    _R("dblquot", "{DBLQUOT}", _quote_right, '["&]'),
+    _R("del", r"\x7f", _skip),
+    _R("lt", "<|&(?i:lt);", _const("<"), "[<&]"),
+    _R("gt", ">|&(?i:gt);", _const(">"), "[>&]"),
+    _R("smiley", "{SMILEY}", _parens, "[<>:;=]", trail="[^A-Za-z0-9]"),
+    _R(
+        "asiansmiley",
+        (
+            r"[\^x=~<>]\.\[(?i:\^x=~<>\])",
+            r"[-\^x=~<>']_[-\^x=~<>']",
+            r"\([-\^x=~<>'][_.]?[-\^x=~<>']\)",
+            r"\([\^x=~<>']-[\^x=~<>'`]\)",
+        ),
+        _parens,
+        "[-^x=~<>'(]",
+    ),
+    _R("lcb", r"\{", _const("-LCB-")),
+    _R("rcb", r"\}", _const("-RCB-")),
+    _R("lsb", r"\[", _const("-LSB-")),
+    _R("rsb", r"\]", _const("-RSB-")),
+    _R("lrb", r"\(", _const("-LRB-")),
+    _R("rrb", r"\)", _const("-RRB-")),
+    _R("hyphens", "-+", _hyphens),
+    _R("ldots", r"\.{3,5}|(?:\.[ \u00a0]){2,4}\.|[\u0085\u2026]", _const("..."), r"[.\u0085\u2026]"),
+    _R("fnmarks", "@+|#+|_+", _keep),
+    _R("asts", r"\*+|(?:\\\*){1,3}", _keep, r"[*\\]"),
+    _R("insentp", "{INSENTP}", _keep),
+    _R("qmarks", "[?!]+", _keep),
+    _R("period", r"[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]", _keep),
+    _R("equals", "=", _keep),
+    _R("slash", r"\/", _keep),
+    _R("hthing_dot", r"{HTHING}\.", _soft, "[A-Za-z0-9]", trail="{INSENTP}", needs="-"),
+    _R("hthing", "{HTHING}", _soft, "[A-Za-z0-9]", needs="-"),
+    _R("thing_dot", r"{THING}\.", _keep, "{THING_START}", trail="{INSENTP}"),
+    _R("thing", "{THING}", _keep, "{THING_START}"),
+    _R("thinga_dot", r"{THINGA}\.", _amp, "[A-Z]", trail="{INSENTP}"),
+    _R("thinga", "{THINGA}", _amp, "[A-Z]"),
+    _R("quote_left", "'", _quote_left, "'", trail=r"[A-Za-z][^ \t\n\r\u00a0]"),
+    _R("redaux", "{REDAUX}", _quote_right, r"['\u0092\u2019&]"),
+    _R(
+        "quotes",
+        (
+            "{APOS}",
+            "''",
+            r"[`\u2018\u2019\u201a\u201b\u201c\u201d\u0091\u0092\u0093\u0094\u201e\u201f\u2039\u203a\u00ab\u00bb]{1,2}",
+        ),
+        _quote_right,
+        r"['\u0092\u2019&`\u2018-\u201f\u0091-\u0094\u2039\u203a\u00ab\u00bb]",
+    ),
+    _R("duckfeet", "<<|>>", _keep, "[<>]"),
+    _R("miscsymbol", "[{MISC_SYMBOL}]", _keep),
+    _R("space", r"\x00|{SPACE}+|[\u200b\u200e\u200f\ufeff]", _skip),
+    _R("newline", "{NEWLINE}", _const("\n")),
+    _R("nbsp", "&(?i:nbsp);", _skip, "&"),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# The lexer
+# ------------------------------------------------------------------------------------------------
 
 
 def _class_from(chars: Iterable[str]) -> str:
@@ -71,464 +480,58 @@ def _literal_class(body: str) -> str:
     )
 
 
-_WORD_EXTRA = (
-    "\\u00ad\\u0237-\\u024f\\u02c2-\\u02c5\\u02d2-\\u02df\\u02e5-\\u02ff\\u0300-\\u036f\\u0370-\\u037d"
-    "\\u0384\\u0385\\u03cf\\u03f6\\u03fc-\\u03ff\\u0483-\\u0487\\u04cf\\u04f6-\\u04ff\\u0510-\\u0525"
-    "\\u055a-\\u055f\\u0591-\\u05bd\\u05bf\\u05c1\\u05c2\\u05c4\\u05c5\\u05c7\\u0615-\\u061a"
-    "\\u063b-\\u063f\\u064b-\\u065e\\u0670\\u06d6-\\u06ef\\u06fa-\\u06ff\\u070f\\u0711\\u0730-\\u074f"
-    "\\u0750-\\u077f\\u07a6-\\u07b1\\u07ca-\\u07f5\\u07fa\\u0900-\\u0903\\u093c\\u093e-\\u094e"
-    "\\u0951-\\u0955\\u0962-\\u0963\\u0981-\\u0983\\u09bc-\\u09c4\\u09c7\\u09c8\\u09cb-\\u09cd\\u09d7"
-    "\\u09e2\\u09e3\\u0a01-\\u0a03\\u0a3c\\u0a3e-\\u0a4f\\u0a81-\\u0a83\\u0abc-\\u0acf\\u0b82"
-    "\\u0bbe-\\u0bc2\\u0bc6-\\u0bc8\\u0bca-\\u0bcd\\u0c01-\\u0c03\\u0c3e-\\u0c56\\u0d3e-\\u0d44"
-    "\\u0d46-\\u0d48\\u0e30-\\u0e3a\\u0e47-\\u0e4e\\u0eb1-\\u0ebc\\u0ec8-\\u0ecd"
-)
-
-_MISC_SYMBOL = (
-    "+%&~\\^|\\\\\\u00a6\\u00a7\\u00a8\\u00a9\\u00ac\\u00ae\\u00af\\u00b0-\\u00b3\\u00b4-\\u00ba\\u00d7"
-    "\\u00f7\\u0387\\u05be\\u05c0\\u05c3\\u05c6\\u05f3\\u05f4\\u0600-\\u0603\\u0606-\\u060a\\u060c"
-    "\\u0614\\u061b\\u061e\\u066a\\u066d\\u0703-\\u070d\\u07f6\\u07f7\\u07f8\\u0964\\u0965\\u0e4f"
-    "\\u1fbd\\u2016\\u2017\\u2020-\\u2023\\u2030-\\u2038\\u203b\\u203e-\\u2042\\u2044\\u207a-\\u207f"
-    "\\u208a-\\u208e\\u2100-\\u214f\\u2190-\\u21ff\\u2200-\\u2bff\\u3012\\u30fb\\uff01-\\uff0f"
-    "\\uff1a-\\uff20\\uff3b-\\uff40\\uff5b-\\uff65"
-)
+_MACRO_REF = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")  # {NAME}, not a repetition such as {2,4}
 
 
-_WORD_EXTRA = _literal_class(_WORD_EXTRA)
-_MISC_SYMBOL = _literal_class(_MISC_SYMBOL)
+def _expander(classes: Mapping[str, str]) -> Callable[[str], str]:
+    """A function replacing every {NAME} in a pattern: a class body as it is, a macro (expanded in
+    turn) as a group."""
+    done: dict[str, str] = {}
+
+    def ref(m: re.Match) -> str:
+        name = m.group(1)
+        if name in classes:
+            return classes[name]
+        if name not in done:
+            done[name] = f"(?:{expand(_MACROS[name])})"
+        return done[name]
+
+    def expand(pattern: str) -> str:
+        return _MACRO_REF.sub(ref, pattern)
+
+    return expand
 
 
-class _Rule:
+class _LexRule:
+    """A compiled ``_Rule``: each alternative's group "t" (if any) is the trailing context."""
+
     __slots__ = ("name", "alts", "action", "first", "needs")
 
-    def __init__(self, name, alts, action, first, needs=None):
-        self.name = name
-        self.alts = alts  # list of compiled patterns; group "t" (if any) is the trailing context
-        self.action = action
-        self.first = first  # compiled pattern: can a match start with this character?
-        self.needs = needs  # compiled pattern that must occur in the line for the rule to apply
-
-
-# Actions take the matched text (without trailing context) and return (token or None, consumed).
-def _keep(t):
-    return t, len(t)
-
-
-def _soft(t):
-    s = t.replace("\u00ad", "")
-    return (s or "-"), len(t)
-
-
-_SINGLE_QUOTE = re.compile("&apos;|'")
-_DOUBLE_QUOTE = re.compile('"|&quot;')
-_LEFT_SINGLE = re.compile("[\u0091\u2018\u201b\u2039]")
-_RIGHT_SINGLE = re.compile("[\u0092\u2019\u203a]")
-_LEFT_DOUBLE = re.compile("[\u0093\u201c\u00ab]")
-_RIGHT_DOUBLE = re.compile("[\u0094\u201d\u00bb]")
-
-
-def _latex_quotes(t: str, left: bool) -> str:
-    if left:
-        t = _DOUBLE_QUOTE.sub("``", _SINGLE_QUOTE.sub("`", t))
-    else:
-        t = _DOUBLE_QUOTE.sub("''", _SINGLE_QUOTE.sub("'", t))
-    t = _LEFT_SINGLE.sub("`", t)
-    t = _RIGHT_SINGLE.sub("'", t)
-    t = _LEFT_DOUBLE.sub("``", t)
-    return _RIGHT_DOUBLE.sub("''", t)
-
-
-def _quote_right(t):
-    return _latex_quotes(t, False), len(t)
-
-
-def _quote_left(t):
-    return _latex_quotes(t, True), len(t)
-
-
-def _pushback(n):
-    def act(t):
-        return t[:-n], len(t) - n
-
-    return act
-
-
-def _const(s):
-    def act(t):
-        return s, len(t)
-
-    return act
-
-
-def _skip(t):
-    return None, len(t)
-
-
-def _nbsp(t):
-    return t.replace(" ", "\u00a0"), len(t)
-
-
-def _amp(t):
-    return re.sub("(?i:&amp;)", "&", t), len(t)
-
-
-def _phone(t):
-    return t.replace(" ", "\u00a0").replace("(", "-LRB-").replace(")", "-RRB-"), len(t)
-
-
-_FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
-
-
-def _parens(t):
-    return t.replace("(", "-LRB-").replace(")", "-RRB-"), len(t)
-
-
-def _frac2(t):
-    return _FRACTIONS.get(t, t), len(t)
-
-
-def _currency(t):
-    return {"\u00a2": "cents", "\u00a3": "#", "\u0080": "$", "\u00a4": "$", "\u20a0": "$", "\u20ac": "$"}.get(
-        t, t
-    ), len(t)
-
-
-def _hyphens(t):
-    return ("--" if 3 <= len(t) <= 4 else t), len(t)
-
-
-def _sentend_abbrev(t):
-    # "etc." before a sentence end: the token keeps its period and the period is lexed again.
-    return t, len(t) - 1
-
-
-def _acronym(t):
-    # An acronym before "The", "He", ...: "U.S." + "." again; a single letter "A." gives "A" + ".".
-    return (t[:-1], len(t) - 1) if len(t) == 2 else (t, len(t) - 1)
-
-
-# Abbreviations (JFlex macros ABMONTH ... of CoreNLP 3.4.1, as observed): "|"-separated, caseless
-# except inside character classes.
-_ABMONTH = "jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec"
-_ABDAYS = "mon|tues?|wed|thu(?:rs)?|fri"
-_ABSTATE = (
-    "ala|ariz|[A]z|[A]rk|calif|colo|conn|ct|dak|[D]el|fla|ga|[I]ll|ind|kans?|ky|[L]a|[M]ass|md|mich|minn|[M]iss"
-    "|mo|mont|neb|nev|okla|[O]re|[P]a|penn|tenn|[T]ex|va|vt|[W]ash|wisc?|wyo"
-)
-_ABCOMP = "inc|cos?|corp|pp?t[ye]s?|ltd|plc|rt|bancorp|bhd|assn|univ|intl|sys"
-_ABNUM = "tel|est|ext|sq"
-_ABPTIT = "jr|sr|bros|ed\\.d|ph\\.d|blvd|rd|esq|bldg"
-_ABTITLE = (
-    "mrs?|ms|[M]iss|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt|cpl|pvt|mt|capt|ste?"
-    "|ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|ft|adj|adv|asst|assoc|ens|insp|mlle|mme|msgr|sfc"
-)
-_ABCOMP2 = "invt|elec|natl|m[ft]g|dept"
-_ABOTHER = "vs|alex|wm|jos|cie|a\\.k\\.a|cf|treas|ph"
-_ABBREV3 = "ca|figs?|prop|nos?|art|pp|op"
-# Any word that might be an abbreviation before a period (case-insensitive: a superset).
-_ABBREV_STEM = re.compile(
-    "|".join([_ABMONTH, _ABDAYS, _ABSTATE, _ABCOMP, _ABNUM, _ABPTIT, _ABTITLE, _ABCOMP2, _ABOTHER, _ABBREV3])
-    + "|etc|al|seq|pt[ey]|co",
-    re.IGNORECASE,
-)
+    def __init__(self, rule: _Rule, expand: Callable[[str], str]) -> None:
+        alts = (rule.pattern,) if isinstance(rule.pattern, str) else rule.pattern
+        trail = f"(?=(?P<t>{expand(rule.trail)}))" if rule.trail else ""
+        self.name = rule.name
+        self.alts = [re.compile(f"(?:{expand(a)}){trail}") for a in alts]
+        self.action = rule.action
+        first = rule.first
+        if first is None:
+            if not isinstance(rule.pattern, str) or rule.trail:
+                raise ValueError(f"rule {rule.name}: alternatives or a trailing context need ``first``")
+            first = rule.pattern
+        self.first = re.compile(expand(first))
+        self.needs = re.compile(rule.needs) if rule.needs else None
 
 
 @lru_cache(maxsize=1)
-def _lexer() -> list[_Rule]:
-    # [:letter:] is Python's [^\W\d_] without the non-decimal numerics ("²", "½"): a small class.
+def _lexer() -> list[_LexRule]:
     bmp = "".join(map(chr, range(0xD800))) + "".join(map(chr, range(0xE000, 0x10000)))
-    nums = _class_from(c for c in filter(str.isnumeric, bmp) if not c.isdecimal())
-    L = f"[^\\W\\d_{nums}]"
-    D = "\\d"
-    LD = f"[^\\W_{nums}]"
-    splet = "&[aeiouAEIOU]" + _ci("acute|grave|uml") + ";"
-    wl = f"(?:{L}|[{_WORD_EXTRA}]|{splet})"
-    wld = f"(?:{LD}|[{_WORD_EXTRA}]|{splet})"
-    word = f"{wl}{wld}*(?:[.!?]{wl}{wld}*)*"
-    space = "[ \\t\\u00a0\\u2000-\\u200a\\u3000]"
-    newline = "(?:\\r\\n|[\\r\\n\\u2028\\u2029\\x0b\\x0c\\x85])"
-    spacenl = f"(?:{space}|{newline})"
-    tag = "[A-Za-z][A-Za-z0-9_:.-]*"
-    sgml = (
-        f"<(?:[!?][A-Za-z-][^>\\r\\n]*|{tag}(?:[ ]+(?:{tag}[ ]*=[ ]*(?:'[^'\\r\\n]*'|\"[^\"\\r\\n]*\")|{tag}))*[ ]*\\/?"
-        f"|\\/{tag})[ ]*>"
-    )
-    # [:uppercase:] decides only whether "etc." before "The" also yields a "." token (dropped later):
-    # ASCII and Latin-1 capitals are enough, and compile much faster than all of Unicode.
-    upper = "A-Z\\u00c0-\\u00d6\\u00d8-\\u00de"
-    sentend = f"{spacenl}(?:{spacenl}|[{upper}]|{sgml})"
-    apos = "(?:['\\u0092\\u2019]|&" + _ci("apos") + ";)"
-    aposetc = f"(?:{apos}|[`\\u0091\\u2018\\u201b])"
-    hyphen = "[-_\\u058a\\u2010\\u2011]"
-    num = f"(?:{D}*(?:[.:,\\u00ad\\u066b\\u066c]{D}+)+|{D}+)"
-    acro = (
-        "(?:[A-Za-z](?:\\.[A-Za-z])+|"
-        + _ci("(?:canada|sino|korean|eu|japan|non)-u\\.s|u\\.s\\.-(?:u\\.k|u\\.s\\.s\\.r)")
-        + ")"
-    )
-    acro1 = (
-        "(?:[A-Za-z](?:\\.[A-Za-z])*|"
-        + _ci("(?:canada|sino|korean|eu|japan|non)-u\\.s|u\\.s\\.-(?:u\\.k|u\\.s\\.s\\.r)")
-        + ")"
-    )
-    abmonth, abdays, abstate = _words(_ABMONTH), _words(_ABDAYS), _words(_ABSTATE)
-    abcomp, abnum, abptit = _words(_ABCOMP), _words(_ABNUM), _words(_ABPTIT)
-    abbrev1 = f"(?:{abmonth}|{abdays}|{abstate}|{abcomp}|{abnum}|{abptit}|{_ci('etc|al|seq')})\\."
-    abtitle, abcomp2, abother = _words(_ABTITLE), _words(_ABCOMP2), _words(_ABOTHER)
-    abbrev4 = f"(?:{abtitle}|{abother}|{acro1}|{abcomp2})"
-    abbrev3 = _words(_ABBREV3)
-    lowercase_words = "|".join(
-        w[0] + _ci(w[1:]) if len(w) > 1 else w
-        for w in (
-            "About According Additionally After An A As At But Earlier He Her Here However If In It Last Many More "
-            "Now Once One Other Our She Since So Some Such That The Their Then There These They This We When While "
-            "What Yet You"
-        ).split()
-    )
-    lowercase_words += "|M" + _ci("r") + "\\.|M" + _ci("s") + "\\.|" + sgml
-    fileext = _words(
-        "bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|mp3|pdf|php|pl|png|ppt"
-        "|ps|py|sql|tar|txt|wav|x|xml|zip"
-    )
-    thing_pre = f"(?:[dDoOlL]{aposetc}{LD})"
-    thing = f"{thing_pre}?{LD}+(?:{hyphen}{thing_pre}?{LD}+)*"
-    thinga = "[A-Z]+(?:(?:&" + _ci("amp") + ";|[+&])[A-Z]+)+"
-    thing3 = "[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\\\?\\/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}"
-    hthing = f"[A-Za-z0-9][A-Za-z0-9.,\\u00ad]*(?:-(?:{acro}\\.|[A-Za-z0-9\\u00ad]+))+"
-    redaux = f"{apos}(?:[msdMSD]|{_ci('re|ve|ll')})"
-    sword = "[A-Za-z\\u00ad]*[A-MO-Za-mo-z]\\u00ad*"
-    sredaux = f"{_ci('n')}{aposetc}{_ci('t')}"
-    apoword = [
-        f"{apos}{_ci('n')}{apos}?",
-        f"[lLdDjJ]{apos}",
-        f"{_ci('dunkin|somethin|ol')}{apos}",
-        f"{apos}{_ci('em')}",
-        f"[A-HJ-XZn]{aposetc}{L}{{2,}}",
-        f"{apos}[2-9]0{_ci('s')}",
-        f"{apos}{_ci('till?|cause')}",
-        f"{L}+[aeiouyAEIOUY]{aposetc}[aeiouA-Z]{L}*",
-        _ci("cont'd\\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l"),
-    ]
-    fullurl = _ci("https?") + ':\\/\\/[^ \\t\\n\\f\\r"<>|(){}]+[^ \\t\\n\\f\\r"<>|.!?(){},-]'
-    urltail = '(?:\\/[^ \\t\\n\\f\\r"<>|()]+[^ \\t\\n\\f\\r"<>|.!?(){},-])?'
-    likelyurl = [
-        _ci("www") + '\\.(?:[^ \\t\\n\\f\\r"<>|.!?(){},]+\\.)+[a-zA-Z]{2,4}' + urltail,
-        "(?:[^ \\t\\n\\f\\r\"`'<>|.!?(){},-_$]+\\.)+" + _ci("com|net|org|edu") + urltail,
-    ]
-    email = (
-        "(?:&" + _ci("lt") + ';|<)?[a-zA-Z0-9][^ \\t\\n\\f\\r"<>|()\\u00a0{}]*@'
-        '(?:[^ \\t\\n\\f\\r"<>|(){}.\\u00a0]+\\.)*[^ \\t\\n\\f\\r"<>|(){}.\\u00a0]+(?:&' + _ci("gt") + ";|>)?"
-    )
-    insentp = "[,;:\\u3001]"
-    dblquot = '(?:"|&' + _ci("quot") + ";)"
-    quotes = [
-        apos,
-        "''",
-        "[`\\u2018\\u2019\\u201a\\u201b\\u201c\\u201d\\u0091\\u0092\\u0093\\u0094\\u201e\\u201f\\u2039\\u203a\\u00ab\\u00bb]{1,2}",
-    ]
-    phone = (
-        "(?:\\([0-9]{2,3}\\)[ \\u00a0]?|(?:\\+\\+?)?(?:[0-9]{2,4}[- \\u00a0])?[0-9]{2,4}[- \\u00a0])[0-9]{3,4}[- \\u00a0]?[0-9]{3,5}"
-        "|(?:(?:\\+\\+?)?[0-9]{2,4}\\.)?[0-9]{2,4}\\.[0-9]{3,4}\\.[0-9]{3,5}"
-    )
-
-    smiley = "[<>]?[:;=][-o*']?[()DPdpO\\\\{@|\\[\\]]"
-    asiansmiley = [
-        "[\\^x=~<>]\\.\\[" + _ci("\\^x=~<>\\]"),
-        "[-\\^x=~<>']_[-\\^x=~<>']",
-        "\\([-\\^x=~<>'][_.]?[-\\^x=~<>']\\)",
-        "\\([\\^x=~<>']-[\\^x=~<>'`]\\)",
-    ]
-    A = f"{L}|[{_WORD_EXTRA}&]"  # first characters of word-like rules
-    AD = f"{LD}|[{_WORD_EXTRA}&]"
-    rules_spec = [
-        # name, alternatives, trailing context, action, first chars, needs
-        ("proglang", [_ci("c\\+\\+|[cf]#")], None, _keep, "[cCfF]", None),
-        ("assim3", [_ci("cannot|'twas")], None, _pushback(3), "[cC']", None),
-        (
-            "assim2",
-            [_ci("gonna|gotta|lemme|gimme|wanna"), "'" + _ci("tis")],
-            None,
-            _pushback(2),
-            "[gGlLwW'&\\u0092\\u2019]",
-            None,
-        ),
-        ("sgml", [sgml], None, _nbsp, "<", "<"),
-        (
-            "spmdash",
-            ["&" + _ci("md|mdash|ndash") + ";|[\\u0096\\u0097\\u2013\\u2014\\u2015]"],
-            None,
-            _const("--"),
-            "[&\\u0096\\u0097\\u2013\\u2014\\u2015]",
-            None,
-        ),
-        ("spamp", ["&" + _ci("amp") + ";"], None, _const("&"), "&", None),
-        ("sppunc", ["&" + _ci("ht|tl|ur|lr|qc|ql|qr|odq|cdq|#[0-9]+") + ";"], None, _keep, "&", None),
-        ("word_redaux", [word], redaux, _soft, A, None),
-        ("sword_sredaux", [sword], sredaux, _soft, "[A-Za-z\\u00ad]", None),
-        ("word", [word], None, _soft, A, None),
-        ("apoword", apoword, None, _keep, f"{L}|['\\u0092\\u2019&]", None),
-        ("apoword2", [_ci("y") + apos], L, _keep, "[yY]", None),
-        ("fullurl", [fullurl], None, _keep, "[hH]", "://"),
-        ("likelyurl", likelyurl, None, _keep, ".", "(?i:www\\.|\\.com|\\.net|\\.org|\\.edu)"),
-        ("email", [email], None, _keep, "[a-zA-Z0-9<&]", "@"),
-        ("twitter", [f"@[a-zA-Z_][a-zA-Z_0-9]*|#{wl}+"], None, _keep, "[@#]", None),
-        ("redaux_ctx", [redaux], "[^A-Za-z]", _quote_right, "['\\u0092\\u2019&]", None),
-        ("sredaux", [sredaux], None, _quote_right, "[nN]", None),
-        ("date", [f"{D}{{1,2}}[-/]{D}{{1,2}}[-/]{D}{{2,4}}"], None, _keep, D, None),
-        ("number", [f"[-+]?{num}"], None, _soft, "[-+\\d.:,\\u00ad\\u066b\\u066c]", None),
-        (
-            "subsupnum",
-            [
-                "[\\u207a\\u207b\\u208a\\u208b]?(?:[\\u2070\\u00b9\\u00b2\\u00b3\\u2074-\\u2079]+|[\\u2080-\\u2089]+)"
-            ],
-            None,
-            _keep,
-            "[\\u207a\\u207b\\u208a\\u208b\\u2070\\u00b9\\u00b2\\u00b3\\u2074-\\u2079\\u2080-\\u2089]",
-            None,
-        ),
-        (
-            "frac",
-            [f"(?:{D}{{1,4}}[- \\u00a0])?{D}{{1,4}}(?:\\\\?\\/|\\u2044){D}{{1,4}}"],
-            None,
-            _nbsp,
-            D,
-            None,
-        ),
-        (
-            "frac2",
-            ["[\\u00bc\\u00bd\\u00be\\u2153-\\u215e]"],
-            None,
-            _frac2,
-            "[\\u00bc\\u00bd\\u00be\\u2153-\\u215e]",
-            None,
-        ),
-        (
-            "tbspec",
-            [
-                "-(?:"
-                + _ci("rrb|lrb|rcb|lcb|rsb|lsb")
-                + ")-|"
-                + _ci("c\\.d\\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls")
-                + "|"
-                + _ci("cap")
-                + apos
-                + _ci("n")
-                + "|"
-                + _ci("c")
-                + apos
-                + _ci("est")
-            ],
-            None,
-            _amp,
-            "[-cCpPaAsS]",
-            None,
-        ),
-        ("thing3", [thing3], None, _keep, "[A-Za-z0-9]", "/"),
-        ("dolsign", ["[A-Z]*\\$|#"], None, _keep, "[A-Z$#]", None),
-        (
-            "dolsign2",
-            [
-                "[\\u00a2\\u00a3\\u00a4\\u00a5\\u0080\\u20a0\\u20ac\\u060b\\u0e3f\\u20a4\\uffe0\\uffe1\\uffe5\\uffe6]"
-            ],
-            None,
-            _currency,
-            "[\\u00a2\\u00a3\\u00a4\\u00a5\\u0080\\u20a0\\u20ac\\u060b\\u0e3f\\u20a4\\uffe0\\uffe1\\uffe5\\uffe6]",
-            None,
-        ),
-        (
-            "acronym",
-            [f"{acro1}\\."],
-            f"{spacenl}+(?:{lowercase_words})(?:{spacenl}|\\Z)",
-            _acronym,
-            "[A-Za-z]",
-            None,
-        ),
-        ("abbrev3", [f"{abbrev3}\\."], f"{spacenl}?{D}", _keep, "[A-Za-z]", None),
-        ("pty_ltd", [_ci("pt[ey]|co") + "\\."], f"{space}{_ci('ltd|lim')}", _keep, "[pPcC]", None),
-        ("abbrev1_end", [abbrev1], sentend, _sentend_abbrev, "[A-Za-z]", None),
-        ("abbrev1_mid", [abbrev1], "(?s:..)", _keep, "[A-Za-z]", None),
-        ("abbrev1", [abbrev1], None, _sentend_abbrev, "[A-Za-z]", None),
-        ("abbrev2", [f"{abbrev4}\\."], None, _keep, "[A-Za-z]", None),
-        ("abbrev4", [abbrev4], space, _keep, "[A-Za-z]", None),
-        ("acro", [acro], spacenl, _keep, "[A-Za-z]", None),
-        ("tbspec2", [f"{apos}[0-9][0-9]"], spacenl, _keep, "['\\u0092\\u2019&]", None),
-        ("filename", [f"{LD}+(?:\\.{LD}+)*\\.{fileext}"], f"(?:{spacenl}|[.?!,])", _keep, f"{LD}", None),
-        ("word_dot", [f"{word}\\."], insentp, _soft, A, None),
-        ("phone", [phone], None, _phone, "[(+0-9]", None),
-        ("dblquot_left", [dblquot], "[A-Za-z0-9$]", _quote_left, '["&]', None),
-        ("dblquot", [dblquot], None, _quote_right, '["&]', None),
-        ("del", ["\\x7f"], None, _skip, "\\x7f", None),
-        ("lt", ["<|&" + _ci("lt") + ";"], None, _const("<"), "[<&]", None),
-        ("gt", [">|&" + _ci("gt") + ";"], None, _const(">"), "[>&]", None),
-        ("smiley", [smiley], "[^A-Za-z0-9]", _parens, "[<>:;=]", None),
-        ("asiansmiley", asiansmiley, None, _parens, "[-^x=~<>'(]", None),
-        ("lcb", ["\\{"], None, _const("-LCB-"), "\\{", None),
-        ("rcb", ["\\}"], None, _const("-RCB-"), "\\}", None),
-        ("lsb", ["\\["], None, _const("-LSB-"), "\\[", None),
-        ("rsb", ["\\]"], None, _const("-RSB-"), "\\]", None),
-        ("lrb", ["\\("], None, _const("-LRB-"), "\\(", None),
-        ("rrb", ["\\)"], None, _const("-RRB-"), "\\)", None),
-        ("hyphens", ["-+"], None, _hyphens, "-", None),
-        (
-            "ldots",
-            ["\\.{3,5}|(?:\\.[ \\u00a0]){2,4}\\.|[\\u0085\\u2026]"],
-            None,
-            _const("..."),
-            "[.\\u0085\\u2026]",
-            None,
-        ),
-        ("fnmarks", ["@+|#+|_+"], None, _keep, "[@#_]", None),
-        ("asts", ["\\*+|(?:\\\\\\*){1,3}"], None, _keep, "[*\\\\]", None),
-        ("insentp", [insentp], None, _keep, "[,;:\\u3001]", None),
-        ("qmarks", ["[?!]+"], None, _keep, "[?!]", None),
-        (
-            "period",
-            ["[.\\u00a1\\u00bf\\u037e\\u0589\\u061f\\u06d4\\u0700-\\u0702\\u07fa\\u3002]"],
-            None,
-            _keep,
-            "[.\\u00a1\\u00bf\\u037e\\u0589\\u061f\\u06d4\\u0700-\\u0702\\u07fa\\u3002]",
-            None,
-        ),
-        ("equals", ["="], None, _keep, "=", None),
-        ("slash", ["\\/"], None, _keep, "/", None),
-        ("hthing_dot", [f"{hthing}\\."], insentp, _soft, "[A-Za-z0-9]", "-"),
-        ("hthing", [hthing], None, _soft, "[A-Za-z0-9]", "-"),
-        ("thing_dot", [f"{thing}\\."], insentp, _keep, AD, None),
-        ("thing", [thing], None, _keep, AD, None),
-        ("thinga_dot", [f"{thinga}\\."], insentp, _amp, "[A-Z]", None),
-        ("thinga", [thinga], None, _amp, "[A-Z]", None),
-        ("quote_left", ["'"], "[A-Za-z][^ \\t\\n\\r\\u00a0]", _quote_left, "'", None),
-        ("redaux", [redaux], None, _quote_right, "['\\u0092\\u2019&]", None),
-        (
-            "quotes",
-            quotes,
-            None,
-            _quote_right,
-            "['\\u0092\\u2019&`\\u2018-\\u201f\\u0091-\\u0094\\u2039\\u203a\\u00ab\\u00bb]",
-            None,
-        ),
-        ("duckfeet", ["<<|>>"], None, _keep, "[<>]", None),
-        ("miscsymbol", [f"[{_MISC_SYMBOL}]"], None, _keep, f"[{_MISC_SYMBOL}]", None),
-        (
-            "space",
-            [f"\\x00|{space}+|[\\u200b\\u200e\\u200f\\ufeff]"],
-            None,
-            _skip,
-            f"[\\x00\\u200b\\u200e\\u200f\\ufeff]|{space}",
-            None,
-        ),
-        ("newline", [newline], None, _const("\n"), "[\\r\\n\\u2028\\u2029\\x0b\\x0c\\x85]", None),
-        ("nbsp", ["&" + _ci("nbsp") + ";"], None, _skip, "&", None),
-    ]
-    rules = []
-    for name, alts, trail, action, first, needs in rules_spec:
-        pats = []
-        for a in alts:
-            pats.append(re.compile(f"(?:{a})(?=(?P<t>{trail}))" if trail else f"(?:{a})"))
-        rules.append(_Rule(name, pats, action, re.compile(first), re.compile(needs) if needs else None))
-    return rules
+    numeric = _class_from(c for c in filter(str.isnumeric, bmp) if not c.isdecimal())
+    classes = {name: _literal_class(body) for name, body in _CLASSES.items()}
+    expand = _expander({**classes, "NUMERIC": numeric})
+    return [_LexRule(rule, expand) for rule in _RULES]
 
 
-_dispatch: dict[str, tuple[_Rule, ...]] = {}  # first character -> rules whose match can start with it
+_dispatch: dict[str, tuple[_LexRule, ...]] = {}  # first character -> rules whose match can start with it
 
 
 def _lex(text: str, stop: int, shortcut: bool = True) -> list[str]:
@@ -538,7 +541,7 @@ def _lex(text: str, stop: int, shortcut: bool = True) -> list[str]:
     and without punctuation, from the chunk cache (see ``_tokenize_chunk``).
     """
     rules = _lexer()
-    needs_ok: dict[_Rule, bool] = {}
+    needs_ok: dict[_LexRule, bool] = {}
     out: list[str] = []
     pos = 0
     while pos < stop:
