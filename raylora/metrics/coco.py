@@ -7,9 +7,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["METRICS", "load_gt_and_results", "coco_caption_scores", "format_scores"]
+__all__ = [
+    "METRICS",
+    "load_gt_and_results",
+    "coco_caption_evaluation",
+    "coco_caption_scores",
+    "format_scores",
+]
 
-# the scores coco_caption_scores returns, in this order
+# the scores coco_caption_evaluation and coco_caption_scores return, in this order
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
@@ -54,10 +60,14 @@ def load_gt_and_results(results_path: str, gt_path: str) -> tuple[dict, dict]:
     return {i: gt_anns[i] for i in img_ids}, {i: res_anns[i] for i in img_ids}
 
 
-def coco_caption_scores(results_path: str, gt_path: str) -> dict[str, float]:
+def coco_caption_evaluation(results_path: str, gt_path: str) -> tuple[dict[str, float], dict[Any, float]]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr of a results file ``[{"image_id", "caption"}]`` against
     COCO caption ground truth, computed as pycocoevalcap's ``COCOEvalCap.evaluate`` does (Java PTB
-    tokenizer, official scorers; no SPICE), over the images present in the results file."""
+    tokenizer, official scorers; no SPICE), over the images present in the results file.
+
+    Returns the scores and each image's CIDEr from the same run (image id -> CIDEr, in the ground
+    truth's image order: ``COCOEvalCap.imgToEval[image_id]["CIDEr"]``); their mean is the CIDEr.
+    """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -77,8 +87,15 @@ def coco_caption_scores(results_path: str, gt_path: str) -> dict[str, float]:
     finally:
         del meteor  # its __del__ stops the Java process
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    return scores
+    cider, per_image = Cider().compute_score(gts, res)
+    scores["CIDEr"] = float(cider)
+    # COCOEvalCap.setImgToEvalImgs: the scorer's per-image scores belong to gts' image ids, in order
+    return scores, dict(zip(gts, map(float, per_image)))
+
+
+def coco_caption_scores(results_path: str, gt_path: str) -> dict[str, float]:
+    """The scores of ``coco_caption_evaluation`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr; no SPICE)."""
+    return coco_caption_evaluation(results_path, gt_path)[0]
 
 
 def format_scores(scores: Mapping[str, float]) -> str:
