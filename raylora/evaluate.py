@@ -182,7 +182,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Caption the split, score it with pycocoevalcap, write results/metrics/gallery, log to MLflow."""
     from raylora.data.records import read_gt, read_karpathy
-    from raylora.metrics import cider_per_image, coco_caption_scores, format_scores
+    from raylora.metrics import coco_caption_evaluation, format_scores
 
     output_dir.mkdir(parents=True, exist_ok=True)
     eval_items = read_karpathy(items_path, root, limit=limit)
@@ -203,10 +203,9 @@ def evaluate(
     results = [{"image_id": it["image_id"], "caption": captions[it["image_id"]]} for it in items]
     results_path = output_dir / "results.json"
     results_path.write_text(json.dumps(results))
-    scores = coco_caption_scores(str(results_path), gt_path)
+    scores, per_image = coco_caption_evaluation(str(results_path), gt_path)
     print(format_scores(scores), flush=True)
     gts = read_gt(gt_path, [it["image_id"] for it in items])
-    per_image = cider_per_image(gts, {k: [v] for k, v in captions.items()})
     write_gallery(output_dir / "gallery.html", items, captions, gts, per_image, f"raylora evaluation: {spec}")
     metrics = {
         **scores,

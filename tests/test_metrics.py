@@ -15,11 +15,13 @@ from raylora import metrics
 from raylora.metrics import (
     cider,
     cider_per_image,
+    coco_caption_evaluation,
     coco_caption_scores,
     format_scores,
     ptb_tokenize,
     ptb_tokenize_lines,
 )
+from raylora.metrics.coco import METRICS, load_gt_and_results
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GT_FILES = [
@@ -223,7 +225,10 @@ class _NoSpice:
         return "SPICE"
 
 
-def test_coco_caption_scores_equals_cocoevalcap(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def coco_case(tmp_path_factory):
+    """A results file for some of the fixture's images, and ``COCOEvalCap``'s own run on it (SPICE
+    stubbed out). One METEOR process (a Java start-up of several seconds) serves every run."""
     import pycocoevalcap.eval as coco_eval
     import pycocoevalcap.meteor.meteor as meteor_module
     from pycocoevalcap.eval import COCOEvalCap
@@ -238,35 +243,48 @@ def test_coco_caption_scores_equals_cocoevalcap(tmp_path, monkeypatch):
         results.append(
             {"image_id": img["id"], "caption": " ".join(rng.choice(caps).split()[: rng.randint(4, 9)])}
         )
-    results_path = tmp_path / "results.json"
+    results_path = tmp_path_factory.mktemp("coco") / "results.json"
     results_path.write_text(json.dumps(results))
 
-    # one METEOR process (a Java start-up of several seconds) for both runs
     shared = meteor_module.Meteor()
-    monkeypatch.setattr(meteor_module, "Meteor", lambda: shared)
-    monkeypatch.setattr(coco_eval, "Meteor", lambda: shared)
-    monkeypatch.setattr(coco_eval, "Spice", _NoSpice)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(meteor_module, "Meteor", lambda: shared)
+        mp.setattr(coco_eval, "Meteor", lambda: shared)
+        mp.setattr(coco_eval, "Spice", _NoSpice)
+        coco = COCO(str(gt_path))
+        coco_res = coco.loadRes(str(results_path))
+        evaluator = COCOEvalCap(coco, coco_res)
+        evaluator.params["image_id"] = coco_res.getImgIds()
+        evaluator.evaluate()
+        yield str(results_path), str(gt_path), evaluator
 
-    ours = coco_caption_scores(str(results_path), str(gt_path))
 
-    coco = COCO(str(gt_path))
-    coco_res = coco.loadRes(str(results_path))
-    evaluator = COCOEvalCap(coco, coco_res)
-    evaluator.params["image_id"] = coco_res.getImgIds()
-    evaluator.evaluate()
+def test_coco_caption_scores_equals_cocoevalcap(coco_case, monkeypatch):
+    results_path, gt_path, evaluator = coco_case
+    ours = coco_caption_scores(results_path, gt_path)
     expected = {k: v for k, v in evaluator.eval.items() if k != "SPICE"}
-    assert list(ours) == list(metrics.METRICS)
+    assert list(ours) == list(METRICS)
     assert ours == pytest.approx(expected, abs=1e-12)
     assert 0 < ours["CIDEr"] and 0 < ours["Bleu_1"] <= 1
 
     # the same dicts without pycocotools
-    with_coco = metrics._load_gt_and_results(str(results_path), str(gt_path))
+    with_coco = load_gt_and_results(results_path, gt_path)
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
-    without = metrics._load_gt_and_results(str(results_path), str(gt_path))
+    without = load_gt_and_results(results_path, gt_path)
     assert [list(d) for d in without] == [list(d) for d in with_coco]
     assert [[[a["caption"] for a in v] for v in d.values()] for d in without] == [
         [[a["caption"] for a in v] for v in d.values()] for d in with_coco
     ]
+
+
+def test_coco_caption_evaluation_per_image_cider_is_cocoevalcaps(coco_case):
+    results_path, gt_path, evaluator = coco_case
+    scores, per_image = coco_caption_evaluation(results_path, gt_path)
+    assert scores == pytest.approx({k: v for k, v in evaluator.eval.items() if k != "SPICE"}, abs=1e-12)
+    assert list(per_image) == list(evaluator.imgToEval) and len(per_image) == 4
+    assert per_image == {i: e["CIDEr"] for i, e in evaluator.imgToEval.items()}
+    assert float(np.mean(list(per_image.values()))) == pytest.approx(scores["CIDEr"], abs=1e-15)
+    assert len(set(per_image.values())) > 1  # really per image
 
 
 def test_format_scores():
