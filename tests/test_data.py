@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,94 +201,154 @@ def _coco_settings(demo_tokenizer_dir, max_seq_length=4096):
     )
 
 
-def _bad_dataset(tmp_path):
-    """Good COCO rows plus one row of every bad kind; returns (jsonl, root, expected reasons by line)."""
+@dataclass
+class Corpus:
+    """An annotation with one row per kind of input, and what must become of each line."""
+
+    path: Path
+    root: Path
+    kinds: dict[str, tuple[int, str]] = field(default_factory=dict)  # kind -> (line, "ok" or reason)
+
+    @property
+    def rejected(self) -> dict[int, str]:
+        return {line: out for line, out in self.kinds.values() if out != "ok"}
+
+    @property
+    def ok(self) -> list[int]:
+        return sorted(line for line, out in self.kinds.values() if out == "ok")
+
+    @property
+    def total(self) -> int:
+        return len(self.kinds)
+
+    def line(self, kind: str) -> int:
+        return self.kinds[kind][0]
+
+
+def _row(
+    image,
+    caption="a caption",
+    human="<image>\nProvide a one-sentence caption for the provided image.",
+    id=1,
+) -> str:
+    return json.dumps(
+        {
+            "id": id,
+            "image": image,
+            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+        }
+    )
+
+
+def _bad_dataset(tmp_path) -> Corpus:
+    """Good COCO rows plus one row of every kind of bad (or odd but usable) input.
+
+    Each kind is one row of the same file; blank lines in between are not rows but keep their line
+    numbers. ``too_long`` is not here: it needs a small max_seq_length (see its own test).
+    """
     root = tmp_path / "coco"
     shutil.copytree(COCO, root)
-    good = [
-        json.loads(line)
-        for line in (COCO / "annotations" / "coco_karpathy_train.jsonl").read_text().splitlines()
-    ][:6]
-    img = good[0]["image"]
-    (root / "train2014" / "truncated.jpg").write_bytes((root / img).read_bytes()[:4000])
-    (root / "train2014" / "garbage.jpg").write_bytes(b"not an image at all")
-    Image.new("L", (320, 240), 128).save(root / "train2014" / "gray.jpg")
-    Image.new("RGB", (64, 64), (1, 2, 3)).convert("CMYK").save(root / "train2014" / "cmyk.jpg")
-    Image.new("RGBA", (64, 64), (1, 2, 3, 100)).save(root / "train2014" / "rgba.png")
-    Image.new("P", (64, 64)).save(root / "train2014" / "palette.png")
+    good = (COCO / "annotations" / "coco_karpathy_train.jsonl").read_text().splitlines()[:6]
+    img = json.loads(good[0])["image"]
+    train = root / "train2014"
+    (train / "truncated.jpg").write_bytes((root / img).read_bytes()[:4000])
+    (train / "garbage.jpg").write_bytes(b"not an image at all")
+    Image.new("L", (320, 240), 128).save(train / "gray.jpg")
+    Image.new("RGB", (64, 64), (1, 2, 3)).convert("CMYK").save(train / "cmyk.jpg")
+    Image.new("RGBA", (64, 64), (1, 2, 3, 100)).save(train / "rgba.png")
+    Image.new("P", (64, 64)).save(train / "palette.png")
 
-    def row(
-        image, caption="a caption", human="<image>\nProvide a one-sentence caption for the provided image."
-    ):
-        return json.dumps(
-            {
-                "id": 1,
-                "image": image,
-                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
-            }
-        )
+    corpus = Corpus(root / "annotations" / "mixed.jsonl", root)
+    lines: list[bytes] = []
 
-    lines = [json.dumps(g) for g in good]
-    bad = {
-        "malformed_json": '{"id": 3, "image": "train2014/x.jpg", ',
-        "bad_fields": json.dumps({"id": 4, "image": img}),
-        "empty_caption": row(img, caption="   "),
-        "too_many_placeholders": row(img, human="<image>\n<image>\ncaption this"),
-        "image_outside_root": row("../../etc/passwd"),
-        "image_missing": row("train2014/does_not_exist.jpg"),
-        "image_unreadable": row("train2014/garbage.jpg"),
-        "image_truncated": row("train2014/truncated.jpg"),
-        "too_long": None,  # checked with a small max_seq_length below
-    }
-    expected = {}
-    for reason, text in bad.items():
-        if text is not None:
-            lines.append(text)
-            expected[len(lines)] = reason
-    lines += [
-        row("train2014/gray.jpg"),
-        row("train2014/cmyk.jpg"),
-        row("train2014/rgba.png"),
-        row("train2014/palette.png"),
-    ]
-    lines.append(row(img, human="Provide a caption."))  # no <image>: InternVL prepends it
-    path = root / "annotations" / "mixed.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path, root, expected, len(lines)
+    def add(kind: str | None, line: str | bytes, outcome: str = "ok") -> None:
+        lines.append(line.encode() if isinstance(line, str) else line)
+        if kind is not None:
+            assert kind not in corpus.kinds, kind
+            corpus.kinds[kind] = (len(lines), outcome)
+
+    add("good_with_utf8_bom", "\ufeff" + good[0])  # saved by an editor that writes a BOM
+    for i, g in enumerate(good[1:], 1):
+        add(f"good_{i}", g)
+    add(None, "")  # blank lines are skipped, not counted
+    add("malformed_json", '{"id": 3, "image": "train2014/x.jpg", ', "malformed_json")
+    add("bad_fields", json.dumps({"id": 4, "image": img}), "bad_fields")
+    add("empty_caption", _row(img, caption="   "), "empty_caption")
+    add("too_many_placeholders", _row(img, human="<image>\n<image>\ncaption this"), "too_many_placeholders")
+    add(None, "   \t")
+    add("image_outside_root", _row("../../etc/passwd"), "image_outside_root")
+    add("image_missing", _row("train2014/does_not_exist.jpg"), "image_missing")
+    add("image_unreadable", _row("train2014/garbage.jpg"), "image_unreadable")
+    add("image_truncated", _row("train2014/truncated.jpg"), "image_truncated")
+    latin1 = _row(img, caption="cafe").encode().replace(b"cafe", b"caf\xe9")
+    add("not_utf8_byte", latin1, "not_utf8")
+    add("utf8_bom_mid_file", "\ufeff" + _row(img))  # two files concatenated, the second with a BOM
+    add("crlf_line_end", _row(img) + "\r")  # written on Windows
+    add(None, "\r")
+    add("deeply_nested_json", "[" * 100_000, "malformed_json")
+    add("huge_integer", '{"id": ' + "9" * 5000 + "}", "malformed_json")
+    add("gray_image", _row("train2014/gray.jpg"))
+    add("cmyk_image", _row("train2014/cmyk.jpg"))
+    add("rgba_image", _row("train2014/rgba.png"))
+    add("palette_image", _row("train2014/palette.png"))
+    add("no_placeholder", _row(img, human="Provide a caption."))  # InternVL prepends <image>
+    add("truncated_last_line", _row(img)[:-3], "malformed_json")  # no closing brace, no newline
+    corpus.path.write_bytes(b"\n".join(lines))
+    return corpus
 
 
 def test_every_reject_reason_is_recorded(tmp_path, demo_tokenizer_dir):
-    path, root, expected, total = _bad_dataset(tmp_path)
-    prepared = prepare(path, root, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    corpus = _bad_dataset(tmp_path)
+    prepared = prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), use_ray=False)
     got = {r.line: r.reason for r in prepared.rejects}
-    assert got == expected
-    assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total == total
-    assert set(expected.values()) | {"too_long"} == set(REASONS)
+    assert got == corpus.rejected
+    assert sorted(prepared.table.column("line").to_pylist()) == corpus.ok
+    assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total == corpus.total
+    assert set(corpus.rejected.values()) | {"too_long"} == set(REASONS)
+    assert all(r.source == str(corpus.path) and r.detail for r in prepared.rejects)
+    convs = {
+        line: json.loads(c)
+        for line, c in zip(
+            prepared.table.column("line").to_pylist(), prepared.table.column("conversations").to_pylist()
+        )
+    }
     # accepted as InternVL accepts them: odd image modes and a missing placeholder
-    assert prepared.rows_ok == 6 + 5
-    convs = [json.loads(c) for c in prepared.table.column("conversations").to_pylist()]
-    assert convs[-1][0]["value"].startswith("<image>\n")
+    assert convs[corpus.line("no_placeholder")][0]["value"] == "<image>\nProvide a caption."
+
+
+def test_reject_details_say_what_to_fix(tmp_path, demo_tokenizer_dir):
+    corpus = _bad_dataset(tmp_path)
+    prepared = prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    detail = {r.line: r.detail for r in prepared.rejects}
+    raw = {r.line: r.row for r in prepared.rejects}
+    line = corpus.line("not_utf8_byte")
+    assert "byte 0xe9" in detail[line] and "UTF-8" in detail[line] and "caf\\xe9" in raw[line]
+    assert "truncated" in detail[corpus.line("truncated_last_line")]
+    assert "nested too deeply" in detail[corpus.line("deeply_nested_json")]
 
 
 def test_too_long_rows_rejected_with_reason(tmp_path, demo_tokenizer_dir):
-    path, root, _, _ = _bad_dataset(tmp_path)
-    prepared = prepare(path, root, _coco_settings(demo_tokenizer_dir, max_seq_length=1000), use_ray=False)
+    corpus = _bad_dataset(tmp_path)
+    prepared = prepare(
+        corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir, max_seq_length=1000), use_ray=False
+    )
     too_long = [r for r in prepared.rejects if r.reason == "too_long"]
     assert too_long and "max_seq_length 1000" in too_long[0].detail
     assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total
 
 
 def test_strict_names_file_line_and_reason(tmp_path, demo_tokenizer_dir):
-    path, root, expected, _ = _bad_dataset(tmp_path)
-    first = min(expected)
-    with pytest.raises(DataError, match=rf"mixed.jsonl:{first}: {expected[first]}"):
-        prepare(path, root, _coco_settings(demo_tokenizer_dir), strict=True, use_ray=False)
+    corpus = _bad_dataset(tmp_path)
+    first = min(corpus.rejected)
+    with pytest.raises(DataError, match=rf"mixed.jsonl:{first}: {corpus.rejected[first]}"):
+        prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), strict=True, use_ray=False)
 
 
 def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
     from raylora.data.__main__ import main
 
-    path, root, expected, total = _bad_dataset(tmp_path)
+    corpus = _bad_dataset(tmp_path)
+    path, root = corpus.path, corpus.root
     rejects = tmp_path / "rejects.jsonl"
     code = main(
         [
@@ -302,11 +365,12 @@ def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
     )
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["rows_total"] == total
+    assert report["rows_total"] == corpus.total
+    assert report["rows_ok"] == len(corpus.ok)
     assert report["rows_ok"] + report["rows_rejected"] == report["rows_total"]
-    assert report["rejects"] == {r: 1 for r in expected.values()}
+    assert report["rejects"] == dict(Counter(corpus.rejected.values()))
     lines = [json.loads(x) for x in rejects.read_text().splitlines()]
-    assert sorted(x["line"] for x in lines) == sorted(expected)
+    assert sorted(x["line"] for x in lines) == sorted(corpus.rejected)
     assert report["tiles"]["7"] >= 1 and set(report["tokens"]) == {"p50", "p95", "max"}
     assert (
         main(["check", str(path), "--root", str(root), "--strict", "--model", str(demo_tokenizer_dir)]) == 1

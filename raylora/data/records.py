@@ -24,8 +24,10 @@ from raylora.data.templates import IMAGE_PLACEHOLDER, RowRejected
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 _RAW_LIMIT = 2000  # characters of a bad row kept in the rejects file
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 REASONS = {
+    "not_utf8": "the line is not UTF-8 text (an undecodable byte, or a lone surrogate escape such as \\ud800)",
     "malformed_json": "the line is not valid JSON",
     "bad_fields": "missing or wrongly typed fields (image, conversations, from/value)",
     "empty_caption": "an assistant turn has no text",
@@ -157,19 +159,56 @@ def resolve_image(root: Path, rel: str) -> Path:
     return full
 
 
+def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str]:
+    """One annotation line -> (parsed JSON, its text), or the Reject saying why not; never raises."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Reject(
+            source,
+            lineno,
+            "not_utf8",
+            f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line is not valid UTF-8 "
+            "(the file must be UTF-8: re-encode it, or fix or drop this line)",
+            raw.decode("utf-8", "backslashreplace")[:_RAW_LIMIT],
+        )
+    try:
+        return json.loads(text), text
+    except json.JSONDecodeError as e:
+        detail = f"{e.msg} at column {e.colno}"
+        if not raw.endswith(b"\n"):
+            detail += " (the last line has no newline: the file may be truncated)"
+    except RecursionError:
+        detail = "nested too deeply to parse"
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        detail = str(e)
+    return Reject(source, lineno, "malformed_json", detail, text[:_RAW_LIMIT])
+
+
 def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reject]:
-    """Records and rejects of one JSONL annotation, repeat_time applied (fractions keep a seeded subset)."""
+    """Records and rejects of one JSONL annotation, repeat_time applied (fractions keep a seeded subset).
+
+    The file is read as bytes and decoded line by line, so one line that is not UTF-8 is one
+    ``not_utf8`` reject and every other line is still read. A UTF-8 byte-order mark at the start of
+    a line is ignored (files saved by some editors start with one; concatenated files may carry one
+    mid-file). Blank lines are skipped and not counted as rows; line numbers stay those of the file.
+    """
     source = str(spec.annotation)
     items: list[Record | Reject] = []
-    with open(spec.annotation, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(spec.annotation, "rb") as f:
+        if f.read(4).startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataError(f"{source}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
+        f.seek(0)
+        for lineno, raw in enumerate(f, 1):
+            if raw.startswith(_UTF8_BOM):
+                raw = raw[len(_UTF8_BOM) :]
+            if not raw.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                items.append(Reject(source, lineno, "malformed_json", e.msg, line[:_RAW_LIMIT]))
+            parsed = _parse_line(source, lineno, raw)
+            if isinstance(parsed, Reject):
+                items.append(parsed)
                 continue
+            obj, line = parsed
             try:
                 images, turns = _check_fields(obj)
                 paths = [str(resolve_image(spec.root, rel)) for rel in images]
