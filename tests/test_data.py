@@ -4,14 +4,17 @@ the micro-batch plan, and the Ray Data pipeline end to end."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from raylora.data import tiling
 from raylora.data.pipeline import (
@@ -240,6 +243,22 @@ def _row(
     )
 
 
+# the corpus' 100-megapixel PNG is rejected from its header, after PIL's warning on opening it
+_huge_image_warns = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels in a few dozen bytes (no pixel data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
 def _bad_dataset(tmp_path) -> Corpus:
     """Good COCO rows plus one row of every kind of bad (or odd but usable) input.
 
@@ -257,6 +276,15 @@ def _bad_dataset(tmp_path) -> Corpus:
     Image.new("RGB", (64, 64), (1, 2, 3)).convert("CMYK").save(train / "cmyk.jpg")
     Image.new("RGBA", (64, 64), (1, 2, 3, 100)).save(train / "rgba.png")
     Image.new("P", (64, 64)).save(train / "palette.png")
+    Image.new("LA", (64, 64), (100, 200)).save(train / "la.png")
+    Image.new("I;16", (64, 64), 40000).save(train / "gray16.png")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(train / "one_pixel.png")
+    Image.new("RGB", (80, 60), (9, 99, 9)).save(train / "photo.webp")
+    Image.new("RGB", (80, 60), (9, 99, 9)).save(train / "really_a_png.jpg", format="PNG")
+    (train / "empty.jpg").write_bytes(b"")
+    (train / "bomb.png").write_bytes(_png_header(30_000, 30_000))  # 900 MP, 2.7 GB decoded
+    (train / "huge.png").write_bytes(_png_header(10_000, 10_000))  # 100 MP: only a PIL warning
+    os.mkfifo(train / "fifo.jpg")  # opening it would block forever
 
     corpus = Corpus(root / "annotations" / "mixed.jsonl", root)
     lines: list[bytes] = []
@@ -291,12 +319,25 @@ def _bad_dataset(tmp_path) -> Corpus:
     add("cmyk_image", _row("train2014/cmyk.jpg"))
     add("rgba_image", _row("train2014/rgba.png"))
     add("palette_image", _row("train2014/palette.png"))
+    add("la_image", _row("train2014/la.png"))
+    add("16_bit_image", _row("train2014/gray16.png"))
+    add("1x1_image", _row("train2014/one_pixel.png"))  # InternVL resizes it: one tile
+    add("webp_image", _row("train2014/photo.webp"), "ok" if features.check("webp") else "image_unreadable")
+    add("png_named_jpg", _row("train2014/really_a_png.jpg"))  # PIL goes by content, not extension
+    add("image_is_directory", _row("train2014"), "image_missing")
+    add("image_path_too_long", _row("train2014/" + "x" * 5000 + ".jpg"), "image_missing")
+    add("image_path_with_nul", _row("train2014/a\u0000b.jpg"), "image_missing")
+    add("image_is_fifo", _row("train2014/fifo.jpg"), "image_unreadable")
+    add("image_empty_file", _row("train2014/empty.jpg"), "image_unreadable")
+    add("decompression_bomb", _row("train2014/bomb.png"), "image_too_large")
+    add("over_pixel_limit", _row("train2014/huge.png"), "image_too_large")
     add("no_placeholder", _row(img, human="Provide a caption."))  # InternVL prepends <image>
     add("truncated_last_line", _row(img)[:-3], "malformed_json")  # no closing brace, no newline
     corpus.path.write_bytes(b"\n".join(lines))
     return corpus
 
 
+@_huge_image_warns
 def test_every_reject_reason_is_recorded(tmp_path, demo_tokenizer_dir):
     corpus = _bad_dataset(tmp_path)
     prepared = prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), use_ray=False)
@@ -314,8 +355,11 @@ def test_every_reject_reason_is_recorded(tmp_path, demo_tokenizer_dir):
     }
     # accepted as InternVL accepts them: odd image modes and a missing placeholder
     assert convs[corpus.line("no_placeholder")][0]["value"] == "<image>\nProvide a caption."
+    tiles = dict(zip(prepared.table.column("line").to_pylist(), prepared.table.column("tiles").to_pylist()))
+    assert tiles[corpus.line("1x1_image")] == [1]
 
 
+@_huge_image_warns
 def test_reject_details_say_what_to_fix(tmp_path, demo_tokenizer_dir):
     corpus = _bad_dataset(tmp_path)
     prepared = prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), use_ray=False)
@@ -325,8 +369,13 @@ def test_reject_details_say_what_to_fix(tmp_path, demo_tokenizer_dir):
     assert "byte 0xe9" in detail[line] and "UTF-8" in detail[line] and "caf\\xe9" in raw[line]
     assert "truncated" in detail[corpus.line("truncated_last_line")]
     assert "nested too deeply" in detail[corpus.line("deeply_nested_json")]
+    assert "is a directory" in detail[corpus.line("image_is_directory")]
+    assert "File name too long" in detail[corpus.line("image_path_too_long")]
+    for kind, pixels in (("decompression_bomb", "900,000,000"), ("over_pixel_limit", "100,000,000")):
+        assert pixels in detail[corpus.line(kind)] and "MAX_IMAGE_PIXELS" in detail[corpus.line(kind)]
 
 
+@_huge_image_warns
 def test_too_long_rows_rejected_with_reason(tmp_path, demo_tokenizer_dir):
     corpus = _bad_dataset(tmp_path)
     prepared = prepare(
@@ -344,6 +393,7 @@ def test_strict_names_file_line_and_reason(tmp_path, demo_tokenizer_dir):
         prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), strict=True, use_ray=False)
 
 
+@_huge_image_warns
 def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
     from raylora.data.__main__ import main
 

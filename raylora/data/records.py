@@ -8,11 +8,13 @@ A bad row is never silently dropped: it becomes a :class:`Reject` with its file,
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,9 +35,10 @@ REASONS = {
     "empty_caption": "an assistant turn has no text",
     "too_many_placeholders": "more <image> placeholders than images",
     "image_outside_root": "the image path leaves the data root",
-    "image_missing": "the image file does not exist",
-    "image_unreadable": "the image file cannot be decoded",
+    "image_missing": "no image file at that path (it does not exist, or is a directory)",
+    "image_unreadable": "the image file cannot be read or decoded",
     "image_truncated": "the image file is truncated",
+    "image_too_large": "the image has more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)",
     "too_long": "text plus expanded image tokens exceed max_seq_length",
 }
 
@@ -149,13 +152,25 @@ def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def resolve_image(root: Path, rel: str) -> Path:
-    """join(root, image), refusing paths that escape the root."""
+    """join(root, image), refusing paths that escape the root and anything but an existing file."""
     root_abs = Path(os.path.abspath(root))
     full = Path(os.path.abspath(root_abs / rel))
     if os.path.commonpath([root_abs, full]) != str(root_abs):
         raise RowRejected("image_outside_root", f"{rel!r} resolves outside {root_abs}")
-    if not full.is_file():
-        raise RowRejected("image_missing", f"{full} does not exist")
+    try:
+        mode = os.stat(full).st_mode
+    except ValueError:  # a NUL character in the path
+        raise RowRejected("image_missing", f"{rel!r} is not a valid file name") from None
+    except OSError as e:  # ENOENT, ENOTDIR, ENAMETOOLONG, ELOOP, EACCES on a folder, ...
+        if e.errno == errno.ENOENT:
+            raise RowRejected("image_missing", f"{full} does not exist") from None
+        reason = "image_unreadable" if e.errno in (errno.EACCES, errno.EPERM, errno.EIO) else "image_missing"
+        shown = str(full) if len(str(full)) <= 300 else str(full)[:300] + "..."
+        raise RowRejected(reason, f"{shown}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise RowRejected("image_missing", f"{full} is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        raise RowRejected("image_unreadable", f"{full} is not a regular file")
     return full
 
 
@@ -230,11 +245,28 @@ def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reje
 
 
 def inspect_image(path: str) -> tuple[int, int]:
-    """Fully decode an image (catches truncation); its (width, height). Raises RowRejected."""
+    """Decode an image as training will (catches truncation and unsupported modes); its (width, height).
+
+    Images over PIL's ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels; a decompression bomb
+    guard) are rejected from the header alone, before any pixels are decoded. Raises RowRejected.
+    """
     try:
         with Image.open(path) as im:
-            im.load()
-            return im.size
+            width, height = im.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and width * height > limit:
+                raise RowRejected(
+                    "image_too_large", _too_large(path, f"{width}x{height} = {width * height:,}")
+                )
+            if width < 1 or height < 1:
+                raise RowRejected("image_unreadable", f"{path}: the image is {width}x{height} pixels")
+            to_rgb(im).load()
+            return width, height
+    except RowRejected:
+        raise
+    except Image.DecompressionBombError as e:  # raised by Image.open beyond twice the limit
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise RowRejected("image_too_large", _too_large(path, f"{int(m[1]):,}" if m else "its")) from None
     except FileNotFoundError:
         raise RowRejected("image_missing", f"{path} does not exist") from None
     except OSError as e:
@@ -245,9 +277,15 @@ def inspect_image(path: str) -> tuple[int, int]:
         raise RowRejected("image_unreadable", f"{path}: {type(e).__name__}: {e}") from None
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
-    im = Image.open(path)
+def _too_large(path: str, size: str) -> str:
+    return (
+        f"{path}: {size} pixels is over PIL's decompression-bomb limit Image.MAX_IMAGE_PIXELS "
+        f"({Image.MAX_IMAGE_PIXELS:,}); downscale the image (training resizes it to a few tiles anyway)"
+    )
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
     if im.mode == "RGB":
         return im
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -256,6 +294,11 @@ def load_rgb(path: str) -> Image.Image:
         bg.paste(im, mask=im.getchannel("A"))
         return bg
     return im.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
+    return to_rgb(Image.open(path))
 
 
 # ------------------------------------------------------------------------------------ test / val
