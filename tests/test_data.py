@@ -332,6 +332,18 @@ def _bad_dataset(tmp_path) -> Corpus:
     add("decompression_bomb", _row("train2014/bomb.png"), "image_too_large")
     add("over_pixel_limit", _row("train2014/huge.png"), "image_too_large")
     add("no_placeholder", _row(img, human="Provide a caption."))  # InternVL prepends <image>
+    add("bare_image_prompt", _row(img, human="<image>"))  # InternVL accepts an image-only turn
+    add("empty_prompt", _row(img, human=""))  # becomes a bare <image> turn
+    add("two_images", _row([img, "train2014/gray.jpg"], human="Compare."))
+    add("null_caption", _row(img, caption=None), "empty_caption")
+    add("numeric_caption", _row(img, caption=42), "bad_fields")
+    add("lone_surrogate", _row(img, caption="x").replace('"x"', '"\\ud800"'), "not_utf8")
+    add(
+        "no_gpt_turn",
+        json.dumps({"image": img, "conversations": [{"from": "human", "value": "hi"}]}),
+        "bad_fields",
+    )
+    add("row_is_a_list", "[1, 2]", "bad_fields")
     add("truncated_last_line", _row(img)[:-3], "malformed_json")  # no closing brace, no newline
     corpus.path.write_bytes(b"\n".join(lines))
     return corpus
@@ -355,6 +367,9 @@ def test_every_reject_reason_is_recorded(tmp_path, demo_tokenizer_dir):
     }
     # accepted as InternVL accepts them: odd image modes and a missing placeholder
     assert convs[corpus.line("no_placeholder")][0]["value"] == "<image>\nProvide a caption."
+    assert convs[corpus.line("bare_image_prompt")][0]["value"] == "<image>"
+    assert convs[corpus.line("empty_prompt")][0]["value"] == "<image>\n"
+    assert convs[corpus.line("two_images")][0]["value"] == "<image>\n<image>\nCompare."
     tiles = dict(zip(prepared.table.column("line").to_pylist(), prepared.table.column("tiles").to_pylist()))
     assert tiles[corpus.line("1x1_image")] == [1]
 
@@ -369,6 +384,8 @@ def test_reject_details_say_what_to_fix(tmp_path, demo_tokenizer_dir):
     assert "byte 0xe9" in detail[line] and "UTF-8" in detail[line] and "caf\\xe9" in raw[line]
     assert "truncated" in detail[corpus.line("truncated_last_line")]
     assert "nested too deeply" in detail[corpus.line("deeply_nested_json")]
+    assert "\\ud800" in detail[corpus.line("lone_surrogate")]
+    assert "null" in detail[corpus.line("null_caption")]
     assert "is a directory" in detail[corpus.line("image_is_directory")]
     assert "File name too long" in detail[corpus.line("image_path_too_long")]
     for kind, pixels in (("decompression_bomb", "900,000,000"), ("over_pixel_limit", "100,000,000")):

@@ -111,6 +111,18 @@ def read_specs(train: str | Path, root: str | Path | None = None) -> list[Datase
     return specs
 
 
+def _check_text(where: str, text: str) -> None:
+    """JSON can spell a lone UTF-16 surrogate (\\ud800) that no UTF-8 tokenizer or Arrow column takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowRejected(
+            "not_utf8",
+            f"{where} contains \\u{ord(text[e.start]):04x}, a lone surrogate escape that is not text; "
+            "fix or drop the escape",
+        ) from None
+
+
 def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
     if not isinstance(obj, dict):
         raise RowRejected("bad_fields", "a row must be a JSON object")
@@ -123,11 +135,20 @@ def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
         raise RowRejected("bad_fields", "'conversations' must be a non-empty list")
     turns = []
     for i, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise RowRejected("bad_fields", f"conversations[{i}] needs a string 'value'")
+        if not isinstance(turn, dict):
+            raise RowRejected("bad_fields", f"conversations[{i}] must be an object with 'from' and 'value'")
         if turn.get("from") not in ("human", "gpt", "system"):
             raise RowRejected("bad_fields", f"conversations[{i}].from must be human, gpt or system")
+        if turn["from"] == "gpt" and "value" in turn and turn["value"] is None:
+            raise RowRejected("empty_caption", f"conversations[{i}] (gpt) has value null")
+        if not isinstance(turn.get("value"), str):
+            raise RowRejected("bad_fields", f"conversations[{i}] needs a string 'value'")
         turns.append({"from": turn["from"], "value": turn["value"]})
+    for i, text in enumerate(images):
+        _check_text(f"image[{i}]", text)
+    for i, turn in enumerate(turns):
+        _check_text(f"conversations[{i}].value", turn["value"])
+    _check_text("id", str(obj.get("id", "")))
     body = turns[1:] if turns[0]["from"] == "system" else turns
     if not body or body[0]["from"] != "human" or not any(t["from"] == "gpt" for t in body):
         raise RowRejected("bad_fields", "conversations must start with a human turn and contain a gpt turn")
