@@ -28,7 +28,7 @@ from raylora.data.pipeline import (
     train_dataset,
     unpack,
 )
-from raylora.data.records import REASONS, DataError, load_rgb
+from raylora.data.records import REASONS, DataError, load_rgb, read_specs
 from raylora.data.templates import IGNORE_INDEX, TEMPLATES, ConversationTokenizer, RowRejected
 
 from .conftest import COCO
@@ -458,6 +458,95 @@ def test_meta_file_with_repeat_time(tmp_path, demo_tokenizer_dir):
     )
     prepared = prepare(meta, None, _coco_settings(demo_tokenizer_dir), use_ray=False)
     assert prepared.rows_ok == 2 * n + n // 2
+
+
+def _meta(tmp_path, text: str | bytes) -> Path:
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(text.encode() if isinstance(text, str) else text)
+    return meta
+
+
+def test_meta_file_with_utf8_bom(tmp_path, demo_tokenizer_dir):
+    ann = tmp_path / "ann.jsonl"
+    ann.write_bytes(b"\xef\xbb\xbf" + (COCO / "annotations" / "coco_karpathy_train.jsonl").read_bytes())
+    entry = {"root": str(COCO), "annotation": ann.name}  # relative to the meta file
+    meta = _meta(tmp_path, "\ufeff" + json.dumps({"coco": entry}))
+    prepared = prepare(meta, None, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    assert prepared.rows_ok == prepared.rows_total == 40 and not prepared.rejects
+
+
+_ANN = str(COCO / "annotations" / "coco_karpathy_train.jsonl")
+
+
+@pytest.mark.parametrize(
+    "entry, error, message",
+    [
+        (
+            {"root": str(COCO), "annotation": "missing.jsonl"},
+            FileNotFoundError,
+            "annotation 'missing.jsonl' not found",
+        ),
+        ({"root": str(COCO), "annotation": str(COCO)}, FileNotFoundError, "not found"),  # a directory
+        (
+            {"root": "no/such/root", "annotation": _ANN},
+            FileNotFoundError,
+            "image root 'no/such/root' not found",
+        ),
+        (
+            {"root": str(COCO), "annotation": _ANN, "repeat_time": 0},
+            DataError,
+            r"repeat_time must be a number > 0 \(got 0\)",
+        ),
+        ({"root": str(COCO), "annotation": _ANN, "repeat_time": -1}, DataError, r"> 0 \(got -1\)"),
+        ({"root": str(COCO), "annotation": _ANN, "repeat_time": "2"}, DataError, r"> 0 \(got '2'\)"),
+        ({"root": str(COCO), "annotation": None}, DataError, "needs 'annotation'"),
+        ({"annotation": _ANN}, DataError, "needs 'root'"),
+    ],
+    ids=[
+        "missing_annotation",
+        "annotation_is_dir",
+        "missing_root",
+        "repeat_0",
+        "repeat_negative",
+        "repeat_string",
+        "annotation_null",
+        "no_root",
+    ],
+)
+def test_meta_dataset_problems_name_meta_file_and_dataset(tmp_path, entry, error, message):
+    meta = _meta(tmp_path, json.dumps({"good": {"root": str(COCO), "annotation": _ANN}, "broken": entry}))
+    with pytest.raises(error, match=rf"meta.json: dataset 'broken'.*{message}"):
+        read_specs(meta)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b'{"coco": {"root": "caf\xe9"}}', r"meta.json:1: byte 0xe9 is not valid UTF-8"),
+        ("{}".encode("utf-16"), "UTF-16"),
+        ("{}", "maps dataset names"),
+        (
+            '{"a": 1}\n{"b": 2}\n',
+            "meta.json:2: invalid meta JSON: Extra data; a JSONL annotation must end in .jsonl",
+        ),
+        (
+            f'{{"coco": {{"root": "a"}}, "coco": {json.dumps({"root": str(COCO), "annotation": _ANN})}}}',
+            "'coco' is listed twice",
+        ),
+    ],
+    ids=["not_utf8", "utf16", "empty", "jsonl_named_json", "dataset_twice"],
+)
+def test_meta_file_problems_name_the_file(tmp_path, text, message):
+    with pytest.raises(DataError, match=message):
+        read_specs(_meta(tmp_path, text))
+
+
+def test_check_cli_meta_errors(tmp_path, demo_tokenizer_dir, capsys):
+    from raylora.data.__main__ import main
+
+    meta = _meta(tmp_path, json.dumps({"broken": {"root": str(COCO), "annotation": "missing.jsonl"}}))
+    assert main(["check", str(meta), "--model", str(demo_tokenizer_dir)]) == 2
+    assert "meta.json: dataset 'broken': annotation 'missing.jsonl' not found" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- planning

@@ -82,33 +82,94 @@ class DatasetSpec:
 
 
 def read_specs(train: str | Path, root: str | Path | None = None) -> list[DatasetSpec]:
-    """A JSONL annotation (with its image root) or an InternVL meta JSON -> dataset specs."""
+    """A JSONL annotation (with its image root) or an InternVL meta JSON -> dataset specs.
+
+    Problems with the meta file itself are errors naming the meta file and the dataset, raised
+    before any row is read: a dataset whose annotation or image root is missing
+    (FileNotFoundError), or whose ``repeat_time`` is not a number > 0 (DataError). Each changes
+    the data mix of the whole run, so none is skipped with a warning.
+    """
     path = Path(train)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     if path.suffix == ".jsonl":
         if root is None:
             raise ValueError(f"{path}: a JSONL annotation needs an image root (data.root / --root)")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"image root of {path} not found: {root} (data.root / --root)")
         return [DatasetSpec(path.stem, path, Path(root))]
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid meta JSON: {e.msg}") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
-        raise DataError(f"{path}: a meta file maps dataset names to {{root, annotation, repeat_time}}")
+    meta = _read_meta(path)
     specs = []
     for name, entry in meta.items():
+        where = f"{path}: dataset {name!r}"
         for key in ("root", "annotation"):
-            if key not in entry:
-                raise DataError(f"{path}: dataset {name!r} lacks {key!r}")
+            if not isinstance(entry.get(key), str):
+                raise DataError(f"{where} needs {key!r} (a path)")
         ann = Path(entry["annotation"])
         spec_root = Path(entry["root"])
         if not ann.is_absolute() and not ann.exists():
             ann = path.parent / ann  # relative to the meta file when not relative to the cwd
         if not spec_root.is_absolute() and not spec_root.exists():
             spec_root = path.parent / spec_root
-        specs.append(DatasetSpec(name, ann, spec_root, float(entry.get("repeat_time", 1.0))))
+        if not ann.is_file():
+            raise FileNotFoundError(
+                f"{where}: annotation {entry['annotation']!r} not found ({_tried(entry['annotation'], ann)}); "
+                "fix the path or remove the dataset from the meta file"
+            )
+        if not spec_root.is_dir():
+            raise FileNotFoundError(
+                f"{where}: image root {entry['root']!r} not found ({_tried(entry['root'], spec_root)})"
+            )
+        repeat = entry.get("repeat_time", 1.0)
+        if isinstance(repeat, bool) or not isinstance(repeat, int | float) or not 0 < repeat < math.inf:
+            raise DataError(
+                f"{where}: repeat_time must be a number > 0 (got {repeat!r}): 2 uses the dataset twice, "
+                "0.5 a seeded random half; to leave the dataset out, remove it from the meta file"
+            )
+        specs.append(DatasetSpec(name, ann, spec_root, float(repeat)))
     return specs
+
+
+def _tried(given: str, resolved: Path) -> str:
+    return f"tried {given} and {resolved}" if Path(given) != resolved else f"tried {resolved}"
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _read_meta(path: Path) -> dict[str, dict[str, Any]]:
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is fine
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} is not valid UTF-8; save the file as UTF-8"
+        ) from None
+    try:
+        meta = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise DataError(f"{path}: {e.args[0]!r} is listed twice (JSON keeps only the last one)") from None
+    except json.JSONDecodeError as e:
+        hint = "; a JSONL annotation must end in .jsonl" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}:{e.lineno}: invalid meta JSON: {e.msg}{hint}") from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(f"{path}: invalid meta JSON: {e}") from None
+    if not isinstance(meta, dict) or not meta or not all(isinstance(v, dict) for v in meta.values()):
+        raise DataError(f"{path}: a meta file maps dataset names to {{root, annotation, repeat_time}}")
+    return meta
 
 
 def _check_text(where: str, text: str) -> None:
