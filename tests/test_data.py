@@ -232,15 +232,12 @@ def _row(
     image,
     caption="a caption",
     human="<image>\nProvide a one-sentence caption for the provided image.",
-    id=1,
+    id=None,
 ) -> str:
-    return json.dumps(
-        {
-            "id": id,
-            "image": image,
-            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
-        }
-    )
+    row = {"id": id} if id is not None else {}
+    row["image"] = image
+    row["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]
+    return json.dumps(row)
 
 
 # the corpus' 100-megapixel PNG is rejected from its header, after PIL's warning on opening it
@@ -332,6 +329,7 @@ def _bad_dataset(tmp_path) -> Corpus:
     add("decompression_bomb", _row("train2014/bomb.png"), "image_too_large")
     add("over_pixel_limit", _row("train2014/huge.png"), "image_too_large")
     add("no_placeholder", _row(img, human="Provide a caption."))  # InternVL prepends <image>
+    add("duplicate_id", _row(img, caption="another caption", id=2))  # good_2's id: kept, counted
     add("bare_image_prompt", _row(img, human="<image>"))  # InternVL accepts an image-only turn
     add("empty_prompt", _row(img, human=""))  # becomes a bare <image> turn
     add("two_images", _row([img, "train2014/gray.jpg"], human="Compare."))
@@ -431,7 +429,8 @@ def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
         ]
     )
     assert code == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
     assert report["rows_total"] == corpus.total
     assert report["rows_ok"] == len(corpus.ok)
     assert report["rows_ok"] + report["rows_rejected"] == report["rows_total"]
@@ -439,6 +438,9 @@ def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
     lines = [json.loads(x) for x in rejects.read_text().splitlines()]
     assert sorted(x["line"] for x in lines) == sorted(corpus.rejected)
     assert report["tiles"]["7"] >= 1 and set(report["tokens"]) == {"p50", "p95", "max"}
+    assert report["duplicate_ids"] == 1
+    assert "duplicate ids: 1 rows reuse an earlier row's id (rows kept" in out
+    assert f"first: {path}:{corpus.line('duplicate_id')}: id '2' (first at line 3)" in out
     assert (
         main(["check", str(path), "--root", str(root), "--strict", "--model", str(demo_tokenizer_dir)]) == 1
     )
@@ -458,6 +460,7 @@ def test_meta_file_with_repeat_time(tmp_path, demo_tokenizer_dir):
     )
     prepared = prepare(meta, None, _coco_settings(demo_tokenizer_dir), use_ray=False)
     assert prepared.rows_ok == 2 * n + n // 2
+    assert prepared.stats()["duplicate_ids"] == 0  # repeat_time copies are not duplicates
 
 
 def _meta(tmp_path, text: str | bytes) -> Path:

@@ -15,7 +15,7 @@ import os
 import random
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -312,7 +312,7 @@ def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reje
             except RowRejected as e:
                 items.append(Reject(source, lineno, e.reason, e.detail, line[:_RAW_LIMIT]))
                 continue
-            rid = str(obj.get("id", lineno))
+            rid = str(obj["id"]) if "id" in obj else f"line{lineno}"
             items.append(Record(f"{spec.name}:{rid}", source, lineno, paths, turns))
     if spec.repeat_time == 1.0:
         yield from items
@@ -324,6 +324,38 @@ def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reje
     if frac > 0:
         rng = random.Random(seed)
         yield from rng.sample(good, math.floor(len(good) * frac))
+
+
+@dataclass
+class Duplicate:
+    id: str
+    source: str
+    line: int
+    first_line: int
+
+    def message(self) -> str:
+        return f"{self.source}:{self.line}: id {self.id!r} (first at line {self.first_line})"
+
+
+def duplicate_ids(ids: Sequence[str], sources: Sequence[str], lines: Sequence[int]) -> list[Duplicate]:
+    """Rows that reuse the id of an earlier row of the same dataset, in order.
+
+    Reported, never rejected: ids are not used in training, and COCO-style data may give the five
+    captions of an image one id; but a file concatenated twice shows up here. Copies made by
+    ``repeat_time`` are the same line and do not count; a row without an id never clashes.
+    """
+    first: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for rid, source, line in zip(ids, sources, lines):
+        if (source, line) in seen:
+            continue
+        seen.add((source, line))
+        if rid in first:
+            out.append(Duplicate(rid.split(":", 1)[-1], source, line, first[rid]))
+        else:
+            first[rid] = line
+    return out
 
 
 def inspect_image(path: str) -> tuple[int, int]:
