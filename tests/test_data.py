@@ -380,7 +380,12 @@ def test_reject_details_say_what_to_fix(tmp_path, demo_tokenizer_dir):
     raw = {r.line: r.row for r in prepared.rejects}
     line = corpus.line("not_utf8_byte")
     assert "byte 0xe9" in detail[line] and "UTF-8" in detail[line] and "caf\\xe9" in raw[line]
+    assert (
+        detail[corpus.line("malformed_json")]
+        == "Expecting property name enclosed in double quotes at column 39"
+    )
     assert "truncated" in detail[corpus.line("truncated_last_line")]
+    assert detail[corpus.line("huge_integer")].endswith("value has 5000 digits")
     assert "nested too deeply" in detail[corpus.line("deeply_nested_json")]
     assert "\\ud800" in detail[corpus.line("lone_surrogate")]
     assert "null" in detail[corpus.line("null_caption")]

@@ -259,7 +259,7 @@ def resolve_image(root: Path, rel: str) -> Path:
 def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str]:
     """One annotation line -> (parsed JSON, its text), or the Reject saying why not; never raises."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError as e:
         return Reject(
             source,
@@ -278,7 +278,7 @@ def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str
     except RecursionError:
         detail = "nested too deeply to parse"
     except ValueError as e:  # e.g. an integer of more than 4300 digits
-        detail = str(e)
+        detail = str(e).split("; use sys.")[0]
     return Reject(source, lineno, "malformed_json", detail, text[:_RAW_LIMIT])
 
 
