@@ -3,7 +3,24 @@
 Sources: InternVL chat-format JSONL (one row per image/caption), InternVL meta JSON (several
 datasets with root, annotation, repeat_time) and the Karpathy test/val JSON + COCO gt pair.
 A bad row is never silently dropped: it becomes a :class:`Reject` with its file, line and reason
-(or, in strict mode, a :class:`DataError` naming the same).
+(or, in strict mode, a :class:`DataError` naming the same). No row, however broken, raises
+anything else. The reasons are in :data:`REASONS`; what is accepted and why:
+
+* Encoding: files are UTF-8. A line that is not is one ``not_utf8`` reject, the others are read
+  (so is a lone surrogate escape such as ``\\ud800``, which no tokenizer takes). A UTF-8 byte-order
+  mark is ignored, on any line and on a meta file; a UTF-16 file is one error for the whole file.
+* Blank lines are skipped and are not rows; line numbers are always the file's.
+* A human turn of only ``<image>``, or empty, is accepted as InternVL accepts it (the image is the
+  whole prompt); a turn without ``<image>`` gets one per image prepended, as InternVL does.
+* A caption of ``null`` is ``empty_caption``, like one of only spaces.
+* Images: any file PIL decodes and converts to RGB (grayscale, CMYK, palette, alpha, 16-bit, WebP;
+  a 1x1 image becomes one tile). More pixels than PIL's ``Image.MAX_IMAGE_PIXELS`` is
+  ``image_too_large``, decided from the header without decoding. A directory where an image
+  should be is ``image_missing``: the path in the row is wrong.
+* Rows that share an id are all kept and counted (:func:`duplicate_ids`), not rejected.
+* Problems of a meta file (a dataset's annotation or root missing, a ``repeat_time`` that is not
+  a number > 0, a dataset listed twice) are errors naming the meta file and the dataset, raised
+  before any row is read: they change the whole run's data mix, so they are not rows to skip.
 """
 
 from __future__ import annotations
