@@ -396,6 +396,25 @@ def test_reject_details_say_what_to_fix(tmp_path, demo_tokenizer_dir):
 
 
 @_huge_image_warns
+@pytest.mark.parametrize("side", [10_000, 30_000])
+def test_huge_image_rejected_without_decoding(tmp_path, monkeypatch, side):
+    from PIL import ImageFile
+
+    from raylora.data.records import inspect_image
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header(side, side))
+
+    def no_decoding(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(RowRejected) as e:
+        inspect_image(str(path))
+    assert e.value.reason == "image_too_large" and f"{side * side:,} pixels" in e.value.detail
+
+
+@_huge_image_warns
 def test_too_long_rows_rejected_with_reason(tmp_path, demo_tokenizer_dir):
     corpus = _bad_dataset(tmp_path)
     prepared = prepare(
