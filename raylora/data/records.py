@@ -275,16 +275,17 @@ def resolve_image(root: Path, rel: str) -> Path:
 
 def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str]:
     """One annotation line -> (parsed JSON, its text), or the Reject saying why not; never raises."""
+    raw_line = raw.rstrip(b"\r\n")
     try:
-        text = raw.rstrip(b"\r\n").decode("utf-8")
+        text = raw_line.decode("utf-8")
     except UnicodeDecodeError as e:
         return Reject(
             source,
             lineno,
             "not_utf8",
-            f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line is not valid UTF-8 "
+            f"byte 0x{raw_line[e.start]:02x} at byte {e.start + 1} of the line is not valid UTF-8 "
             "(the file must be UTF-8: re-encode it, or fix or drop this line)",
-            raw.decode("utf-8", "backslashreplace")[:_RAW_LIMIT],
+            raw_line.decode("utf-8", "backslashreplace")[:_RAW_LIMIT],
         )
     try:
         return json.loads(text), text
