@@ -4,11 +4,17 @@ the micro-batch plan, and the Ray Data pipeline end to end."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from raylora.data import tiling
 from raylora.data.pipeline import (
@@ -22,7 +28,7 @@ from raylora.data.pipeline import (
     train_dataset,
     unpack,
 )
-from raylora.data.records import REASONS, DataError, load_rgb
+from raylora.data.records import REASONS, DataError, load_rgb, read_specs
 from raylora.data.templates import IGNORE_INDEX, TEMPLATES, ConversationTokenizer, RowRejected
 
 from .conftest import COCO
@@ -198,94 +204,240 @@ def _coco_settings(demo_tokenizer_dir, max_seq_length=4096):
     )
 
 
-def _bad_dataset(tmp_path):
-    """Good COCO rows plus one row of every bad kind; returns (jsonl, root, expected reasons by line)."""
+@dataclass
+class Corpus:
+    """An annotation with one row per kind of input, and what must become of each line."""
+
+    path: Path
+    root: Path
+    kinds: dict[str, tuple[int, str]] = field(default_factory=dict)  # kind -> (line, "ok" or reason)
+
+    @property
+    def rejected(self) -> dict[int, str]:
+        return {line: out for line, out in self.kinds.values() if out != "ok"}
+
+    @property
+    def ok(self) -> list[int]:
+        return sorted(line for line, out in self.kinds.values() if out == "ok")
+
+    @property
+    def total(self) -> int:
+        return len(self.kinds)
+
+    def line(self, kind: str) -> int:
+        return self.kinds[kind][0]
+
+
+def _row(
+    image,
+    caption="a caption",
+    human="<image>\nProvide a one-sentence caption for the provided image.",
+    id=None,
+) -> str:
+    row = {"id": id} if id is not None else {}
+    row["image"] = image
+    row["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]
+    return json.dumps(row)
+
+
+# the corpus' 100-megapixel PNG is rejected from its header, after PIL's warning on opening it
+_huge_image_warns = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels in a few dozen bytes (no pixel data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def _bad_dataset(tmp_path) -> Corpus:
+    """Good COCO rows plus one row of every kind of bad (or odd but usable) input.
+
+    Each kind is one row of the same file; blank lines in between are not rows but keep their line
+    numbers. ``too_long`` is not here: it needs a small max_seq_length (see its own test).
+    """
     root = tmp_path / "coco"
     shutil.copytree(COCO, root)
-    good = [
-        json.loads(line)
-        for line in (COCO / "annotations" / "coco_karpathy_train.jsonl").read_text().splitlines()
-    ][:6]
-    img = good[0]["image"]
-    (root / "train2014" / "truncated.jpg").write_bytes((root / img).read_bytes()[:4000])
-    (root / "train2014" / "garbage.jpg").write_bytes(b"not an image at all")
-    Image.new("L", (320, 240), 128).save(root / "train2014" / "gray.jpg")
-    Image.new("RGB", (64, 64), (1, 2, 3)).convert("CMYK").save(root / "train2014" / "cmyk.jpg")
-    Image.new("RGBA", (64, 64), (1, 2, 3, 100)).save(root / "train2014" / "rgba.png")
-    Image.new("P", (64, 64)).save(root / "train2014" / "palette.png")
+    good = (COCO / "annotations" / "coco_karpathy_train.jsonl").read_text().splitlines()[:6]
+    img = json.loads(good[0])["image"]
+    train = root / "train2014"
+    (train / "truncated.jpg").write_bytes((root / img).read_bytes()[:4000])
+    (train / "garbage.jpg").write_bytes(b"not an image at all")
+    Image.new("L", (320, 240), 128).save(train / "gray.jpg")
+    Image.new("RGB", (64, 64), (1, 2, 3)).convert("CMYK").save(train / "cmyk.jpg")
+    Image.new("RGBA", (64, 64), (1, 2, 3, 100)).save(train / "rgba.png")
+    Image.new("P", (64, 64)).save(train / "palette.png")
+    Image.new("LA", (64, 64), (100, 200)).save(train / "la.png")
+    Image.new("I;16", (64, 64), 40000).save(train / "gray16.png")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(train / "one_pixel.png")
+    Image.new("RGB", (80, 60), (9, 99, 9)).save(train / "photo.webp")
+    Image.new("RGB", (80, 60), (9, 99, 9)).save(train / "really_a_png.jpg", format="PNG")
+    (train / "empty.jpg").write_bytes(b"")
+    (train / "bomb.png").write_bytes(_png_header(30_000, 30_000))  # 900 MP, 2.7 GB decoded
+    (train / "huge.png").write_bytes(_png_header(10_000, 10_000))  # 100 MP: only a PIL warning
+    os.mkfifo(train / "fifo.jpg")  # opening it would block forever
 
-    def row(
-        image, caption="a caption", human="<image>\nProvide a one-sentence caption for the provided image."
-    ):
-        return json.dumps(
-            {
-                "id": 1,
-                "image": image,
-                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
-            }
-        )
+    corpus = Corpus(root / "annotations" / "mixed.jsonl", root)
+    lines: list[bytes] = []
 
-    lines = [json.dumps(g) for g in good]
-    bad = {
-        "malformed_json": '{"id": 3, "image": "train2014/x.jpg", ',
-        "bad_fields": json.dumps({"id": 4, "image": img}),
-        "empty_caption": row(img, caption="   "),
-        "too_many_placeholders": row(img, human="<image>\n<image>\ncaption this"),
-        "image_outside_root": row("../../etc/passwd"),
-        "image_missing": row("train2014/does_not_exist.jpg"),
-        "image_unreadable": row("train2014/garbage.jpg"),
-        "image_truncated": row("train2014/truncated.jpg"),
-        "too_long": None,  # checked with a small max_seq_length below
-    }
-    expected = {}
-    for reason, text in bad.items():
-        if text is not None:
-            lines.append(text)
-            expected[len(lines)] = reason
-    lines += [
-        row("train2014/gray.jpg"),
-        row("train2014/cmyk.jpg"),
-        row("train2014/rgba.png"),
-        row("train2014/palette.png"),
-    ]
-    lines.append(row(img, human="Provide a caption."))  # no <image>: InternVL prepends it
-    path = root / "annotations" / "mixed.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path, root, expected, len(lines)
+    def add(kind: str | None, line: str | bytes, outcome: str = "ok") -> None:
+        lines.append(line.encode() if isinstance(line, str) else line)
+        if kind is not None:
+            assert kind not in corpus.kinds, kind
+            corpus.kinds[kind] = (len(lines), outcome)
+
+    add("good_with_utf8_bom", "\ufeff" + good[0])  # saved by an editor that writes a BOM
+    for i, g in enumerate(good[1:], 1):
+        add(f"good_{i}", g)
+    add(None, "")  # blank lines are skipped, not counted
+    add("malformed_json", '{"id": 3, "image": "train2014/x.jpg", ', "malformed_json")
+    add("bad_fields", json.dumps({"id": 4, "image": img}), "bad_fields")
+    add("empty_caption", _row(img, caption="   "), "empty_caption")
+    add("too_many_placeholders", _row(img, human="<image>\n<image>\ncaption this"), "too_many_placeholders")
+    add(None, "   \t")
+    add("image_outside_root", _row("../../etc/passwd"), "image_outside_root")
+    add("image_missing", _row("train2014/does_not_exist.jpg"), "image_missing")
+    add("image_unreadable", _row("train2014/garbage.jpg"), "image_unreadable")
+    add("image_truncated", _row("train2014/truncated.jpg"), "image_truncated")
+    latin1 = _row(img, caption="cafe").encode().replace(b"cafe", b"caf\xe9")
+    add("not_utf8_byte", latin1, "not_utf8")
+    add("utf8_bom_mid_file", "\ufeff" + _row(img))  # two files concatenated, the second with a BOM
+    add("crlf_line_end", _row(img) + "\r")  # written on Windows
+    add(None, "\r")
+    add("deeply_nested_json", "[" * 100_000, "malformed_json")
+    add("huge_integer", '{"id": ' + "9" * 5000 + "}", "malformed_json")
+    add("gray_image", _row("train2014/gray.jpg"))
+    add("cmyk_image", _row("train2014/cmyk.jpg"))
+    add("rgba_image", _row("train2014/rgba.png"))
+    add("palette_image", _row("train2014/palette.png"))
+    add("la_image", _row("train2014/la.png"))
+    add("16_bit_image", _row("train2014/gray16.png"))
+    add("1x1_image", _row("train2014/one_pixel.png"))  # InternVL resizes it: one tile
+    add("webp_image", _row("train2014/photo.webp"), "ok" if features.check("webp") else "image_unreadable")
+    add("png_named_jpg", _row("train2014/really_a_png.jpg"))  # PIL goes by content, not extension
+    add("image_is_directory", _row("train2014"), "image_missing")
+    add("image_path_too_long", _row("train2014/" + "x" * 5000 + ".jpg"), "image_missing")
+    add("image_path_with_nul", _row("train2014/a\u0000b.jpg"), "image_missing")
+    add("image_is_fifo", _row("train2014/fifo.jpg"), "image_unreadable")
+    add("image_empty_file", _row("train2014/empty.jpg"), "image_unreadable")
+    add("decompression_bomb", _row("train2014/bomb.png"), "image_too_large")
+    add("over_pixel_limit", _row("train2014/huge.png"), "image_too_large")
+    add("no_placeholder", _row(img, human="Provide a caption."))  # InternVL prepends <image>
+    add("duplicate_id", _row(img, caption="another caption", id=2))  # good_2's id: kept, counted
+    add("bare_image_prompt", _row(img, human="<image>"))  # InternVL accepts an image-only turn
+    add("empty_prompt", _row(img, human=""))  # becomes a bare <image> turn
+    add("two_images", _row([img, "train2014/gray.jpg"], human="Compare."))
+    add("null_caption", _row(img, caption=None), "empty_caption")
+    add("numeric_caption", _row(img, caption=42), "bad_fields")
+    add("lone_surrogate", _row(img, caption="x").replace('"x"', '"\\ud800"'), "not_utf8")
+    add(
+        "no_gpt_turn",
+        json.dumps({"image": img, "conversations": [{"from": "human", "value": "hi"}]}),
+        "bad_fields",
+    )
+    add("row_is_a_list", "[1, 2]", "bad_fields")
+    add("truncated_last_line", _row(img)[:-3], "malformed_json")  # no closing brace, no newline
+    corpus.path.write_bytes(b"\n".join(lines))
+    return corpus
 
 
+@_huge_image_warns
 def test_every_reject_reason_is_recorded(tmp_path, demo_tokenizer_dir):
-    path, root, expected, total = _bad_dataset(tmp_path)
-    prepared = prepare(path, root, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    corpus = _bad_dataset(tmp_path)
+    prepared = prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), use_ray=False)
     got = {r.line: r.reason for r in prepared.rejects}
-    assert got == expected
-    assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total == total
-    assert set(expected.values()) | {"too_long"} == set(REASONS)
+    assert got == corpus.rejected
+    assert sorted(prepared.table.column("line").to_pylist()) == corpus.ok
+    assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total == corpus.total
+    assert set(corpus.rejected.values()) | {"too_long"} == set(REASONS)
+    assert all(r.source == str(corpus.path) and r.detail for r in prepared.rejects)
+    convs = {
+        line: json.loads(c)
+        for line, c in zip(
+            prepared.table.column("line").to_pylist(), prepared.table.column("conversations").to_pylist()
+        )
+    }
     # accepted as InternVL accepts them: odd image modes and a missing placeholder
-    assert prepared.rows_ok == 6 + 5
-    convs = [json.loads(c) for c in prepared.table.column("conversations").to_pylist()]
-    assert convs[-1][0]["value"].startswith("<image>\n")
+    assert convs[corpus.line("no_placeholder")][0]["value"] == "<image>\nProvide a caption."
+    assert convs[corpus.line("bare_image_prompt")][0]["value"] == "<image>"
+    assert convs[corpus.line("empty_prompt")][0]["value"] == "<image>\n"
+    assert convs[corpus.line("two_images")][0]["value"] == "<image>\n<image>\nCompare."
+    tiles = dict(zip(prepared.table.column("line").to_pylist(), prepared.table.column("tiles").to_pylist()))
+    assert tiles[corpus.line("1x1_image")] == [1]
 
 
+@_huge_image_warns
+def test_reject_details_say_what_to_fix(tmp_path, demo_tokenizer_dir):
+    corpus = _bad_dataset(tmp_path)
+    prepared = prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    detail = {r.line: r.detail for r in prepared.rejects}
+    raw = {r.line: r.row for r in prepared.rejects}
+    line = corpus.line("not_utf8_byte")
+    assert "byte 0xe9" in detail[line] and "UTF-8" in detail[line] and "caf\\xe9" in raw[line]
+    assert (
+        detail[corpus.line("malformed_json")]
+        == "Expecting property name enclosed in double quotes at column 39"
+    )
+    assert "truncated" in detail[corpus.line("truncated_last_line")]
+    assert detail[corpus.line("huge_integer")].endswith("value has 5000 digits")
+    assert "nested too deeply" in detail[corpus.line("deeply_nested_json")]
+    assert "\\ud800" in detail[corpus.line("lone_surrogate")]
+    assert "null" in detail[corpus.line("null_caption")]
+    assert "is a directory" in detail[corpus.line("image_is_directory")]
+    assert "File name too long" in detail[corpus.line("image_path_too_long")]
+    for kind, pixels in (("decompression_bomb", "900,000,000"), ("over_pixel_limit", "100,000,000")):
+        assert pixels in detail[corpus.line(kind)] and "MAX_IMAGE_PIXELS" in detail[corpus.line(kind)]
+
+
+@_huge_image_warns
+@pytest.mark.parametrize("side", [10_000, 30_000])
+def test_huge_image_rejected_without_decoding(tmp_path, monkeypatch, side):
+    from PIL import ImageFile
+
+    from raylora.data.records import inspect_image
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header(side, side))
+
+    def no_decoding(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(RowRejected) as e:
+        inspect_image(str(path))
+    assert e.value.reason == "image_too_large" and f"{side * side:,} pixels" in e.value.detail
+
+
+@_huge_image_warns
 def test_too_long_rows_rejected_with_reason(tmp_path, demo_tokenizer_dir):
-    path, root, _, _ = _bad_dataset(tmp_path)
-    prepared = prepare(path, root, _coco_settings(demo_tokenizer_dir, max_seq_length=1000), use_ray=False)
+    corpus = _bad_dataset(tmp_path)
+    prepared = prepare(
+        corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir, max_seq_length=1000), use_ray=False
+    )
     too_long = [r for r in prepared.rejects if r.reason == "too_long"]
     assert too_long and "max_seq_length 1000" in too_long[0].detail
     assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total
 
 
 def test_strict_names_file_line_and_reason(tmp_path, demo_tokenizer_dir):
-    path, root, expected, _ = _bad_dataset(tmp_path)
-    first = min(expected)
-    with pytest.raises(DataError, match=rf"mixed.jsonl:{first}: {expected[first]}"):
-        prepare(path, root, _coco_settings(demo_tokenizer_dir), strict=True, use_ray=False)
+    corpus = _bad_dataset(tmp_path)
+    first = min(corpus.rejected)
+    with pytest.raises(DataError, match=rf"mixed.jsonl:{first}: {corpus.rejected[first]}"):
+        prepare(corpus.path, corpus.root, _coco_settings(demo_tokenizer_dir), strict=True, use_ray=False)
 
 
+@_huge_image_warns
 def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
     from raylora.data.__main__ import main
 
-    path, root, expected, total = _bad_dataset(tmp_path)
+    corpus = _bad_dataset(tmp_path)
+    path, root = corpus.path, corpus.root
     rejects = tmp_path / "rejects.jsonl"
     code = main(
         [
@@ -301,13 +453,18 @@ def test_check_cli_json_and_rejects_file(tmp_path, demo_tokenizer_dir, capsys):
         ]
     )
     assert code == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["rows_total"] == total
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["rows_total"] == corpus.total
+    assert report["rows_ok"] == len(corpus.ok)
     assert report["rows_ok"] + report["rows_rejected"] == report["rows_total"]
-    assert report["rejects"] == {r: 1 for r in expected.values()}
+    assert report["rejects"] == dict(Counter(corpus.rejected.values()))
     lines = [json.loads(x) for x in rejects.read_text().splitlines()]
-    assert sorted(x["line"] for x in lines) == sorted(expected)
+    assert sorted(x["line"] for x in lines) == sorted(corpus.rejected)
     assert report["tiles"]["7"] >= 1 and set(report["tokens"]) == {"p50", "p95", "max"}
+    assert report["duplicate_ids"] == 1
+    assert "duplicate ids: 1 rows reuse an earlier row's id (rows kept" in out
+    assert f"first: {path}:{corpus.line('duplicate_id')}: id '2' (first at line 3)" in out
     assert (
         main(["check", str(path), "--root", str(root), "--strict", "--model", str(demo_tokenizer_dir)]) == 1
     )
@@ -327,6 +484,96 @@ def test_meta_file_with_repeat_time(tmp_path, demo_tokenizer_dir):
     )
     prepared = prepare(meta, None, _coco_settings(demo_tokenizer_dir), use_ray=False)
     assert prepared.rows_ok == 2 * n + n // 2
+    assert prepared.stats()["duplicate_ids"] == 0  # repeat_time copies are not duplicates
+
+
+def _meta(tmp_path, text: str | bytes) -> Path:
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(text.encode() if isinstance(text, str) else text)
+    return meta
+
+
+def test_meta_file_with_utf8_bom(tmp_path, demo_tokenizer_dir):
+    ann = tmp_path / "ann.jsonl"
+    ann.write_bytes(b"\xef\xbb\xbf" + (COCO / "annotations" / "coco_karpathy_train.jsonl").read_bytes())
+    entry = {"root": str(COCO), "annotation": ann.name}  # relative to the meta file
+    meta = _meta(tmp_path, "\ufeff" + json.dumps({"coco": entry}))
+    prepared = prepare(meta, None, _coco_settings(demo_tokenizer_dir), use_ray=False)
+    assert prepared.rows_ok == prepared.rows_total == 40 and not prepared.rejects
+
+
+_ANN = str(COCO / "annotations" / "coco_karpathy_train.jsonl")
+
+
+@pytest.mark.parametrize(
+    "entry, error, message",
+    [
+        (
+            {"root": str(COCO), "annotation": "missing.jsonl"},
+            FileNotFoundError,
+            "annotation 'missing.jsonl' not found",
+        ),
+        ({"root": str(COCO), "annotation": str(COCO)}, FileNotFoundError, "not found"),  # a directory
+        (
+            {"root": "no/such/root", "annotation": _ANN},
+            FileNotFoundError,
+            "image root 'no/such/root' not found",
+        ),
+        (
+            {"root": str(COCO), "annotation": _ANN, "repeat_time": 0},
+            DataError,
+            r"repeat_time must be a number > 0 \(got 0\)",
+        ),
+        ({"root": str(COCO), "annotation": _ANN, "repeat_time": -1}, DataError, r"> 0 \(got -1\)"),
+        ({"root": str(COCO), "annotation": _ANN, "repeat_time": "2"}, DataError, r"> 0 \(got '2'\)"),
+        ({"root": str(COCO), "annotation": None}, DataError, "needs 'annotation'"),
+        ({"annotation": _ANN}, DataError, "needs 'root'"),
+    ],
+    ids=[
+        "missing_annotation",
+        "annotation_is_dir",
+        "missing_root",
+        "repeat_0",
+        "repeat_negative",
+        "repeat_string",
+        "annotation_null",
+        "no_root",
+    ],
+)
+def test_meta_dataset_problems_name_meta_file_and_dataset(tmp_path, entry, error, message):
+    meta = _meta(tmp_path, json.dumps({"good": {"root": str(COCO), "annotation": _ANN}, "broken": entry}))
+    with pytest.raises(error, match=rf"meta.json: dataset 'broken'.*{message}"):
+        read_specs(meta)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b'{"coco": {"root": "caf\xe9"}}', r"meta.json:1: byte 0xe9 is not valid UTF-8"),
+        ("{}".encode("utf-16"), "UTF-16"),
+        ("{}", "maps dataset names"),
+        (
+            '{"a": 1}\n{"b": 2}\n',
+            "meta.json:2: invalid meta JSON: Extra data; a JSONL annotation must end in .jsonl",
+        ),
+        (
+            f'{{"coco": {{"root": "a"}}, "coco": {json.dumps({"root": str(COCO), "annotation": _ANN})}}}',
+            "'coco' is listed twice",
+        ),
+    ],
+    ids=["not_utf8", "utf16", "empty", "jsonl_named_json", "dataset_twice"],
+)
+def test_meta_file_problems_name_the_file(tmp_path, text, message):
+    with pytest.raises(DataError, match=message):
+        read_specs(_meta(tmp_path, text))
+
+
+def test_check_cli_meta_errors(tmp_path, demo_tokenizer_dir, capsys):
+    from raylora.data.__main__ import main
+
+    meta = _meta(tmp_path, json.dumps({"broken": {"root": str(COCO), "annotation": "missing.jsonl"}}))
+    assert main(["check", str(meta), "--model", str(demo_tokenizer_dir)]) == 2
+    assert "meta.json: dataset 'broken': annotation 'missing.jsonl' not found" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- planning

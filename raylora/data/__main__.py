@@ -2,6 +2,7 @@
 
 Validates every row and image exactly as training does: rows ok / rejected by reason, the
 tiles-per-image histogram and token length percentiles. Rejected rows go to ``--rejects``.
+Rows that reuse an earlier row's id are kept and counted (a line appears when there are any).
 With ``--json`` the last line printed is one JSON object with the same numbers.
 Exit status: 0, or 1 when ``--strict`` met a bad row (it names file, line and reason).
 """
@@ -70,6 +71,11 @@ def check(args: argparse.Namespace) -> int:
         print(f"  rejected {reason}: {n}")
     if prepared.rejects:
         print(f"rejected rows written to {rejects}; first: {prepared.rejects[0].message()}")
+    if stats["duplicate_ids"]:
+        print(
+            f"duplicate ids: {stats['duplicate_ids']} rows reuse an earlier row's id (rows kept, ids "
+            f"are not used in training); first: {prepared.duplicate_ids()[0].message()}"
+        )
     print("tiles per image: " + ", ".join(f"{k}: {v}" for k, v in stats["tiles"].items()))
     t = stats["tokens"]
     print(

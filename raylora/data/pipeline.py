@@ -30,8 +30,10 @@ import pyarrow as pa
 
 from raylora.data.records import (
     DataError,
+    Duplicate,
     Record,
     Reject,
+    duplicate_ids,
     inspect_image,
     iter_annotation,
     load_rgb,
@@ -96,6 +98,7 @@ class Prepared:
             "rows_ok": self.rows_ok,
             "rows_rejected": len(self.rejects),
             "rejects": dict(Counter(r.reason for r in self.rejects).most_common()),
+            "duplicate_ids": len(self.duplicate_ids()),
             "tiles": {str(k): v for k, v in sorted(tiles.items())},
             "tokens": {
                 "p50": int(np.percentile(lengths, 50)),
@@ -103,6 +106,10 @@ class Prepared:
                 "max": int(lengths.max()),
             },
         }
+
+    def duplicate_ids(self) -> list[Duplicate]:
+        """Kept rows that reuse an earlier row's id (reported, not rejected)."""
+        return duplicate_ids(*(self.table.column(c).to_pylist() for c in ("id", "source", "line")))
 
     def write_rejects(self, path: str | Path) -> None:
         path = Path(path)

@@ -3,17 +3,36 @@
 Sources: InternVL chat-format JSONL (one row per image/caption), InternVL meta JSON (several
 datasets with root, annotation, repeat_time) and the Karpathy test/val JSON + COCO gt pair.
 A bad row is never silently dropped: it becomes a :class:`Reject` with its file, line and reason
-(or, in strict mode, a :class:`DataError` naming the same).
+(or, in strict mode, a :class:`DataError` naming the same). No row, however broken, raises
+anything else. The reasons are in :data:`REASONS`; what is accepted and why:
+
+* Encoding: files are UTF-8. A line that is not is one ``not_utf8`` reject, the others are read
+  (so is a lone surrogate escape such as ``\\ud800``, which no tokenizer takes). A UTF-8 byte-order
+  mark is ignored, on any line and on a meta file; a UTF-16 file is one error for the whole file.
+* Blank lines are skipped and are not rows; line numbers are always the file's.
+* A human turn of only ``<image>``, or empty, is accepted as InternVL accepts it (the image is the
+  whole prompt); a turn without ``<image>`` gets one per image prepended, as InternVL does.
+* A caption of ``null`` is ``empty_caption``, like one of only spaces.
+* Images: any file PIL decodes and converts to RGB (grayscale, CMYK, palette, alpha, 16-bit, WebP;
+  a 1x1 image becomes one tile). More pixels than PIL's ``Image.MAX_IMAGE_PIXELS`` is
+  ``image_too_large``, decided from the header without decoding. A directory where an image
+  should be is ``image_missing``: the path in the row is wrong.
+* Rows that share an id are all kept and counted (:func:`duplicate_ids`), not rejected.
+* Problems of a meta file (a dataset's annotation or root missing, a ``repeat_time`` that is not
+  a number > 0, a dataset listed twice) are errors naming the meta file and the dataset, raised
+  before any row is read: they change the whole run's data mix, so they are not rows to skip.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
 import re
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +43,19 @@ from raylora.data.templates import IMAGE_PLACEHOLDER, RowRejected
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 _RAW_LIMIT = 2000  # characters of a bad row kept in the rejects file
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 REASONS = {
+    "not_utf8": "the line is not UTF-8 text (an undecodable byte, or a lone surrogate escape such as \\ud800)",
     "malformed_json": "the line is not valid JSON",
     "bad_fields": "missing or wrongly typed fields (image, conversations, from/value)",
     "empty_caption": "an assistant turn has no text",
     "too_many_placeholders": "more <image> placeholders than images",
     "image_outside_root": "the image path leaves the data root",
-    "image_missing": "the image file does not exist",
-    "image_unreadable": "the image file cannot be decoded",
+    "image_missing": "no image file at that path (it does not exist, or is a directory)",
+    "image_unreadable": "the image file cannot be read or decoded",
     "image_truncated": "the image file is truncated",
+    "image_too_large": "the image has more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)",
     "too_long": "text plus expanded image tokens exceed max_seq_length",
 }
 
@@ -77,33 +99,106 @@ class DatasetSpec:
 
 
 def read_specs(train: str | Path, root: str | Path | None = None) -> list[DatasetSpec]:
-    """A JSONL annotation (with its image root) or an InternVL meta JSON -> dataset specs."""
+    """A JSONL annotation (with its image root) or an InternVL meta JSON -> dataset specs.
+
+    Problems with the meta file itself are errors naming the meta file and the dataset, raised
+    before any row is read: a dataset whose annotation or image root is missing
+    (FileNotFoundError), or whose ``repeat_time`` is not a number > 0 (DataError). Each changes
+    the data mix of the whole run, so none is skipped with a warning.
+    """
     path = Path(train)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     if path.suffix == ".jsonl":
         if root is None:
             raise ValueError(f"{path}: a JSONL annotation needs an image root (data.root / --root)")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"image root of {path} not found: {root} (data.root / --root)")
         return [DatasetSpec(path.stem, path, Path(root))]
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid meta JSON: {e.msg}") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
-        raise DataError(f"{path}: a meta file maps dataset names to {{root, annotation, repeat_time}}")
+    meta = _read_meta(path)
     specs = []
     for name, entry in meta.items():
+        where = f"{path}: dataset {name!r}"
         for key in ("root", "annotation"):
-            if key not in entry:
-                raise DataError(f"{path}: dataset {name!r} lacks {key!r}")
+            if not isinstance(entry.get(key), str):
+                raise DataError(f"{where} needs {key!r} (a path)")
         ann = Path(entry["annotation"])
         spec_root = Path(entry["root"])
         if not ann.is_absolute() and not ann.exists():
             ann = path.parent / ann  # relative to the meta file when not relative to the cwd
         if not spec_root.is_absolute() and not spec_root.exists():
             spec_root = path.parent / spec_root
-        specs.append(DatasetSpec(name, ann, spec_root, float(entry.get("repeat_time", 1.0))))
+        if not ann.is_file():
+            raise FileNotFoundError(
+                f"{where}: annotation {entry['annotation']!r} not found ({_tried(entry['annotation'], ann)}); "
+                "fix the path or remove the dataset from the meta file"
+            )
+        if not spec_root.is_dir():
+            raise FileNotFoundError(
+                f"{where}: image root {entry['root']!r} not found ({_tried(entry['root'], spec_root)})"
+            )
+        repeat = entry.get("repeat_time", 1.0)
+        if isinstance(repeat, bool) or not isinstance(repeat, int | float) or not 0 < repeat < math.inf:
+            raise DataError(
+                f"{where}: repeat_time must be a number > 0 (got {repeat!r}): 2 uses the dataset twice, "
+                "0.5 a seeded random half; to leave the dataset out, remove it from the meta file"
+            )
+        specs.append(DatasetSpec(name, ann, spec_root, float(repeat)))
     return specs
+
+
+def _tried(given: str, resolved: Path) -> str:
+    return f"tried {given} and {resolved}" if Path(given) != resolved else f"tried {resolved}"
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _read_meta(path: Path) -> dict[str, dict[str, Any]]:
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is fine
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} is not valid UTF-8; save the file as UTF-8"
+        ) from None
+    try:
+        meta = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise DataError(f"{path}: {e.args[0]!r} is listed twice (JSON keeps only the last one)") from None
+    except json.JSONDecodeError as e:
+        hint = "; a JSONL annotation must end in .jsonl" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}:{e.lineno}: invalid meta JSON: {e.msg}{hint}") from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(f"{path}: invalid meta JSON: {e}") from None
+    if not isinstance(meta, dict) or not meta or not all(isinstance(v, dict) for v in meta.values()):
+        raise DataError(f"{path}: a meta file maps dataset names to {{root, annotation, repeat_time}}")
+    return meta
+
+
+def _check_text(where: str, text: str) -> None:
+    """JSON can spell a lone UTF-16 surrogate (\\ud800) that no UTF-8 tokenizer or Arrow column takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowRejected(
+            "not_utf8",
+            f"{where} contains \\u{ord(text[e.start]):04x}, a lone surrogate escape that is not text; "
+            "fix or drop the escape",
+        ) from None
 
 
 def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
@@ -118,11 +213,20 @@ def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
         raise RowRejected("bad_fields", "'conversations' must be a non-empty list")
     turns = []
     for i, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise RowRejected("bad_fields", f"conversations[{i}] needs a string 'value'")
+        if not isinstance(turn, dict):
+            raise RowRejected("bad_fields", f"conversations[{i}] must be an object with 'from' and 'value'")
         if turn.get("from") not in ("human", "gpt", "system"):
             raise RowRejected("bad_fields", f"conversations[{i}].from must be human, gpt or system")
+        if turn["from"] == "gpt" and "value" in turn and turn["value"] is None:
+            raise RowRejected("empty_caption", f"conversations[{i}] (gpt) has value null")
+        if not isinstance(turn.get("value"), str):
+            raise RowRejected("bad_fields", f"conversations[{i}] needs a string 'value'")
         turns.append({"from": turn["from"], "value": turn["value"]})
+    for i, text in enumerate(images):
+        _check_text(f"image[{i}]", text)
+    for i, turn in enumerate(turns):
+        _check_text(f"conversations[{i}].value", turn["value"])
+    _check_text("id", str(obj.get("id", "")))
     body = turns[1:] if turns[0]["from"] == "system" else turns
     if not body or body[0]["from"] != "human" or not any(t["from"] == "gpt" for t in body):
         raise RowRejected("bad_fields", "conversations must start with a human turn and contain a gpt turn")
@@ -147,36 +251,86 @@ def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def resolve_image(root: Path, rel: str) -> Path:
-    """join(root, image), refusing paths that escape the root."""
+    """join(root, image), refusing paths that escape the root and anything but an existing file."""
     root_abs = Path(os.path.abspath(root))
     full = Path(os.path.abspath(root_abs / rel))
     if os.path.commonpath([root_abs, full]) != str(root_abs):
         raise RowRejected("image_outside_root", f"{rel!r} resolves outside {root_abs}")
-    if not full.is_file():
-        raise RowRejected("image_missing", f"{full} does not exist")
+    try:
+        mode = os.stat(full).st_mode
+    except ValueError:  # a NUL character in the path
+        raise RowRejected("image_missing", f"{rel!r} is not a valid file name") from None
+    except OSError as e:  # ENOENT, ENOTDIR, ENAMETOOLONG, ELOOP, EACCES on a folder, ...
+        if e.errno == errno.ENOENT:
+            raise RowRejected("image_missing", f"{full} does not exist") from None
+        reason = "image_unreadable" if e.errno in (errno.EACCES, errno.EPERM, errno.EIO) else "image_missing"
+        shown = str(full) if len(str(full)) <= 300 else str(full)[:300] + "..."
+        raise RowRejected(reason, f"{shown}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise RowRejected("image_missing", f"{full} is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        raise RowRejected("image_unreadable", f"{full} is not a regular file")
     return full
 
 
+def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str]:
+    """One annotation line -> (parsed JSON, its text), or the Reject saying why not; never raises."""
+    raw_line = raw.rstrip(b"\r\n")
+    try:
+        text = raw_line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Reject(
+            source,
+            lineno,
+            "not_utf8",
+            f"byte 0x{raw_line[e.start]:02x} at byte {e.start + 1} of the line is not valid UTF-8 "
+            "(the file must be UTF-8: re-encode it, or fix or drop this line)",
+            raw_line.decode("utf-8", "backslashreplace")[:_RAW_LIMIT],
+        )
+    try:
+        return json.loads(text), text
+    except json.JSONDecodeError as e:
+        detail = f"{e.msg} at column {e.colno}"
+        if not raw.endswith(b"\n"):
+            detail += " (the last line has no newline: the file may be truncated)"
+    except RecursionError:
+        detail = "nested too deeply to parse"
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        detail = str(e).split("; use sys.")[0]
+    return Reject(source, lineno, "malformed_json", detail, text[:_RAW_LIMIT])
+
+
 def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reject]:
-    """Records and rejects of one JSONL annotation, repeat_time applied (fractions keep a seeded subset)."""
+    """Records and rejects of one JSONL annotation, repeat_time applied (fractions keep a seeded subset).
+
+    The file is read as bytes and decoded line by line, so one line that is not UTF-8 is one
+    ``not_utf8`` reject and every other line is still read. A UTF-8 byte-order mark at the start of
+    a line is ignored (files saved by some editors start with one; concatenated files may carry one
+    mid-file). Blank lines are skipped and not counted as rows; line numbers stay those of the file.
+    """
     source = str(spec.annotation)
     items: list[Record | Reject] = []
-    with open(spec.annotation, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(spec.annotation, "rb") as f:
+        if f.read(4).startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataError(f"{source}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
+        f.seek(0)
+        for lineno, raw in enumerate(f, 1):
+            if raw.startswith(_UTF8_BOM):
+                raw = raw[len(_UTF8_BOM) :]
+            if not raw.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                items.append(Reject(source, lineno, "malformed_json", e.msg, line[:_RAW_LIMIT]))
+            parsed = _parse_line(source, lineno, raw)
+            if isinstance(parsed, Reject):
+                items.append(parsed)
                 continue
+            obj, line = parsed
             try:
                 images, turns = _check_fields(obj)
                 paths = [str(resolve_image(spec.root, rel)) for rel in images]
             except RowRejected as e:
                 items.append(Reject(source, lineno, e.reason, e.detail, line[:_RAW_LIMIT]))
                 continue
-            rid = str(obj.get("id", lineno))
+            rid = str(obj["id"]) if "id" in obj else f"line{lineno}"
             items.append(Record(f"{spec.name}:{rid}", source, lineno, paths, turns))
     if spec.repeat_time == 1.0:
         yield from items
@@ -190,12 +344,61 @@ def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reje
         yield from rng.sample(good, math.floor(len(good) * frac))
 
 
+@dataclass
+class Duplicate:
+    id: str
+    source: str
+    line: int
+    first_line: int
+
+    def message(self) -> str:
+        return f"{self.source}:{self.line}: id {self.id!r} (first at line {self.first_line})"
+
+
+def duplicate_ids(ids: Sequence[str], sources: Sequence[str], lines: Sequence[int]) -> list[Duplicate]:
+    """Rows that reuse the id of an earlier row of the same dataset, in order.
+
+    Reported, never rejected: ids are not used in training, and COCO-style data may give the five
+    captions of an image one id; but a file concatenated twice shows up here. Copies made by
+    ``repeat_time`` are the same line and do not count; a row without an id never clashes.
+    """
+    first: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for rid, source, line in zip(ids, sources, lines):
+        if (source, line) in seen:
+            continue
+        seen.add((source, line))
+        if rid in first:
+            out.append(Duplicate(rid.split(":", 1)[-1], source, line, first[rid]))
+        else:
+            first[rid] = line
+    return out
+
+
 def inspect_image(path: str) -> tuple[int, int]:
-    """Fully decode an image (catches truncation); its (width, height). Raises RowRejected."""
+    """Decode an image as training will (catches truncation and unsupported modes); its (width, height).
+
+    Images over PIL's ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels; a decompression bomb
+    guard) are rejected from the header alone, before any pixels are decoded. Raises RowRejected.
+    """
     try:
         with Image.open(path) as im:
-            im.load()
-            return im.size
+            width, height = im.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and width * height > limit:
+                raise RowRejected(
+                    "image_too_large", _too_large(path, f"{width}x{height} = {width * height:,}")
+                )
+            if width < 1 or height < 1:
+                raise RowRejected("image_unreadable", f"{path}: the image is {width}x{height} pixels")
+            to_rgb(im).load()
+            return width, height
+    except RowRejected:
+        raise
+    except Image.DecompressionBombError as e:  # raised by Image.open beyond twice the limit
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise RowRejected("image_too_large", _too_large(path, f"{int(m[1]):,}" if m else "its")) from None
     except FileNotFoundError:
         raise RowRejected("image_missing", f"{path} does not exist") from None
     except OSError as e:
@@ -206,9 +409,15 @@ def inspect_image(path: str) -> tuple[int, int]:
         raise RowRejected("image_unreadable", f"{path}: {type(e).__name__}: {e}") from None
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
-    im = Image.open(path)
+def _too_large(path: str, size: str) -> str:
+    return (
+        f"{path}: {size} pixels is over PIL's decompression-bomb limit Image.MAX_IMAGE_PIXELS "
+        f"({Image.MAX_IMAGE_PIXELS:,}); downscale the image (training resizes it to a few tiles anyway)"
+    )
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
     if im.mode == "RGB":
         return im
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -217,6 +426,11 @@ def load_rgb(path: str) -> Image.Image:
         bg.paste(im, mask=im.getchannel("A"))
         return bg
     return im.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
+    return to_rgb(Image.open(path))
 
 
 # ------------------------------------------------------------------------------------ test / val
