@@ -18,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from raylora.generation import GenerationSettings
-from raylora.registry import SourceError, load_model, resolve_source
+from raylora.cli import model_spec
+from raylora.console import run_command
+from raylora.generation import GenerationSettings, generate_captions
+from raylora.sources import load_model, resolve_source
 
 
 def caption_images(
@@ -32,8 +34,6 @@ def caption_images(
     base: str | None = None,
 ) -> list[str]:
     """Captions of ``images`` (in order) by the model ``model_spec`` resolves to."""
-    from raylora.generation import generate_captions
-
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"image(s) not found: {', '.join(missing)}")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--model", required=True, metavar="DIR_OR_URI", help="checkpoint dir, adapter dir or MLflow URI"
+        "--model", required=True, metavar="DIR_OR_URI", help="checkpoint dir, adapter dir, MLflow URI or demo"
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
@@ -66,18 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_num < 1:
         p.error("--batch-size and --max-num must be at least 1")
-    t0 = time.time()
-    try:
+
+    def body() -> None:
+        t0 = time.time()
         captions = caption_images(
-            args.model, args.images, args.batch_size, args.max_num, args.prompt, args.dtype, args.base
+            model_spec(args.model),
+            args.images,
+            args.batch_size,
+            args.max_num,
+            args.prompt,
+            args.dtype,
+            args.base,
         )
-    except (SourceError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path, caption in zip(args.images, captions):
-        print(f"{path}\t{caption}", flush=True)
-    print(f"[caption] {len(captions)} images in {time.time() - t0:.1f}s", file=sys.stderr)
-    return 0
+        for path, caption in zip(args.images, captions):
+            print(f"{path}\t{caption}", flush=True)
+        print(f"[caption] {len(captions)} images in {time.time() - t0:.1f}s", file=sys.stderr)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

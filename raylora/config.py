@@ -8,7 +8,6 @@ values are parsed as YAML, so ``[a, b]``, ``null``, ``true`` and ``3e-4`` work.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -22,9 +21,6 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "tune_configs"
-DEMO = "demo"  # model.path / data.train value that selects the built-in demo assets
-RECIPE_CONFIG = "internvl2_2b_coco"
-RECIPE_PATHS = ("pretrained/InternVL2-2B", "data/coco")  # the tutorial's layout
 
 
 class ConfigError(ValueError):
@@ -61,8 +57,8 @@ class DataConfig:
     use_thumbnail: bool = True
     strict: bool = False  # fail at the first bad row instead of rejecting it
     shuffle_seed: int = 42
-    decode_actors: int = 1  # Ray Data actors that decode, tile and tokenize
-    decode_cpus: float = 1.0  # CPUs reserved per decode actor
+    decode_actors: int = 1  # per training worker: Ray Data actors that decode, tile and tokenize its batches
+    decode_cpus: float = 1.0  # CPUs reserved per decode actor (workers x actors x this, besides the workers')
     rejects: str | None = None  # where rejected rows go; default <output>/rejects.jsonl
 
 
@@ -243,7 +239,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _apply(cfg: Config, key: str, value: Any, origin: str) -> None:
+def apply_override(cfg: Config, key: str, value: Any, origin: str = "override") -> None:
+    """Set ``section.key`` (or a whole section from a mapping) with type checking; ``origin`` names
+    where the value came from in errors (a file, "command line", ...)."""
     parts = key.split(".")
     top_keys = _valid_keys(Config)
     if parts[0] not in top_keys:
@@ -255,7 +253,7 @@ def _apply(cfg: Config, key: str, value: Any, origin: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: {key!r} is a section; give a mapping or use {key}.<field>=...")
             for k, v in value.items():
-                _apply(cfg, f"{key}.{k}", v, origin)
+                apply_override(cfg, f"{key}.{k}", v, origin)
             return
         setattr(cfg, key, _coerce(value, hints[key], key))
         return
@@ -316,12 +314,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = resolve_config_path(path)
         for data, origin in _read_yaml(path):
             for key, value in data.items():
-                _apply(cfg, key, value, str(origin))
+                apply_override(cfg, key, value, str(origin))
         if cfg.name == "run":
             cfg.name = path.stem
     for text in overrides or []:
         key, value = parse_override(text)
-        _apply(cfg, key, value, "command line")
+        apply_override(cfg, key, value, "command line")
     validate(cfg)
     return cfg
 
@@ -353,51 +351,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
     if cfg.cluster.num_workers < 1:
         raise ConfigError(f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
-    from raylora.data.templates import TEMPLATES
-
-    if cfg.model.template not in TEMPLATES:
-        raise ConfigError(f"model.template {cfg.model.template!r} unknown; valid: {', '.join(TEMPLATES)}")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. a saved ``config.yaml``)."""
     cfg = Config()
     for key, value in data.items():
-        _apply(cfg, key, value, "saved config")
+        apply_override(cfg, key, value, "saved config")
     return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def default_config_name() -> str:
-    """The recipe when its model and data are present in the working directory, else the demo."""
-    if all(Path(p).exists() for p in RECIPE_PATHS):
-        return RECIPE_CONFIG
-    print(
-        f"[raylora] {RECIPE_PATHS[0]} and {RECIPE_PATHS[1]} not found: running the built-in demo (tune_configs/demo.yaml)",
-        flush=True,
-    )
-    return DEMO
-
-
-def config_parser(prog: str, doc: str | None, overrides_example: str) -> argparse.ArgumentParser:
-    """An ArgumentParser with the options every config-driven command shares."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config", help="YAML file or name in tune_configs/ (default: the recipe if present, else demo)"
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}"
-    )
-    return parser
-
-
-def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
-    return load_config(args.config or default_config_name(), list(args.overrides) + (extra or []))

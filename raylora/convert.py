@@ -27,9 +27,7 @@ Use :func:`ensure_native` to convert on first use into a cache, or the CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -38,7 +36,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,26 +43,20 @@ from typing import Any
 
 import torch
 
+from raylora.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from raylora.files import atomic_dir, cache_root, file_lock
+from raylora.model import LLM_FAMILIES
+
 logger = logging.getLogger(__name__)
+# transformers is imported inside the functions that build configs and models (seconds at start-up).
 
 # Bump when the output of the conversion changes, so that cached conversions are redone.
 CONVERTER_VERSION = 2
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-# Used only when the tokenizer files do not name <IMG_CONTEXT> (they always do in the published checkpoints).
-FALLBACK_IMAGE_TOKEN_IDS = {"internlm2": 92546, "qwen2": 151667}
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
-# llm_config["architectures"][0] -> LLM family
-LLM_FAMILIES = {
-    "InternLM2ForCausalLM": "internlm2",
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-    "Phi3ForCausalLM": "phi3",
-}
-# LLM family -> native text model_type in the converted config
-NATIVE_TEXT_MODEL_TYPE = {"internlm2": "llama", "qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+# llm_config["architectures"][0] -> LLM family (the per-family facts live in raylora.model.LLM_FAMILIES)
+ARCHITECTURES = {family.architecture: name for name, family in LLM_FAMILIES.items()}
 # Defaults of the original InternLM2Config (InternLM's configuration_internlm2.py, the remote code of the
 # InternLM2 checkpoints), for an llm_config that leaves keys out. The other LLMs' original configs are
 # transformers' own classes (Qwen2Config, LlamaConfig) or a copy of one (Phi3Config), whose defaults the
@@ -147,14 +138,14 @@ def llm_family(original_config: Mapping[str, Any]) -> str:
     llm_config = original_config.get("llm_config") or {}
     architectures = llm_config.get("architectures") or []
     for arch in architectures:
-        if arch in LLM_FAMILIES:
-            return LLM_FAMILIES[arch]
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
     model_type = llm_config.get("model_type")
-    if model_type in NATIVE_TEXT_MODEL_TYPE:
+    if model_type in LLM_FAMILIES:
         return model_type
     raise ConversionError(
         f"unsupported InternVL LLM {architectures or model_type!r}: the converter knows "
-        f"{sorted(LLM_FAMILIES)}"
+        f"{sorted(ARCHITECTURES)}"
     )
 
 
@@ -246,7 +237,7 @@ def convert_text_config(llm_config: Mapping[str, Any], family: str | None = None
             tie_word_embeddings=False,
         )
     else:
-        config_class = CONFIG_MAPPING[NATIVE_TEXT_MODEL_TYPE[family]]
+        config_class = CONFIG_MAPPING[LLM_FAMILIES[family].native_model_type]
         # Only the class's own fields: the original nested config also carries every generation default of
         # transformers 4.3x (temperature, top_k, num_beams, ...) which do not belong in a model config.
         base_fields = {f.name for f in dataclasses.fields(PreTrainedConfig)}
@@ -699,15 +690,16 @@ def find_image_token_id(src: str | os.PathLike, family: str | None = None) -> in
     token_id = _added_token_ids(src).get(IMG_CONTEXT_TOKEN)
     if token_id is not None:
         return token_id
-    if family in FALLBACK_IMAGE_TOKEN_IDS:
+    fallback = LLM_FAMILIES[family].image_token_id if family in LLM_FAMILIES else None
+    if fallback is not None:
         logger.warning(
             "%s not found in the tokenizer files of %s; using the published id %d for %s",
             IMG_CONTEXT_TOKEN,
             src,
-            FALLBACK_IMAGE_TOKEN_IDS[family],
+            fallback,
             family,
         )
-        return FALLBACK_IMAGE_TOKEN_IDS[family]
+        return fallback
     raise ConversionError(f"{IMG_CONTEXT_TOKEN} not found in the tokenizer files of {src}")
 
 
@@ -783,8 +775,8 @@ def image_processor_config(original_config: Mapping[str, Any]) -> dict[str, Any]
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": IMAGENET_MEAN,
-        "image_std": IMAGENET_STD,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
         "do_convert_rgb": True,
     }
 
@@ -825,11 +817,7 @@ def _convert(src: Path, dst: Path, max_shard_size: int | str, overwrite: bool) -
     config = convert_config(original_config, find_image_token_id(src, family))
     expected = _expected_shapes(config)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old = None
-    try:
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
         for name, tensor in convert_tensors(iter_checkpoint_tensors(src), spec):
             if name not in expected:
@@ -855,23 +843,11 @@ def _convert(src: Path, dst: Path, max_shard_size: int | str, overwrite: bool) -
                 shutil.copy2(src / file_name, tmp / file_name)
         _rewrite_tokenizer_config(tmp)
         if original_config.get("template"):
-            # the same record raylora's demo model has (raylora.model reads it), besides config.json's entry
+            # the same record raylora's demo model has (raylora.sources reads it), besides config.json's entry
             (tmp / "raylora.json").write_text(json.dumps({"template": original_config["template"]}) + "\n")
         (tmp / "preprocessor_config.json").write_text(
             json.dumps(image_processor_config(original_config), indent=2) + "\n", encoding="utf-8"
         )
-
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not dst.exists():
-            os.replace(old, dst)  # put the previous contents back
-        raise
-    if old is not None:
-        shutil.rmtree(old)
     return ConversionSummary(
         path=dst,
         llm_family=family,
@@ -903,10 +879,8 @@ def convert_checkpoint(
 
 
 def default_cache_dir() -> Path:
-    """``$RAYLORA_CACHE/converted`` if RAYLORA_CACHE is set, else ``~/.cache/raylora/converted``."""
-    root = os.environ.get("RAYLORA_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "raylora"
-    return base / "converted"
+    """``<raylora cache>/converted``."""
+    return cache_root() / "converted"
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
@@ -925,17 +899,6 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
         stat = file.stat()
         h.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]
-
-
-@contextlib.contextmanager
-def _file_lock(lock_file: Path) -> Iterator[None]:
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # another process converting the same checkpoint: wait for it
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_native(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -959,11 +922,11 @@ def ensure_native(path: str | os.PathLike, cache_dir: str | os.PathLike | None =
             f"{path} is neither a native InternVL checkpoint (model_type internvl) nor an original one "
             f"(model_type internvl_chat): model_type={_model_type(path)!r}"
         )
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = cache_root / f"{path.resolve().name}-{checkpoint_fingerprint(path)}"
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / f"{path.resolve().name}-{checkpoint_fingerprint(path)}"
     if is_native_checkpoint(target):
         return target
-    with _file_lock(cache_root / f".{target.name}.lock"):
+    with file_lock(cache / f".{target.name}.lock"):
         if is_native_checkpoint(target):  # converted by another process while we waited
             return target
         logger.info("converting original InternVL checkpoint %s -> %s (once)", path, target)

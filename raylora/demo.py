@@ -22,6 +22,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from raylora.console import run_command
+from raylora.data.pipeline import iter_microbatches
+from raylora.data.plan import make_plan, plan_microbatches
+from raylora.data.prepare import prepare
+from raylora.data.templates import get_template
+from raylora.data.tiling import normalize
+from raylora.files import atomic_dir, cache_root, file_lock
+from raylora.model import internvl_image_processor, save_processor
+from raylora.sources import image_settings
+
+# torch, transformers and tokenizers are imported inside the builders: reading the cache stays fast.
+
 DEMO_VERSION = "v2"
 IMAGE_SIZE = 112
 PROMPT = "Provide a one-sentence caption for the provided image."
@@ -63,11 +75,6 @@ SPECIAL_TOKENS = [
 ]
 
 
-def cache_root() -> Path:
-    """``$RAYLORA_CACHE`` or ``~/.cache/raylora``."""
-    return Path(os.environ.get("RAYLORA_CACHE", Path.home() / ".cache" / "raylora"))
-
-
 def demo_dir() -> Path:
     return cache_root() / f"demo-{DEMO_VERSION}"
 
@@ -101,6 +108,17 @@ def _draw(scene: dict, rng: random.Random) -> Image.Image:
         else:
             d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     return im
+
+
+def draw_scenes(count: int, out_dir: Path, seed: int = 0, size: tuple[int, int] = (448, 336)) -> list[str]:
+    """``count`` demo scenes saved as JPEGs of ``size`` in ``out_dir`` (e.g. images to check a model on)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        path = Path(out_dir) / f"scene_{i}.jpg"
+        _draw(_scene(rng), rng).resize(size).save(path, quality=95)
+        out.append(str(path))
+    return out
 
 
 def caption_a(scene: dict) -> str:
@@ -175,8 +193,6 @@ def build_tokenizer(out: Path):
     """A byte-level BPE trained on the demo's text, with InternVL's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from raylora.data.templates import get_template
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -263,9 +279,6 @@ def write_processor(out: Path, tokenizer_dir: Path) -> None:
     """transformers' InternVL processor files for the demo (GotOcr2 tiling, 16 tokens per tile)."""
     from transformers import AutoTokenizer
 
-    from raylora.data.templates import get_template
-    from raylora.model import internvl_image_processor, save_processor
-
     image_processor = internvl_image_processor(IMAGE_SIZE, max_patches=6)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     save_processor(
@@ -278,14 +291,11 @@ def write_processor(out: Path, tokenizer_dir: Path) -> None:
     )
 
 
-def pretrain_base(model, data_root: Path, tokenizer_dir: Path, seconds: float, steps: int, log=print) -> dict:
+def pretrain_base(model, data_root: Path, model_dir: Path, seconds: float, steps: int, log=print) -> dict:
     """Full fine-tune on caption style A: the demo base that already captions a little."""
     import torch
 
-    from raylora.data.pipeline import iter_microbatches, make_plan, plan_microbatches, prepare
-    from raylora.data.tiling import normalize
-
-    settings = demo_image_settings(tokenizer_dir)
+    settings = demo_image_settings(model_dir)
     prepared = prepare(data_root / "annotations" / "demo_base.jsonl", data_root, settings, use_ray=False)
     bs = 32
     plan = make_plan(prepared.rows_ok, bs, bs, 1, epochs=1)
@@ -323,18 +333,9 @@ def pretrain_base(model, data_root: Path, tokenizer_dir: Path, seconds: float, s
     return {"steps": step + 1, "loss": loss, "seconds": round(time.time() - start, 1)}
 
 
-def demo_image_settings(tokenizer_dir: Path, max_num: int = 6):
-    from raylora.data.pipeline import ImageSettings
-
-    return ImageSettings(
-        tokenizer_path=str(tokenizer_dir),
-        template=TEMPLATE,
-        system_message=SYSTEM_MESSAGE,
-        image_size=IMAGE_SIZE,
-        max_num=max_num,
-        tokens_per_tile=(IMAGE_SIZE // 14) ** 2 // 4,
-        max_seq_length=512,
-    )
+def demo_image_settings(model_dir: Path, max_num: int = 6):
+    """The demo's ImageSettings (its template, system message and 512-token budget)."""
+    return image_settings(model_dir, TEMPLATE, SYSTEM_MESSAGE, max_num=max_num, max_seq_length=512)
 
 
 def ensure_demo(log=print, base_steps: int = 1000, base_seconds: float = 400.0) -> Path:
@@ -342,17 +343,14 @@ def ensure_demo(log=print, base_steps: int = 1000, base_seconds: float = 400.0) 
 
     Layout: ``data/`` (COCO-like: annotations/, base/, train/, val/, test/), ``tokenizer/``,
     ``base/`` (the pre-trained demo base model, native transformers InternVL with processor files).
+    Each part is written into a temp folder and renamed when complete; a lock makes concurrent
+    callers (several Ray workers) wait for one build.
     """
-    import torch
-
     root = demo_dir()
-    root.mkdir(parents=True, exist_ok=True)
     done = root / "COMPLETE"
     if done.exists() and (root / "base" / "processor_config.json").exists():
         return root
-    lock = root / ".lock"
-    _acquire(lock)
-    try:
+    with file_lock(root.parent / f".{root.name}.lock"):
         if done.exists():  # built by another process meanwhile, or a cache from before processor files
             if not (root / "base" / "processor_config.json").exists():
                 write_processor(root / "base", root / "tokenizer")
@@ -360,64 +358,60 @@ def ensure_demo(log=print, base_steps: int = 1000, base_seconds: float = 400.0) 
         log(f"[demo] building the demo assets in {root} (once)")
         data = root / "data"
         if not (data / "annotations" / "demo_test_gt.json").exists():
-            tmp = root / "data.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_data(tmp)
-            tmp.rename(data)
+            with atomic_dir(data, overwrite=True) as tmp:
+                build_data(tmp)
         tok_dir = root / "tokenizer"
         if not (tok_dir / "tokenizer.json").exists():
-            build_tokenizer(tok_dir)
+            with atomic_dir(tok_dir, overwrite=True) as tmp:
+                build_tokenizer(tmp)
         base = root / "base"
         if not (base / "config.json").exists():
-            threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
-            model = build_random_model(tok_dir)
-            info = pretrain_base(model, data, tok_dir, base_seconds, base_steps, log)
-            torch.set_num_threads(threads)
-            save_model_dir(model, tok_dir, base.with_suffix(".tmp"))
-            (base.with_suffix(".tmp") / "raylora_demo_base.json").write_text(json.dumps(info))
-            base.with_suffix(".tmp").rename(base)
+            with atomic_dir(base, overwrite=True) as tmp:
+                build_base(tmp, data, tok_dir, base_steps, base_seconds, log)
         done.write_text(DEMO_VERSION)
         log(f"[demo] demo assets ready in {root}")
         return root
+
+
+def build_base(out: Path, data: Path, tok_dir: Path, steps: int, seconds: float, log=print) -> None:
+    """The demo base: a random tiny InternVL pre-trained on caption style A, saved in ``out``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        model = build_random_model(tok_dir)
+        save_model_dir(model, tok_dir, out)  # config and tokenizer first: the data settings read them
+        info = pretrain_base(model, data, out, seconds, steps, log)
     finally:
-        lock.unlink(missing_ok=True)
+        torch.set_num_threads(threads)
+    save_model_dir(model, tok_dir, out)
+    (out / "raylora_demo_base.json").write_text(json.dumps(info))
 
 
 def save_model_dir(model, tokenizer_dir: Path, out: Path) -> None:
     """A native checkpoint dir: safetensors weights, tokenizer, image processor config."""
     from transformers import AutoTokenizer
 
-    shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     write_processor(out, tokenizer_dir)
     (out / "raylora.json").write_text(json.dumps({"template": TEMPLATE, "system_message": SYSTEM_MESSAGE}))
 
 
-def _acquire(lock: Path, timeout: float = 900.0) -> None:
-    """A cross-process lock file (several Ray workers may ask for the demo at once)."""
-    start = time.time()
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError):
-                lock.unlink(missing_ok=True)  # stale lock of a dead process
-                continue
-            except PermissionError:
-                pass
-            if time.time() - start > timeout:
-                raise TimeoutError(
-                    f"waited {timeout:.0f}s for {lock}; delete it if no build is running"
-                ) from None
-            time.sleep(0.5)
+def data_paths(root: Path) -> dict[str, Path]:
+    """The demo dataset of the demo dir ``root`` in data-config terms (``data.train``, ``data.root``, ...)."""
+    data = root / "data"
+    return {
+        "train": data / "annotations" / "demo_train.jsonl",
+        "root": data,
+        "val": data / "annotations" / "demo_val.json",
+        "val_gt": data / "annotations" / "demo_val_gt.json",
+        "val_root": data,
+        "test": data / "annotations" / "demo_test.json",
+        "test_gt": data / "annotations" / "demo_test_gt.json",
+        "test_root": data,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,26 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rebuild", action="store_true", help="delete the cached demo assets and build them again"
     )
     args = p.parse_args(argv)
-    if args.rebuild:
-        shutil.rmtree(demo_dir(), ignore_errors=True)
-    root = ensure_demo()
-    print(root)
-    return 0
 
+    def body() -> None:
+        if args.rebuild:
+            shutil.rmtree(demo_dir(), ignore_errors=True)
+        print(ensure_demo())
 
-def demo_data_paths() -> dict[str, Path]:
-    """The demo dataset in data-config terms (built on first use)."""
-    data = ensure_demo() / "data"
-    return {
-        "train": data / "annotations" / "demo_train.jsonl",
-        "root": data,
-        "val": data / "annotations" / "demo_val.json",
-        "val_gt": data / "annotations" / "demo_val_gt.json",
-        "val_root": data,
-        "test": data / "annotations" / "demo_test.json",
-        "test_gt": data / "annotations" / "demo_test_gt.json",
-        "test_root": data,
-    }
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -19,22 +19,31 @@ import base64
 import html
 import io
 import json
-import pickle
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raylora.config import DEMO, Config, ConfigError, config_from_args, config_parser
-from raylora.data.pipeline import ImageSettings
-from raylora.generation import GenerationSettings
+from raylora import tracking
+from raylora.cli import config_from_args, config_parser, model_spec
+from raylora.cluster import init_ray
+from raylora.config import Config, ConfigError
+from raylora.console import run_command
+from raylora.data.pipeline import quiet_progress
+from raylora.data.records import load_rgb, read_gt, read_karpathy
+from raylora.data.settings import ImageSettings
+from raylora.generation import GenerationSettings, generate_batch, prompt_batch
+from raylora.metrics import coco_caption_evaluation, format_scores
+from raylora.model import torch_dtype
+from raylora.sources import load_model, resolve_source
+
+# ray and torch are imported inside the functions that use them: --help and argument errors stay fast.
 
 
 class PromptBuilder:
-    """CPU stage: image paths -> tiled, tokenized, left-padded prompt batches (pickled)."""
+    """CPU stage: image paths -> one row per prompt batch: tiles, left-padded ids and mask, image ids."""
 
     def __init__(self, settings: ImageSettings, prompt: str):
         self.settings = settings
@@ -42,11 +51,9 @@ class PromptBuilder:
         self.conv_tok = settings.conversation_tokenizer()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raylora.generation import prompt_batch
-
         built = prompt_batch(self.conv_tok, self.settings, list(batch["image"]), self.prompt)
         built["image_id"] = np.asarray(batch["image_id"])
-        return {"payload": np.asarray([pickle.dumps(built, protocol=5)], dtype=object)}
+        return {k: v[np.newaxis] for k, v in built.items()}  # a batch of one row
 
 
 class Captioner:
@@ -55,9 +62,6 @@ class Captioner:
     def __init__(self, spec: str, settings: ImageSettings, gen: GenerationSettings, dtype: str = "auto"):
         import torch
 
-        from raylora.model import torch_dtype
-        from raylora.registry import load_model, resolve_source
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         source = resolve_source(spec)
         self.model = load_model(source, dtype=torch_dtype(dtype, device), merge=True).to(device).eval()
@@ -65,25 +69,16 @@ class Captioner:
         self.gen = gen
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raylora.generation import generate_batch
-
-        ids, caps = [], []
-        for payload in batch["payload"]:
-            built = pickle.loads(payload)
-            caps += generate_batch(self.model, self.conv_tok, built, self.gen)
-            ids += built["image_id"].tolist()
-        return {"image_id": np.asarray(ids), "caption": np.asarray(caps, dtype=object)}
+        built = {k: np.array(v[0]) for k, v in batch.items()}  # batch_size=1: one prompt batch
+        captions = generate_batch(self.model, self.conv_tok, built, self.gen)
+        return {"image_id": built["image_id"], "caption": np.asarray(captions, dtype=object)}
 
 
 def eval_settings(spec: str, cfg: Config, max_num: int | None = None) -> ImageSettings:
     """ImageSettings for a model spec: its tokenizer, template and tile size; tiling from the config."""
-    from raylora.registry import resolve_source
-
-    base = resolve_source(spec).image_settings(max_num=cfg.eval.max_num if max_num is None else max_num)
-    return replace(
-        base,
-        min_num=cfg.data.min_num,
-        use_thumbnail=cfg.data.use_thumbnail,
+    return resolve_source(spec).image_settings(
+        max_num=cfg.eval.max_num if max_num is None else max_num,
+        data=cfg.data,
         max_seq_length=cfg.model.max_seq_length,
     )
 
@@ -100,8 +95,6 @@ def caption_items(
     """Captions for ``[{"image_id", "image"}]`` through Ray Data: CPU prompt stage, model actor pool."""
     import ray.data
     from ray.data import ActorPoolStrategy
-
-    from raylora.data.pipeline import quiet_progress
 
     quiet_progress()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // gen.batch_size, 64)))
@@ -128,8 +121,6 @@ def caption_items(
 
 def _thumbnail(path: str, size: int = 160) -> str:
     from PIL import Image
-
-    from raylora.data.records import load_rgb
 
     im = load_rgb(path)
     im.thumbnail((size, size), Image.BICUBIC)
@@ -181,9 +172,6 @@ def evaluate(
     log_mlflow: bool = True,
 ) -> dict[str, Any]:
     """Caption the split, score it with pycocoevalcap, write results/metrics/gallery, log to MLflow."""
-    from raylora.data.records import read_gt, read_karpathy
-    from raylora.metrics import coco_caption_evaluation, format_scores
-
     output_dir.mkdir(parents=True, exist_ok=True)
     eval_items = read_karpathy(items_path, root, limit=limit)
     items = [{"image_id": i.image_id, "image": i.image} for i in eval_items]
@@ -228,30 +216,23 @@ def evaluate(
 def _log_to_mlflow(
     cfg: Config, spec: str, split: str, output_dir: Path, scores: dict[str, float], settings: ImageSettings
 ) -> str:
-    import mlflow
-
-    from raylora import tracking
-
-    tracking.setup(cfg)
-    with mlflow.start_run(
-        experiment_id=mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id,
-        run_name="evaluate",
-        tags={"kind": "evaluation", "model": spec, "split": split},
-    ) as run:
-        mlflow.log_params(
-            {
-                "model": spec[:500],
-                "split": split[:500],
-                "max_num": settings.max_num,
-                "template": settings.template,
-                "prompt": cfg.eval.prompt,
-                "max_new_tokens": cfg.eval.max_new_tokens,
-            }
-        )
-        mlflow.log_metrics({k: float(v) for k, v in scores.items()})
-        for name in ("results.json", "metrics.json", "gallery.html"):
-            mlflow.log_artifact(str(output_dir / name))
-        return run.info.run_id
+    uri, exp_id = tracking.setup(cfg)
+    params = {
+        "model": spec[:500],
+        "split": split[:500],
+        "max_num": settings.max_num,
+        "template": settings.template,
+        "prompt": cfg.eval.prompt,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    tags = {"kind": "evaluation", "model": spec, "split": split}
+    run_id = tracking.create_run(exp_id, "evaluate", tags=tags, params=params, uri=uri)
+    logger = tracking.MetricLogger(uri, run_id)
+    logger.log({k: float(v) for k, v in scores.items()}, 0)
+    for name in ("results.json", "metrics.json", "gallery.html"):
+        tracking.log_artifacts(run_id, output_dir / name, None, uri)
+    tracking.end_run(run_id, "FINISHED", uri)
+    return run_id
 
 
 def default_model(cfg: Config) -> str:
@@ -263,12 +244,10 @@ def default_model(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raylora.train import init_ray, resolve_paths
-
     parser = config_parser("python -m raylora.evaluate", __doc__, "eval.batch_size=32 eval.workers=8")
     parser.add_argument(
         "--model",
-        help="base/merged checkpoint dir, adapter dir, models:/NAME@ALIAS or runs:/ID/adapter "
+        help="base/merged checkpoint dir, adapter dir, models:/NAME@ALIAS or runs:/ID/adapter, or demo "
         "(default: the config's trained adapter, else its base model)",
     )
     parser.add_argument(
@@ -284,15 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = config_from_args(args)
         if args.items:
             if not (args.gt and args.root):
                 raise ConfigError("--items needs --gt and --root")
             items, gt, root = args.items, args.gt, args.root
         else:
-            if cfg.data.train == DEMO or cfg.model.path == DEMO:
-                resolve_paths(cfg)
             d = cfg.data
             items, gt, root = (
                 (d.test, d.test_gt, d.test_root) if args.split == "test" else (d.val, d.val_gt, d.val_root)
@@ -300,14 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         for p in (items, gt):
             if not Path(p).is_file():
                 raise FileNotFoundError(f"evaluation file not found: {p}")
-        spec = args.model or default_model(cfg)
+        spec = model_spec(args.model) if args.model else default_model(cfg)
         init_ray(cfg)
         output = Path(args.output or Path(cfg.output_dir) / f"eval_{args.split}")
         evaluate(spec, cfg, items, gt, root, output, args.limit, log_mlflow=not args.no_mlflow)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

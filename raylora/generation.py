@@ -10,6 +10,9 @@ import numpy as np
 
 from raylora.data.pipeline import ImageSettings
 from raylora.data.templates import ConversationTokenizer
+from raylora.data.tiling import normalize
+
+# torch is imported inside the functions: modules that only build prompts do not pay for it.
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,6 @@ def generate_batch(
 ) -> list[str]:
     """Greedy decoding of one prompt batch; returns the stripped captions."""
     import torch
-
-    from raylora.data.tiling import normalize
 
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype

@@ -43,15 +43,24 @@ import gc
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from raylora.registry import ModelSource, SourceError, resolve_source
+from raylora import registry, tracking
+from raylora.config import Config
+from raylora.console import run_command
+from raylora.data.templates import ConversationTokenizer, get_template
+from raylora.data.tiling import normalize
+from raylora.demo import demo_dir, draw_scenes
+from raylora.files import atomic_dir
+from raylora.generation import GenerationSettings, generate_captions, prompt_batch
+from raylora.model import internvl_image_processor, model_info, save_processor
+from raylora.sources import ModelSource, SourceError, load_model, resolve_source
+
+# torch and transformers are imported inside the functions: --help and argument errors stay fast.
 
 FP32_TOLERANCE = 1e-4  # absolute, or 1e-5 x max |logit| when that is larger
 FP32_RELATIVE_TOLERANCE = 1e-5
@@ -95,24 +104,6 @@ def check_output(output: Path, overwrite: bool, protected: tuple[Path, ...] = ()
         )
 
 
-def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished temp dir to ``output`` (moving a replaced output aside until done)."""
-    old = None
-    if output.exists():
-        if output.is_dir() and any(output.iterdir()) and not overwrite:
-            raise FileExistsError(f"output {output} became non-empty during the merge; nothing published")
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output, old)
-    try:
-        os.replace(tmp, output)
-    except BaseException:
-        if old is not None and not output.exists():
-            os.replace(old, output)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------- verification
 
 
@@ -123,31 +114,17 @@ def verification_images(paths: list[str] | None, scratch: Path, count: int = 2) 
         if missing:
             raise FileNotFoundError(f"verification image(s) not found: {', '.join(missing)}")
         return [str(p) for p in paths]
-    from raylora.demo import demo_dir
-
     val = demo_dir() / "data" / "val"
     if (demo_dir() / "COMPLETE").exists() and val.is_dir():
         found = sorted(str(p) for p in val.glob("*.jpg"))[:count]
         if len(found) == count:
             return found
-    import random
-
-    from raylora.demo import _draw, _scene
-
-    rng = random.Random(0)
-    out = []
-    for i in range(count):
-        path = scratch / f"verify_{i}.jpg"
-        _draw(_scene(rng), rng).resize((448, 336)).save(path, quality=95)
-        out.append(str(path))
-    return out
+    return draw_scenes(count, scratch)
 
 
 def _logits(model: Any, batch: dict[str, Any]) -> Any:
     """fp32 logits at the last VERIFY_POSITIONS positions; padding positions set to 0."""
     import torch
-
-    from raylora.data.tiling import normalize
 
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     mask = torch.from_numpy(batch["attention_mask"])
@@ -179,21 +156,6 @@ def stable_logits(model: Any, batch: dict[str, Any], attempts: int = 3) -> tuple
     return prev, attempts
 
 
-def _check(
-    what: str, got: Any, ref: Any, tol: float, report: dict[str, Any], output: Path, log: Any
-) -> dict[str, float]:
-    """Log max |got - ref| against ``tol``; MergeError (nothing published) when above it."""
-    diff = float((got - ref).abs().max())
-    report.setdefault("checks", []).append({"check": what, "max_abs_diff": diff, "tolerance": tol})
-    log(f"[merge] verification, {what}: max abs logit difference {diff:.3g} (tolerance {tol:.3g})")
-    if not math.isfinite(diff) or diff > tol:
-        raise MergeError(
-            f"verification failed ({what}): max abs logit difference {diff:.3g} > tolerance {tol:.3g}; "
-            f"nothing was written to {output}"
-        )
-    return {"max_abs_diff": diff, "tolerance": tol}
-
-
 def tolerance_for(dtype: str, ref_logits: Any) -> float:
     """The allowed max abs logit difference for weights saved in ``dtype`` (see the module doc)."""
     if dtype == "fp32":
@@ -201,13 +163,123 @@ def tolerance_for(dtype: str, ref_logits: Any) -> float:
     return BF16_RELATIVE_TOLERANCE * max(1.0, float(ref_logits.abs().max()))
 
 
+class MergeVerifier:
+    """The checks a merge passes before it is published, one method each, in the order they run.
+
+    Every check records itself in ``report["checks"]``; a failed logit check raises MergeError
+    (the caller publishes nothing). See the module doc for the tolerances.
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        images: list[str],
+        dtype: str,
+        output: Path,
+        tolerance: float | None,
+        log: Any,
+    ):
+        self.source, self.images, self.dtype, self.output, self.log = source, images, dtype, output, log
+        self.tolerance = tolerance
+        self.settings = source.image_settings()
+        self.conv_tok = self.settings.conversation_tokenizer()
+        self.prompt = GenerationSettings().prompt
+        self.batch = prompt_batch(self.conv_tok, self.settings, images, self.prompt)
+        self.report: dict[str, Any] = {"verify_images": images, "checks": []}
+        self.expected = None  # bf16: what the reloaded checkpoint must reproduce (the rounded weights)
+
+    def check(self, what: str, got: Any, ref: Any, tol: float) -> float:
+        """max |got - ref| against ``tol``, recorded and logged; MergeError when above it."""
+        diff = float((got - ref).abs().max())
+        self.report["checks"].append({"check": what, "max_abs_diff": diff, "tolerance": tol})
+        self.log(f"[merge] verification, {what}: max abs logit difference {diff:.3g} (tolerance {tol:.3g})")
+        if not math.isfinite(diff) or diff > tol:
+            raise MergeError(
+                f"verification failed ({what}): max abs logit difference {diff:.3g} > tolerance {tol:.3g}; "
+                f"nothing was written to {self.output}"
+            )
+        return diff
+
+    def reference_logits(self, model: Any) -> None:
+        """Base + adapter, unmerged: the logits every later check compares with; the adapter's effect."""
+        self.ref, self.report["reference_passes"] = stable_logits(model, self.batch)
+        with model.disable_adapter():
+            base = _logits(model, self.batch)
+        self.report["adapter_effect"] = float((self.ref - base).abs().max())
+
+    def bf16_rounding(self, merged: Any) -> None:
+        """bf16 output only: the fp32 merge itself (tight), then round the weights to bf16 in place."""
+        import torch
+
+        if self.dtype != "bf16":
+            return
+        in_memory, _ = stable_logits(merged, self.batch)
+        self.check("fp32 merge (in memory)", in_memory, self.ref, tolerance_for("fp32", self.ref))
+        with torch.no_grad():
+            for p in merged.parameters():
+                if p.is_floating_point():
+                    p.copy_(p.to(torch.bfloat16).float())
+        self.expected, _ = stable_logits(merged, self.batch)
+
+    def reloaded_model(self, out: Path) -> None:
+        """The checkpoint as saved, reloaded with plain transformers, against base + adapter."""
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        self.reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+        got, self.report["merged_passes"] = stable_logits(self.reloaded, self.batch)
+        if self.expected is not None:
+            what = "saved bf16 weights vs merged bf16 weights"
+            self.check(what, got, self.expected, tolerance_for("fp32", self.expected))
+        tol = self.tolerance if self.tolerance is not None else tolerance_for(self.dtype, self.ref)
+        diff = self.check(f"merged ({self.dtype}, reloaded) vs base + adapter", got, self.ref, tol)
+        self.report.update(max_abs_logit=float(self.ref.abs().max()), max_abs_diff=diff, tolerance=tol)
+        effect = self.report["adapter_effect"]
+        self.log(f"[merge] the adapter itself moves logits by up to {effect:.3g}")
+        if effect <= tolerance_for("fp32", self.ref):
+            self.log(
+                "[merge] WARNING: the adapter does not change the base model's logits (lora_B all zeros?): "
+                "the merged model is the base model"
+            )
+
+    def processor_prompt(self, out: Path) -> None:
+        """AutoProcessor of the output builds the same prompt tokens as raylora's training code."""
+        from PIL import Image
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(out)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        with Image.open(self.images[0]) as im:
+            plain = processor(images=[im.convert("RGB")], text=[text], return_tensors="np")
+        tiles = len(self.settings.tile(self.images[0]))
+        ok = plain["input_ids"][0].tolist() == self.conv_tok.encode_prompt(self.prompt, [tiles]).tolist()
+        self.report["processor_prompt_matches"] = ok
+        if not ok:
+            self.log(
+                "[merge] WARNING: AutoProcessor's prompt tokens differ from raylora's for the same image"
+            )
+
+    def sample_caption(self, out: Path) -> None:
+        """The reloaded model captions the first image with the evaluation protocol."""
+        settings = self.source.image_settings(tokenizer_dir=out)
+        caption = generate_captions(
+            self.reloaded,
+            settings.conversation_tokenizer(),
+            settings,
+            self.images[:1],
+            GenerationSettings(batch_size=1),
+        )[0]
+        self.report["caption"] = {"image": self.images[0], "text": caption}
+        self.log(f"[merge] caption of {self.images[0]} by the reloaded merged model: {caption!r}")
+        del self.reloaded
+
+
 # ------------------------------------------------------------------------------------------ save
 
 
 def _image_processor(source: ModelSource, image_size: int) -> Any:
     from transformers import AutoImageProcessor
-
-    from raylora.model import internvl_image_processor
 
     for d in (source.tokenizer_dir, source.base_dir):
         if (d / "preprocessor_config.json").is_file() or (d / "processor_config.json").is_file():
@@ -223,9 +295,6 @@ def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: 
     import torch
     from transformers import AutoTokenizer
 
-    from raylora.data.templates import ConversationTokenizer, get_template
-    from raylora.model import model_info, save_processor
-
     try:
         from transformers import InternVLVideoProcessor  # noqa: F401
     except ImportError as e:  # the video processor is torchvision-based
@@ -237,7 +306,7 @@ def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: 
     jinja = get_template(source.template).jinja(source.system_message)
     tok = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     tok.chat_template = jinja
-    stop_ids = ConversationTokenizer(tok, source.template, info["tokens_per_tile"]).stop_token_ids()
+    stop_ids = ConversationTokenizer(tok, source.template, info.tokens_per_tile).stop_token_ids()
 
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -247,8 +316,8 @@ def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: 
     gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
 
-    image_processor = _image_processor(source, info["image_size"])
-    save_processor(out, tok, image_processor, info["image_size"], info["tokens_per_tile"], jinja)
+    image_processor = _image_processor(source, info.image_size)
+    save_processor(out, tok, image_processor, info.image_size, info.tokens_per_tile, jinja)
     (out / "raylora.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     stray = sorted(p.name for p in out.rglob("*.py"))
     if stray:
@@ -280,25 +349,9 @@ def merge_adapter(
     ``register``. Raises MergeError (verification failed; nothing published), SourceError,
     FileExistsError, FileNotFoundError, RegistrationError (published, not registered).
     """
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from raylora.generation import GenerationSettings, generate_captions, prompt_batch
-
     t0 = time.time()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     output = Path(output).expanduser()
-    check_output(output, overwrite)
-    missing = [p for p in verify_images or [] if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"verification image(s) not found: {', '.join(map(str, missing))}")
-    source = resolve_source(spec, base=base)
-    if source.adapter_dir is None:
-        raise SourceError(f"{spec}: a full checkpoint ({source.base_dir}), not an adapter: nothing to merge")
-    check_output(output, overwrite, (source.adapter_dir, source.base_dir))
-    if register and not (name or source.origin.get("name")):
-        raise ValueError("register needs a registry name (--name) when the adapter is not a models:/ URI")
+    source = merge_source(spec, output, dtype, overwrite, base, verify_images, register and not name)
     report: dict[str, Any] = {
         "spec": str(spec),
         "output": str(output),
@@ -308,115 +361,15 @@ def merge_adapter(
         "dtype": dtype,
     }
     log(f"[merge] base {source.base_dir} + adapter {source.adapter_dir} (template {source.template})")
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.merge-tmp-{uuid.uuid4().hex[:8]}"
-    scratch = Path(tempfile.mkdtemp(prefix="raylora-merge-"))
-    try:
-        from raylora.registry import load_model
-
-        model = load_model(source, dtype=torch.float32)  # merge in fp32, cast at save time
-        report["seconds_load"] = round(time.time() - t0, 1)
+    with (
+        tempfile.TemporaryDirectory(prefix="raylora-merge-") as scratch,
+        atomic_dir(output, overwrite) as tmp,
+    ):
+        verifier = None
         if verify:
-            images = verification_images(verify_images, scratch)
-            settings = source.image_settings()
-            conv_tok = settings.conversation_tokenizer()
-            prompt = GenerationSettings().prompt
-            batch = prompt_batch(conv_tok, settings, images, prompt)
-            ref, passes = stable_logits(model, batch)
-            report["reference_passes"] = passes
-            with model.disable_adapter():
-                base_logits = _logits(model, batch)
-            report["verify_images"] = images
-            report["adapter_effect"] = float((ref - base_logits).abs().max())
-            del base_logits
-        t1 = time.time()
-        merged = model.merge_and_unload(safe_merge=True)
-        del model
-        expected = None  # what the reloaded bf16 checkpoint must reproduce exactly
-        if verify and dtype == "bf16":
-            # the merge itself, in fp32 (tight), then the bf16-rounded weights (what gets saved)
-            in_memory, _ = stable_logits(merged, batch)
-            _check("fp32 merge (in memory)", in_memory, ref, tolerance_for("fp32", ref), report, output, log)
-            del in_memory
-            with torch.no_grad():
-                for p in merged.parameters():
-                    if p.is_floating_point():
-                        p.copy_(p.to(torch.bfloat16).float())
-            expected, _ = stable_logits(merged, batch)
-        record = {
-            "template": source.template,
-            "system_message": source.system_message,
-            "merged_from": {
-                "spec": str(spec),
-                "base_model": str(source.base_dir),
-                "adapter": str(source.adapter_dir),
-                **{k: v for k, v in source.origin.items() if k != "tracking_uri"},
-            },
-            "dtype": dtype,
-        }
-        tmp.mkdir()
-        save_merged(merged, source, tmp, dtype, record)
-        del merged
-        gc.collect()
-        report["seconds_merge_save"] = round(time.time() - t1, 1)
-
-        if verify:
-            t2 = time.time()
-            reloaded = AutoModelForImageTextToText.from_pretrained(tmp, dtype=torch.float32).eval()
-            got, passes = stable_logits(reloaded, batch)
-            report["merged_passes"] = passes
-            if expected is not None:
-                fp32_tol = tolerance_for("fp32", expected)
-                _check(
-                    "saved bf16 weights vs merged bf16 weights", got, expected, fp32_tol, report, output, log
-                )
-            tol = tolerance if tolerance is not None else tolerance_for(dtype, ref)
-            report.update(max_abs_logit=float(ref.abs().max()))
-            report.update(
-                _check(f"merged ({dtype}, reloaded) vs base + adapter", got, ref, tol, report, output, log)
-            )
-            log(f"[merge] the adapter itself moves logits by up to {report['adapter_effect']:.3g}")
-            if report["adapter_effect"] <= tolerance_for("fp32", ref):
-                log(
-                    "[merge] WARNING: the adapter does not change the base model's logits (lora_B all "
-                    "zeros?): the merged model is the base model"
-                )
-            processor = AutoProcessor.from_pretrained(tmp)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            text = processor.apply_chat_template(messages, add_generation_prompt=True)
-            from PIL import Image
-
-            with Image.open(images[0]) as im:
-                plain = processor(images=[im.convert("RGB")], text=[text], return_tensors="np")
-            ids_ok = (
-                plain["input_ids"][0].tolist()
-                == conv_tok.encode_prompt(prompt, [len(settings.tile(images[0]))]).tolist()
-            )
-            report["processor_prompt_matches"] = ids_ok
-            if not ids_ok:
-                log("[merge] WARNING: AutoProcessor's prompt tokens differ from raylora's for the same image")
-            cap_settings = source.image_settings(tokenizer_dir=tmp)
-            caption = generate_captions(
-                reloaded,
-                cap_settings.conversation_tokenizer(),
-                cap_settings,
-                images[:1],
-                GenerationSettings(batch_size=1),
-            )[0]
-            report["caption"] = {"image": images[0], "text": caption}
-            report["seconds_verify"] = round(time.time() - t2, 1)
-            log(f"[merge] caption of {images[0]} by the reloaded merged model: {caption!r}")
-            del reloaded
-        else:
-            log("[merge] WARNING: verification skipped; the merged logits were not compared")
-
-        _publish(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            images = verification_images(verify_images, Path(scratch))
+            verifier = MergeVerifier(source, images, dtype, output, tolerance, log)
+        report.update(merge_and_save(source, tmp, dtype, verifier, log))
     report["files"] = sorted(p.name for p in output.iterdir())
     report["seconds"] = round(time.time() - t0, 1)
     log(f"[merge] wrote {output} ({len(report['files'])} files, {report['seconds']}s)")
@@ -436,6 +389,82 @@ def merge_adapter(
     return report
 
 
+def merge_source(
+    spec: str | os.PathLike,
+    output: Path,
+    dtype: str,
+    overwrite: bool,
+    base: str | None,
+    verify_images: list[str] | None,
+    needs_name: bool,
+) -> ModelSource:
+    """The adapter to merge, after every check that can fail before any work is done."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_output(output, overwrite)
+    missing = [p for p in verify_images or [] if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"verification image(s) not found: {', '.join(map(str, missing))}")
+    source = resolve_source(spec, base=base)
+    if source.adapter_dir is None:
+        raise SourceError(f"{spec}: a full checkpoint ({source.base_dir}), not an adapter: nothing to merge")
+    check_output(output, overwrite, (source.adapter_dir, source.base_dir))
+    if needs_name and not source.origin.get("name"):
+        raise ValueError("register needs a registry name (--name) when the adapter is not a models:/ URI")
+    return source
+
+
+def merge_and_save(
+    source: ModelSource, out: Path, dtype: str, verifier: MergeVerifier | None, log: Any
+) -> dict[str, Any]:
+    """Load base + adapter in fp32, merge, save into ``out``; the verifier's checks around each step."""
+    import torch
+
+    t0 = time.time()
+    model = load_model(source, dtype=torch.float32)  # merge in fp32, cast at save time
+    timings = {"seconds_load": round(time.time() - t0, 1)}
+    if verifier:
+        verifier.reference_logits(model)
+    t1 = time.time()
+    merged = model.merge_and_unload(safe_merge=True)
+    del model
+    if verifier:
+        verifier.bf16_rounding(merged)
+    record = {
+        "template": source.template,
+        "system_message": source.system_message,
+        "merged_from": {
+            "spec": source.spec,
+            "base_model": str(source.base_dir),
+            "adapter": str(source.adapter_dir),
+            **{k: v for k, v in source.origin.items() if k != "tracking_uri"},
+        },
+        "dtype": dtype,
+    }
+    save_merged(merged, source, out, dtype, record)
+    del merged
+    gc.collect()
+    timings["seconds_merge_save"] = round(time.time() - t1, 1)
+    if not verifier:
+        log("[merge] WARNING: verification skipped; the merged logits were not compared")
+        return timings
+    t2 = time.time()
+    verifier.reloaded_model(out)
+    verifier.processor_prompt(out)
+    verifier.sample_caption(out)
+    return {**timings, **verifier.report, "seconds_verify": round(time.time() - t2, 1)}
+
+
+def adapter_lineage(source: ModelSource, name: str, uri: str) -> dict[str, Any]:
+    """What the registry knows of the adapter being merged: its version, run, tags, champion status."""
+    version = source.origin.get("version") if source.origin.get("name") == name else None
+    lineage: dict[str, Any] = {"version": version, "run_id": source.origin.get("run_id") or None}
+    lineage["tags"] = registry.get_version(name, version, uri=uri).tags if version else {}
+    held = registry.champion(name, tracking_uri=uri) if version else None
+    lineage["is_champion"] = held is not None and held[0] == int(version)
+    return lineage
+
+
 def register_merged(
     output: Path,
     source: ModelSource,
@@ -449,24 +478,11 @@ def register_merged(
     The alias ``champion`` moves to it when its adapter holds the adapter's champion alias, else by
     ``metric_key`` (copied from the adapter's version tags) like any adapter registration.
     """
-    from raylora import registry, tracking
-    from raylora.config import Config
-
     adapter_name = name or source.origin["name"]
-    merged_name = f"{adapter_name}-merged"
-    uri = registry.current_tracking_uri()
-    client = registry._client(uri)
-    adapter_version = source.origin.get("version") if source.origin.get("name") == adapter_name else None
-    adapter_run = source.origin.get("run_id") or None
-    adapter_tags: dict[str, str] = {}
-    is_champion = False
-    if adapter_version:
-        info = registry.version_info(adapter_name, adapter_version, uri)
-        adapter_tags = info["tags"]
-        held = registry.champion(adapter_name, tracking_uri=uri)
-        is_champion = held is not None and held[0] == int(adapter_version)
-    if adapter_run:
-        experiment_id = client.get_run(adapter_run).info.experiment_id
+    uri = tracking.current_uri()
+    adapter = adapter_lineage(source, adapter_name, uri)
+    if adapter["run_id"]:
+        experiment_id = tracking.client(uri).get_run(adapter["run_id"]).info.experiment_id
     else:
         cfg = Config()
         cfg.tracking.uri = uri
@@ -476,38 +492,34 @@ def register_merged(
     link = {
         "raylora.kind": "merged",
         "adapter_model": adapter_name,
-        "adapter_version": adapter_version,
-        "adapter_run_id": adapter_run,
+        "adapter_version": adapter["version"],
+        "adapter_run_id": adapter["run_id"],
         "adapter_source": report["spec"],
         "dtype": report["dtype"],
     }
-    run = client.create_run(
-        experiment_id,
-        run_name=f"merge-{adapter_name}" + (f"-v{adapter_version}" if adapter_version else ""),
-        tags={k: str(v) for k, v in link.items() if v},
-    )
-    run_id = run.info.run_id
+    run_name = f"merge-{adapter_name}" + (f"-v{adapter['version']}" if adapter["version"] else "")
+    run_id = tracking.create_run(experiment_id, run_name, tags={k: v for k, v in link.items() if v}, uri=uri)
     try:
-        client.log_artifacts(run_id, str(output), artifact_path="model")
-        for key in ("max_abs_diff", "adapter_effect", "tolerance"):
-            if report.get(key) is not None:
-                client.log_metric(run_id, f"merge_{key}", float(report[key]))
+        tracking.log_artifacts(run_id, output, "model", uri)
+        keys = ("max_abs_diff", "adapter_effect", "tolerance")
+        metrics = {f"merge_{k}": float(report[k]) for k in keys if report.get(k) is not None}
+        tracking.MetricLogger(uri, run_id).log(metrics, 0)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        tracking.end_run(run_id, "FAILED", uri)
         raise
-    client.set_terminated(run_id, "FINISHED")
-    metric = registry._metric(adapter_tags, metric_key)
-    version, moved = registry.register_adapter(
-        merged_name,
-        registry.artifact_uri(run_id, "model", uri),
+    tracking.end_run(run_id, "FINISHED", uri)
+    metric = registry.metric_tag(adapter["tags"], metric_key)
+    version, moved = registry.register_version(
+        f"{adapter_name}-merged",
+        tracking.artifact_uri(run_id, "model", uri),
         run_id,
         tags={**link, "max_abs_diff": report.get("max_abs_diff")},
         metric_key=metric_key,
         metric_value=metric,
-        force_alias=is_champion or metric is None,
+        force_alias=adapter["is_champion"] or metric is None,
         tracking_uri=uri,
     )
-    return {"name": merged_name, "version": version, "alias_moved": moved, "run_id": run_id}
+    return {"name": f"{adapter_name}-merged", "version": version, "alias_moved": moved, "run_id": run_id}
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -547,8 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--experiment", help="MLflow experiment of the merge run when the adapter has no run")
     args = p.parse_args(argv)
-    try:
-        merge_adapter(
+    return run_command(
+        lambda: merge_adapter(
             args.adapter or args.model_uri,
             args.output,
             args.dtype,
@@ -560,17 +572,9 @@ def main(argv: list[str] | None = None) -> int:
             register=args.register,
             name=args.name,
             experiment=args.experiment,
-        )
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RegistrationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (SourceError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        ),
+        codes=[(MergeError, 1), (RegistrationError, 3)],
+    )
 
 
 if __name__ == "__main__":

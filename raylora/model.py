@@ -1,49 +1,67 @@
-"""Model builders: resolve a base checkpoint, load it natively, wrap its LLM in PEFT LoRA.
+"""Model builders: load a native InternVL checkpoint, wrap its LLM in PEFT LoRA, and the per-LLM-family facts.
 
-Plain functions, as in torchtune: the train job, evaluation, merge and caption all call these.
+Plain functions, as in torchtune: the train recipe, evaluation, merge and caption all call these.
+torch, transformers and peft are imported inside the functions that need them, so that CLIs start fast.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylora.config import DEMO, Config
-from raylora.data.pipeline import ImageSettings
+from raylora.config import Config
 from raylora.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
-# Linear layers of one decoder block, per LLM family (native transformers names).
-LLM_TARGETS = {
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+_DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LLMFamily:
+    """What raylora needs to know about one InternVL2 LLM family."""
+
+    architecture: str  # llm_config.architectures[0] of an original checkpoint
+    native_model_type: str  # text_config.model_type once converted to transformers' native layout
+    lora_targets: tuple[str, ...]  # linear layers of one decoder block (native names)
+    template: str  # the InternVL2 chat template the family was trained with
+    image_token_id: int | None  # <IMG_CONTEXT> of the published tokenizer (when its files do not say)
+
+
+# The one table of per-family facts, keyed by family (= the original LLM's model_type).
+LLM_FAMILIES: dict[str, LLMFamily] = {
+    "internlm2": LLMFamily("InternLM2ForCausalLM", "llama", _DECODER_LINEARS, "internlm2-chat", 92546),
+    "qwen2": LLMFamily("Qwen2ForCausalLM", "qwen2", _DECODER_LINEARS, "Hermes-2", 151667),
+    "llama": LLMFamily("LlamaForCausalLM", "llama", _DECODER_LINEARS, "internlm2-chat", None),
+    "phi3": LLMFamily(
+        "Phi3ForCausalLM", "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3-chat", None
+    ),
 }
-VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "projection_layer"]
+VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer")
 
 
-def resolve_model_dir(path: str, log: Any = print) -> Path:
-    """``demo`` -> the cached demo base; an original InternVL2 checkpoint -> its native conversion."""
-    if path == DEMO:
-        from raylora.demo import ensure_demo
-
-        return ensure_demo(log=log) / "base"
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path {path!r} is not a checkpoint directory (no config.json); "
-            "download one with scripts/download_internvl2_coco.sh or use model.path=demo"
-        )
-    if json.loads((p / "config.json").read_text()).get("model_type") == "internvl_chat":
-        from raylora.convert import ensure_native
-
-        return ensure_native(p)
-    return p
+def llm_family(model_type: str) -> LLMFamily:
+    """The family of a native ``text_config.model_type`` (or an original LLM model_type)."""
+    try:
+        return LLM_FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unsupported LLM type {model_type!r}; raylora knows {', '.join(sorted(LLM_FAMILIES))}"
+        ) from None
 
 
-def model_info(model_dir: Path) -> dict[str, Any]:
-    """Tile size, tokens per tile and LLM family from a native config.json."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a native checkpoint's config.json says about its inputs."""
+
+    image_size: int  # tile side in pixels
+    tokens_per_tile: int  # (image_size / patch)^2 * downsample_ratio^2
+    text_model_type: str  # the LLM's native model_type (qwen2, llama, phi3)
+
+
+def model_info(model_dir: str | Path) -> ModelInfo:
+    """Tile size, tokens per tile and LLM type from a native checkpoint's config.json."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vision = cfg["vision_config"]
     size = vision.get("image_size", 448)
@@ -51,37 +69,10 @@ def model_info(model_dir: Path) -> dict[str, Any]:
     size = size[0] if isinstance(size, list) else size
     patch = patch[0] if isinstance(patch, list) else patch
     ratio = cfg.get("downsample_ratio", 0.5)
-    return {
-        "image_size": int(size),
-        "tokens_per_tile": int(cfg.get("image_seq_length") or (size // patch) ** 2 * ratio**2),
-        "family": cfg["text_config"].get("model_type", "llama"),
-        "template": _saved_template(Path(model_dir)),
-    }
-
-
-def _saved_template(model_dir: Path) -> dict[str, Any]:
-    f = model_dir / "raylora.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def image_settings(cfg: Config, model_dir: Path, max_num: int | None = None) -> ImageSettings:
-    """The ImageSettings of a run: tiling from the config, tile size and tokens from the model."""
-    info = model_info(model_dir)
-    if cfg.data.image_size != info["image_size"]:
-        raise ValueError(
-            f"data.image_size is {cfg.data.image_size} but the model {model_dir} takes "
-            f"{info['image_size']} px tiles; set data.image_size={info['image_size']}"
-        )
-    return ImageSettings(
-        tokenizer_path=str(model_dir),
-        template=cfg.model.template,
-        system_message=cfg.model.system_message,
-        image_size=info["image_size"],
-        min_num=cfg.data.min_num,
-        max_num=cfg.data.max_num if max_num is None else max_num,
-        use_thumbnail=cfg.data.use_thumbnail,
-        tokens_per_tile=info["tokens_per_tile"],
-        max_seq_length=cfg.model.max_seq_length,
+    return ModelInfo(
+        image_size=int(size),
+        tokens_per_tile=int(cfg.get("image_seq_length") or (size // patch) ** 2 * ratio**2),
+        text_model_type=cfg["text_config"].get("model_type", "llama"),
     )
 
 
@@ -116,9 +107,10 @@ def load_base_model(model_dir: str | Path, dtype: Any = None, attn: str = "sdpa"
 def lora_target_regex(family: str, target_modules: list[str] | None, vision: bool) -> str:
     """A regex over module names: the LLM's decoder blocks (and the vision tower if asked).
 
-    A bare name list would also hit the vision tower's q/k/v, hence the anchored regex.
+    ``family`` is the LLM's native model_type. A bare name list would also hit the vision tower's
+    q/k/v, hence the anchored regex.
     """
-    names = target_modules or LLM_TARGETS.get(family, LLM_TARGETS["llama"])
+    names = target_modules or LLM_FAMILIES.get(family, LLM_FAMILIES["llama"]).lora_targets
     pattern = rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, names))})"
     if vision:
         vnames = "|".join(VISION_TARGETS)

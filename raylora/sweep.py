@@ -14,16 +14,37 @@ the registered model, and its ``champion`` alias moves only if it beats the curr
 from __future__ import annotations
 
 import copy
+import html
 import json
 import math
-import os
 import shutil
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylora.config import Config, ConfigError, config_from_args, config_parser
+import pyarrow.fs as pafs
+
+from raylora import registry, tracking
+from raylora.cli import config_from_args, config_parser
+from raylora.cluster import init_ray
+from raylora.config import Config, ConfigError, apply_override, validate
+from raylora.console import run_command
+from raylora.files import absolute, is_remote
+from raylora.sources import complete_adapter_dir
+from raylora.train import (
+    ValidationSet,
+    build_trainer,
+    check_paths,
+    checkpoint_state,
+    make_job,
+    prepare_data,
+    validation_set,
+)
+
+# ray (Tune) and mlflow are imported inside the functions that use them: --help and config errors stay fast.
 
 METRIC = "val_cider"
 TRIAL_FN_CPUS = 0.01  # the trial function itself (Tune + Train V2 need a non-zero reservation)
@@ -55,11 +76,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """The base config with a trial's parameters and the sweep's per-trial overrides applied."""
-    from raylora.config import _apply, validate
-
     cfg = copy.deepcopy(base)
     for key, value in {**cfg.sweep.trial_overrides, **params}.items():
-        _apply(cfg, key, value, "sweep")
+        apply_override(cfg, key, value, "sweep")
     if cfg.sweep.alpha_ratio > 0:
         cfg.lora.alpha = int(round(cfg.sweep.alpha_ratio * cfg.lora.rank))
     if cfg.eval.every_n_steps > 0:  # every report carries the objective (ASHA and the searcher need it)
@@ -77,7 +96,10 @@ def default_point(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What one trial occupies: its Train workers plus its data actors."""
     c = trial_config(cfg, {})
-    cpus = c.cluster.num_workers * c.cluster.cpus_per_worker + c.data.decode_actors * c.data.decode_cpus
+    per_worker = (
+        c.cluster.cpus_per_worker + c.data.decode_actors * c.data.decode_cpus
+    )  # its own decode actors
+    cpus = c.cluster.num_workers * per_worker
     need = {"CPU": round(cpus + TRIAL_FN_CPUS, 6)}
     if c.cluster.use_gpu:
         need["GPU"] = c.cluster.num_workers * c.cluster.gpus_per_worker
@@ -99,55 +121,74 @@ def max_concurrent(cfg: Config, cluster: dict[str, float]) -> int:
 # ------------------------------------------------------------------------------------- a trial
 
 
-def run_trial(params: dict[str, Any], job: Any, sweep_info: dict[str, Any]) -> None:
-    """One Tune trial: a TorchTrainer on the trial's config, metrics forwarded to Tune."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class Sweep:
+    """What every trial shares, resolved once by the sweep driver."""
+
+    cfg: Config
+    name: str
+    model_dir: Path
+    records: Any  # ObjectRef of the validated records
+    num_records: int
+    validation: ValidationSet | None
+    storage: str  # <storage_path>/<sweep name>: Tune's experiment dir, trials under trials/
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def trial_mlflow_run(sweep: Sweep, cfg: Config, trial_id: str, params: dict[str, Any], run_dir: str) -> str:
+    """The trial's child run: the one it started before (a resumed sweep), or a new one."""
+    marker = Path(run_dir) / "mlflow_run_id"
+    if marker.is_file():
+        return marker.read_text().strip()
+    run_id = tracking.create_run(
+        sweep.experiment_id,
+        f"trial-{trial_id}",
+        tags={
+            "trial_id": trial_id,
+            "trial_state": "running",
+            "base_model": cfg.model.path,
+            "config_hash": cfg.fingerprint(),
+        },
+        params={**params, "lora.alpha": cfg.lora.alpha},
+        parent_run_id=sweep.parent_run_id,
+        uri=sweep.tracking_uri,
+    )
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run_id)
+    return run_id
+
+
+def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
+    """One Tune trial: the training job of the trial's config; its reports reach Tune.
+
+    A trial whose run already reached its last step (a sweep driver killed after the trial's final
+    checkpoint) reports that checkpoint's metrics instead of training again.
+    """
+    import ray.train
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raylora.data.pipeline import make_plan
-    from raylora.train import Job, build_trainer
-
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    cfg = trial_config(job.cfg, params)
-    plan = make_plan(
-        job.prepared.rows_ok,
-        cfg.train.global_batch_size,
-        cfg.train.per_device_batch_size,
-        cfg.cluster.num_workers,
-        cfg.train.epochs,
-        cfg.train.max_steps,
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(sweep.cfg, params)
+    run_dir = f"{sweep.storage}/trials/{trial_id}"
+    run_id = trial_mlflow_run(sweep, cfg, trial_id, params, run_dir)
+    job = make_job(
+        cfg,
+        sweep.model_dir,
+        sweep.records,
+        sweep.num_records,
+        run_dir,
+        sweep.validation,
+        sweep.tracking_uri,
+        run_id,
     )
-    trial_job = Job(cfg, job.model_dir, job.prepared, plan, f"{sweep_info['storage']}/trials/{trial_id}")
-    mlflow.set_tracking_uri(sweep_info["tracking_uri"])
-    client = MlflowClient()
-    marker = Path(trial_job.run_dir) / "mlflow_run_id"
-    if marker.is_file():
-        run_id = marker.read_text().strip()
-    else:
-        run = client.create_run(
-            sweep_info["experiment_id"],
-            run_name=f"trial-{trial_id}",
-            tags={
-                "mlflow.parentRunId": sweep_info["parent_run_id"],
-                "trial_id": trial_id,
-                "trial_state": "running",
-                "base_model": cfg.model.path,
-                "config_hash": cfg.fingerprint(),
-            },
-        )
-        run_id = run.info.run_id
-        for key, value in params.items():
-            client.log_param(run_id, key, value)
-        client.log_param(run_id, "lora.alpha", cfg.lora.alpha)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(run_id)
-    trainer, _ = build_trainer(
-        trial_job, run_id, sweep_info["tracking_uri"], callbacks=[TuneReportCallback()]
-    )
-    trainer.fit()
+    if job.finished:
+        state = checkpoint_state(ray.train.Checkpoint(job.resume_from))
+        tune.report({**state, "checkpoint_path": job.resume_from})
+        return
+    build_trainer(job, callbacks=[TuneReportCallback()]).fit()
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -159,22 +200,18 @@ def _cluster_resources() -> dict[str, float]:
     return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
 
-def build_tuner(
-    cfg: Config, job: Any, sweep_info: dict[str, Any], trials: int, concurrency: int, restore: bool
-):
+def build_tuner(sweep: Sweep, trials: int, concurrency: int, restore: bool) -> Any:
+    """Tune's Tuner over :func:`run_trial`: the searcher (config point first), ASHA on val CIDEr."""
+    import ray.tune
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    storage = sweep_info["tune_storage"]
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=job, sweep_info=sweep_info), {"CPU": TRIAL_FN_CPUS}
-    )
+    cfg = sweep.cfg
+    tune_storage, name = sweep.storage.rstrip("/").rsplit("/", 1)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": TRIAL_FN_CPUS})
     if restore:
         return tune.Tuner.restore(
-            os.path.join(storage, sweep_info["name"]),
-            trainable=trainable,
-            resume_unfinished=True,
-            restart_errored=True,
+            sweep.storage, trainable=trainable, resume_unfinished=True, restart_errored=True
         )
     space = search_space(cfg)
     first = [default_point(cfg, space)]
@@ -194,24 +231,22 @@ def build_tuner(
         )
     else:
         raise ConfigError(f"sweep.searcher must be optuna or random, got {cfg.sweep.searcher!r}")
-    max_t = trial_config(cfg, {}).train.max_steps
+    trial_defaults = trial_config(cfg, {})
     scheduler = ASHAScheduler(
         time_attr="step",
         metric=METRIC,
         mode="max",
-        max_t=max(max_t, 1),
-        grace_period=cfg.sweep.grace_period * max(trial_config(cfg, {}).eval.every_n_steps, 1),
+        max_t=max(trial_defaults.train.max_steps, 1),
+        grace_period=cfg.sweep.grace_period * max(trial_defaults.eval.every_n_steps, 1),
         reduction_factor=cfg.sweep.reduction_factor,
     )
-    import ray.tune
-
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             num_samples=trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency
         ),
-        run_config=ray.tune.RunConfig(name=sweep_info["name"], storage_path=storage, verbose=1),
+        run_config=ray.tune.RunConfig(name=name, storage_path=tune_storage, verbose=1),
     )
 
 
@@ -265,8 +300,6 @@ def print_table(rows: list[dict[str, Any]]) -> str:
 
 def write_report(rows: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """PNG plots (CIDEr vs lr, vs rank, learning curves) and an HTML page with the trial table."""
-    import html
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,127 +355,145 @@ def write_report(rows: list[dict[str, Any]], out: Path, title: str) -> list[Path
     return [*files, out / "report.html", out / "trials.json"]
 
 
+def open_parent_run(cfg: Config, storage: str, name: str, trials: int, resume: bool) -> tuple[str, str, str]:
+    """(tracking uri, experiment id, parent run id): the sweep's MLflow parent run, new or resumed.
+
+    The parent run id is kept in ``<storage>/raylora_sweep.json``, so ``--resume`` continues it.
+    """
+    uri, exp_id = tracking.setup(cfg)
+    state_file = Path(storage) / "raylora_sweep.json"
+    if resume:
+        if not state_file.is_file():
+            raise FileNotFoundError(f"no sweep to resume at {storage}; run without --resume first")
+        parent_run_id = json.loads(state_file.read_text())["parent_run_id"]
+        tracking.reopen_run(parent_run_id, uri)
+        return uri, exp_id, parent_run_id
+    if state_file.is_file():
+        raise RuntimeError(
+            f"a sweep named {name!r} exists in {storage}: use --resume, or a new cluster.run_name"
+        )
+    params = {
+        f"sweep.{k}": v for k, v in cfg.flat().items() if k.startswith(("sweep.", "model.", "data.train"))
+    }
+    parent_run_id = tracking.create_run(
+        exp_id,
+        name,
+        tags={"sweep": "true", "base_model": cfg.model.path, "git_commit": tracking.git_commit()},
+        params={**dict(list(params.items())[:100]), "trials": trials},
+        uri=uri,
+    )
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "trials": trials}))
+    return uri, exp_id, parent_run_id
+
+
+def close_trial_runs(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
+    """Each trial's child run gets its final state (tag and status) and final CIDEr."""
+    c = tracking.client(sweep.tracking_uri)
+    for row in rows:
+        marker = Path(sweep.storage) / "trials" / row["trial_id"] / "mlflow_run_id"
+        if not marker.is_file():
+            continue
+        child = marker.read_text().strip()
+        row["mlflow_run_id"] = child
+        c.set_tag(child, "trial_state", row["state"])
+        if row["cider"] is not None:
+            c.log_metric(child, "final_cider", row["cider"])
+        status = {"failed": "FAILED", "stopped early": "KILLED"}.get(row["state"], "FINISHED")
+        tracking.end_run(child, status, sweep.tracking_uri)
+
+
+def register_champion(sweep: Sweep, best: dict[str, Any], output: Path) -> tuple[str, int, bool]:
+    """The best trial's adapter (plus tokenizer, processor, raylora.json) as a new registry version;
+    ``champion`` moves to it if it beats the current one. Returns (name, version, moved)."""
+    best_cfg = trial_config(sweep.cfg, best["params"])
+    adapter = output / "champion_adapter"
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(_local_checkpoint(best["checkpoint"]) / "adapter", adapter)
+    complete_adapter_dir(adapter, sweep.model_dir, best_cfg.model.template, best_cfg.model.system_message)
+    best_run = best.get("mlflow_run_id")
+    if best_run:
+        tracking.log_artifacts(best_run, adapter, "adapter", sweep.tracking_uri)
+        source = tracking.artifact_uri(best_run, "adapter", sweep.tracking_uri)
+    else:
+        source = adapter.resolve().as_uri()
+    model_name = tracking.registered_model_name(sweep.cfg)
+    version, moved = registry.register_version(
+        model_name,
+        source,
+        best_run or sweep.parent_run_id,
+        tags={
+            "trial_id": best["trial_id"],
+            "base_model": sweep.cfg.model.path,
+            "config_hash": best_cfg.fingerprint(),
+            "sweep": sweep.name,
+        },
+        metric_key="cider",
+        metric_value=best["cider"],
+        tracking_uri=sweep.tracking_uri,
+    )
+    return model_name, version, moved
+
+
 def run_sweep(
     cfg: Config, trials: int | None = None, resume: bool = False, output_dir: str | Path | None = None
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the summary (best trial, registry version)."""
-    from mlflow.tracking import MlflowClient
-
-    from raylora import registry, tracking
-    from raylora.train import complete_adapter_dir, init_ray, prepare_job, resolve_paths
-
     trials = trials or cfg.sweep.trials
     output = Path(output_dir or Path(cfg.output_dir).parent / f"{cfg.name}_sweep")
     output.mkdir(parents=True, exist_ok=True)
-    uri, exp_id = tracking.setup(cfg)  # fails fast when the store is unreachable
-    resolve_paths(cfg)  # missing model or data: an error before the cluster starts
-    init_ray(cfg)
-    concurrency = max_concurrent(cfg, _cluster_resources())
-    job = prepare_job(cfg, output)
-    name = cfg.cluster.run_name or f"{cfg.name}_sweep"
-    storage = (
-        cfg.cluster.storage_path
-        if "://" in cfg.cluster.storage_path
-        else os.path.abspath(cfg.cluster.storage_path)
-    )
-    state_file = Path(storage) / name / "raylora_sweep.json"
-    client = MlflowClient()
-    if resume:
-        if not state_file.is_file():
-            raise FileNotFoundError(f"no sweep to resume at {state_file.parent}; run without --resume first")
-        parent_run_id = json.loads(state_file.read_text())["parent_run_id"]
-        client.set_terminated(parent_run_id, "RUNNING")
-    else:
-        if state_file.is_file():
-            raise RuntimeError(
-                f"a sweep named {name!r} exists in {state_file.parent}: use --resume, or a new cluster.run_name"
-            )
-        parent = client.create_run(
-            exp_id,
-            run_name=name,
-            tags={"sweep": "true", "base_model": cfg.model.path, "git_commit": tracking.git_commit()},
-        )
-        parent_run_id = parent.info.run_id
-        with_params = {
-            f"sweep.{k}": v for k, v in cfg.flat().items() if k.startswith(("sweep.", "model.", "data.train"))
-        }
-        for key, value in list(with_params.items())[:100]:
-            client.log_param(parent_run_id, key, str(value)[:6000])
-        client.log_param(parent_run_id, "trials", trials)
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "trials": trials}))
-    sweep_info = {
-        "name": name,
-        "storage": str(Path(storage) / name),
-        "tune_storage": storage,
-        "tracking_uri": uri,
-        "experiment_id": exp_id,
-        "parent_run_id": parent_run_id,
-    }
+    sweep, concurrency = start_sweep(cfg, trials, resume, output)
     print(
-        f"[sweep] {trials} trials, up to {concurrency} at a time ({trial_resources(cfg)} each); MLflow parent run {parent_run_id}",
+        f"[sweep] {trials} trials, up to {concurrency} at a time ({trial_resources(cfg)} each); "
+        f"MLflow parent run {sweep.parent_run_id}",
         flush=True,
     )
     t0 = time.time()
-    tuner = build_tuner(cfg, job, sweep_info, trials, concurrency, restore=resume)
     try:
-        results = tuner.fit()
+        results = build_tuner(sweep, trials, concurrency, restore=resume).fit()
     except BaseException:
-        client.set_terminated(parent_run_id, "FAILED")
+        tracking.end_run(sweep.parent_run_id, "FAILED", sweep.tracking_uri)
         raise
-    rows = trial_rows(results)
-    for row in rows:
-        marker = Path(sweep_info["storage"]) / "trials" / row["trial_id"] / "mlflow_run_id"
-        if marker.is_file():
-            child = marker.read_text().strip()
-            row["mlflow_run_id"] = child
-            client.set_tag(child, "trial_state", row["state"])
-            if row["cider"] is not None:
-                client.log_metric(child, "final_cider", row["cider"])
-            client.set_terminated(
-                child, {"failed": "FAILED", "stopped early": "KILLED"}.get(row["state"], "FINISHED")
-            )
-    table = print_table(rows)
-    print(table, flush=True)
+    return finish_sweep(sweep, trial_rows(results), output, time.time() - t0)
+
+
+def start_sweep(cfg: Config, trials: int, resume: bool, output: Path) -> tuple[Sweep, int]:
+    """Checks, the cluster, validated data and the parent run: what every trial shares; concurrency."""
+    import ray
+
+    tracking.check_tracking(tracking.tracking_uri(cfg))  # fails fast when the store is unreachable
+    model_dir = check_paths(cfg)  # missing model or data: an error before the cluster starts
+    init_ray(cfg)
+    concurrency = max_concurrent(cfg, _cluster_resources())
+    name = cfg.cluster.run_name or f"{cfg.name}_sweep"
+    storage = f"{absolute(cfg.cluster.storage_path).rstrip('/')}/{name}"
+    prepared = prepare_data(cfg, model_dir, output)
+    uri, exp_id, parent_run_id = open_parent_run(cfg, storage, name, trials, resume)
+    records = ray.put(prepared.table)
+    validation = validation_set(cfg, model_dir)
+    sweep = Sweep(
+        cfg, name, model_dir, records, prepared.rows_ok, validation, storage, uri, exp_id, parent_run_id
+    )
+    return sweep, concurrency
+
+
+def finish_sweep(sweep: Sweep, rows: list[dict[str, Any]], output: Path, seconds: float) -> dict[str, Any]:
+    """Trial states to MLflow, the report, the champion into the registry; the summary."""
+    uri, parent = sweep.tracking_uri, sweep.parent_run_id
+    close_trial_runs(sweep, rows)
+    print(print_table(rows), flush=True)
     scored = [r for r in rows if r["cider"] is not None and r["checkpoint"]]
     if not scored:
-        client.set_terminated(parent_run_id, "FAILED")
-        raise RuntimeError(
-            "no trial reported a validation CIDEr; see the trial logs under " + sweep_info["storage"]
-        )
+        tracking.end_run(parent, "FAILED", uri)
+        raise RuntimeError(f"no trial reported a validation CIDEr; see the trial logs under {sweep.storage}")
     best = max(scored, key=lambda r: r["cider"])
-    report_files = write_report(rows, output, f"raylora sweep {name}")
-    for f in report_files:
-        client.log_artifact(parent_run_id, str(f), "report")
-    client.log_metric(parent_run_id, "best_cider", best["cider"])
-    client.set_tag(parent_run_id, "best_trial", best["trial_id"])
-    best_cfg = trial_config(cfg, best["params"])
-    adapter = output / "champion_adapter"  # the trial's adapter plus tokenizer, processor and raylora.json
-    shutil.rmtree(adapter, ignore_errors=True)
-    shutil.copytree(_local_checkpoint(best["checkpoint"]) / "adapter", adapter)
-    complete_adapter_dir(adapter, job.model_dir, best_cfg.model.template, best_cfg.model.system_message)
-    best_run = best.get("mlflow_run_id")
-    if best_run:
-        client.log_artifacts(best_run, str(adapter), "adapter")
-        source = f"{client.get_run(best_run).info.artifact_uri}/adapter"
-    else:
-        source = adapter.resolve().as_uri()
-    model_name = tracking.registered_model_name(cfg)
-    version, moved = registry.register_adapter(
-        model_name,
-        source,
-        best_run or parent_run_id,
-        tags={
-            "cider": str(best["cider"]),
-            "trial_id": best["trial_id"],
-            "base_model": cfg.model.path,
-            "config_hash": best_cfg.fingerprint(),
-            "sweep": name,
-        },
-        metric_key="cider",
-        metric_value=best["cider"],
-    )
-    client.set_terminated(parent_run_id, "FINISHED")
+    for f in write_report(rows, output, f"raylora sweep {sweep.name}"):
+        tracking.log_artifacts(parent, f, "report", uri)
+    c = tracking.client(uri)
+    c.log_metric(parent, "best_cider", best["cider"])
+    c.set_tag(parent, "best_trial", best["trial_id"])
+    model_name, version, moved = register_champion(sweep, best, output)
+    tracking.end_run(parent, "FINISHED", uri)
     summary = {
         "best_trial": best["trial_id"],
         "best_cider": best["cider"],
@@ -452,9 +503,9 @@ def run_sweep(
         "champion_moved": moved,
         "trials": len(rows),
         "stopped_early": sum(r["state"] == "stopped early" for r in rows),
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(seconds, 1),
         "report": str(output / "report.html"),
-        "parent_run_id": parent_run_id,
+        "parent_run_id": parent,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(
@@ -468,12 +519,8 @@ def run_sweep(
 
 
 def _local_checkpoint(path: str) -> Path:
-    if "://" not in path:
+    if not is_remote(path):
         return Path(path)
-    import tempfile
-
-    import pyarrow.fs as pafs
-
     dst = Path(tempfile.mkdtemp(prefix="raylora-best-"))
     fs, base = pafs.FileSystem.from_uri(path)
     pafs.copy_files(base, str(dst), source_filesystem=fs)
@@ -493,13 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", help="report directory (default: outputs/<config>_sweep)")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args, [f"sweep.searcher={args.searcher}"] if args.searcher else [])
-        run_sweep(cfg, args.trials, args.resume, args.output)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    extra = [f"sweep.searcher={args.searcher}"] if args.searcher else []
+    return run_command(
+        lambda: run_sweep(config_from_args(args, extra), args.trials, args.resume, args.output)
+    )
 
 
 if __name__ == "__main__":

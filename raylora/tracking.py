@@ -1,19 +1,25 @@
-"""MLflow: where runs go, checked before any work starts; experiment, run and registry helpers.
+"""MLflow tracking: the store (checked before any work starts), experiments, runs, metrics, artifacts.
 
-Default store: ``sqlite:///<repo>/mlflow/mlflow.db`` with artifacts in ``<repo>/mlflow/artifacts``.
-``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point at a server instead.
+Every MLflow client and run of raylora is made here (the model registry is in ``registry``).
+Default store: ``sqlite:///<repo>/mlflow/mlflow.db`` with artifacts in ``<repo>/mlflow/artifacts``;
+``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point at a server instead. mlflow is imported inside the
+functions: it costs seconds, and many commands (``--help``, ``data check``) never need it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from raylora.config import REPO_ROOT, Config
+from raylora.files import atomic_dir
 
 
 def store_dir() -> Path:
@@ -22,11 +28,19 @@ def store_dir() -> Path:
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the embedded SQLite store."""
     if cfg is not None and cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
+def current_uri() -> str:
+    """mlflow's tracking URI if this process set one, else raylora's default store."""
+    import mlflow
+
+    return mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else tracking_uri()
 
 
 def check_tracking(uri: str) -> None:
@@ -49,8 +63,16 @@ def check_tracking(uri: str) -> None:
             raise RuntimeError(f"MLflow store {db.parent} is not writable")
 
 
+def client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` for ``uri`` (default :func:`current_uri`), tracking and registry alike."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or current_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def setup(cfg: Config) -> tuple[str, str]:
-    """Point mlflow at the configured store and return (tracking uri, experiment id)."""
+    """Point mlflow at the configured store; (tracking uri, experiment id), creating the experiment."""
     import mlflow
 
     uri = tracking_uri(cfg)
@@ -65,6 +87,108 @@ def setup(cfg: Config) -> tuple[str, str]:
     return uri, mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
 
 
+def create_run(
+    experiment_id: str,
+    name: str,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+) -> str:
+    """A new RUNNING run with ``tags`` and ``params`` (values cut at MLflow's 6000 characters)."""
+    from mlflow.entities import Param
+
+    c = client(uri)
+    all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = c.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+    return run_id
+
+
+def reopen_run(run_id: str, uri: str | None = None) -> bool:
+    """Mark an existing run RUNNING again (a resumed job); False when the store does not know it."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_run(run_id)
+    except MlflowException:
+        return False
+    c.set_terminated(run_id, "RUNNING")
+    return True
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    """FINISHED, FAILED or KILLED (runs opened by workers or trials would stay RUNNING otherwise)."""
+    client(uri).set_terminated(run_id, status)
+
+
+class MetricLogger:
+    """Logs metric dicts at an optimizer step to one run (rank 0 of a training job holds one)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.run_id = run_id
+        self._client = client(uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+
+def log_artifacts(
+    run_id: str, local_path: str | Path, artifact_path: str | None = None, uri: str | None = None
+) -> None:
+    """A file or a folder's contents into the run's artifacts (under ``artifact_path``)."""
+    c = client(uri)
+    if Path(local_path).is_dir():
+        c.log_artifacts(run_id, str(local_path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(local_path), artifact_path)
+
+
+def artifact_uri(run_id: str, artifact_path: str, uri: str | None = None) -> str:
+    """The storage URI of a run's artifact folder (what a model version's ``source`` must be)."""
+    run = client(uri).get_run(run_id)
+    return f"{run.info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
+
+
+def download(artifact: str, target: Path, uri: str) -> Path:
+    """Download the artifact folder ``artifact`` (any MLflow artifact URI) into ``target``, once."""
+    import mlflow
+
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent)
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=scratch, tracking_uri=uri)
+        )
+        if local.is_file():
+            raise ValueError(f"{artifact} is a single file, expected a model or adapter folder")
+        with atomic_dir(target) as tmp:
+            os.rmdir(tmp)
+            os.replace(local, tmp)
+    except FileExistsError:
+        if not target.is_dir():  # else another process downloaded it meanwhile
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[Any]:
+    return client(uri).get_metric_history(run_id, key)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -75,34 +199,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def log_params(cfg: Config) -> None:
-    """The resolved config as params (MLflow caps a value at 6000 characters)."""
-    import mlflow
-
-    params = {k: str(v)[:6000] for k, v in cfg.flat().items()}
-    items = list(params.items())
-    for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i : i + 100]))
-
-
 def registered_model_name(cfg: Config) -> str:
     return cfg.tracking.registered_model or f"raylora-{cfg.tracking.dataset}-lora"
-
-
-def end_run_if_active(status: str = "FINISHED") -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status=status)
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"run {run_id} (browse: mlflow ui --backend-store-uri {uri})"
-
-
-def metric_history(run_id: str, key: str) -> list[Any]:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient().get_metric_history(run_id, key)

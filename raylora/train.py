@@ -4,10 +4,13 @@
     python -m raylora.train --config internvl2_2b_coco train.lr=2e-5 cluster.num_workers=16
     python -m raylora.train --config demo --output outputs/demo lora.rank=8
 
-``train_func`` runs on every worker (model, LoRA, DeepSpeed engine, the loop, checkpoints); the
-rest runs on the driver (config, data validation, the micro-batch plan, MLflow run, outputs).
-Running the same command again with the same ``cluster.run_name`` resumes from the latest
-checkpoint; ``cluster.max_failures`` restarts crashed workers from it within a run.
+Read top to bottom: :class:`LoRAFinetuneRecipe` is what every Ray Train worker runs (``setup``,
+``restore``, ``train``, ``evaluate``, ``save_checkpoint``); ``train_func`` builds and runs it. Below
+it, the driver: :func:`make_job` validates nothing itself but plans every micro-batch and decides,
+once, whether the run starts or resumes (and from which checkpoint); :func:`run` validates the
+data, opens the MLflow run, fits the TorchTrainer (or, for a finished run, only writes its outputs)
+and writes the adapter. Running the same command again resumes from the latest checkpoint;
+``cluster.max_failures`` restarts crashed workers from it within a run.
 """
 
 from __future__ import annotations
@@ -23,20 +26,67 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylora.config import (
-    DEMO,
-    Config,
-    ConfigError,
-    config_from_args,
-    config_from_dict,
-    config_parser,
-    save_config,
-)
+import pyarrow.fs as pafs
+
+from raylora import tracking
+from raylora.cli import config_from_args, config_parser
+from raylora.cluster import init_ray
+from raylora.config import Config, save_config
+from raylora.console import run_command
+from raylora.data.pipeline import iter_rank_batches, rank_dataset
+from raylora.data.plan import BatchPlan, make_plan, plan_microbatches
+from raylora.data.prepare import Prepared, prepare
+from raylora.data.records import EvalItem, read_gt, read_karpathy
+from raylora.data.settings import ImageSettings
+from raylora.data.tiling import normalize
+from raylora.files import absolute, is_remote
+from raylora.generation import GenerationSettings, generate_captions
+from raylora.metrics import cider
+from raylora.model import apply_lora, attn_implementation, count_trainable, load_base_model, torch_dtype
+from raylora.sources import complete_adapter_dir, image_settings, resolve_model_dir
+
+# torch, deepspeed, ray and transformers are imported inside the functions that run on the workers
+# or fit the trainer: the driver's checks (config, paths, tracking store) answer in a second.
 
 DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed_configs"
 
 
-# ============================================================================ on every worker
+# ================================================================================ the worker's job
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """The fixed validation subset (first ``data.val_size`` images), its references and settings."""
+
+    items: list[EvalItem]
+    references: dict[int, list[str]]
+    settings: ImageSettings
+
+
+@dataclass
+class TrainJob:
+    """Everything a training worker needs, resolved once on the driver."""
+
+    cfg: Config
+    plan: BatchPlan
+    model_dir: str
+    settings: ImageSettings
+    records: Any  # ObjectRef of the validated records (pyarrow Table)
+    planned: Any  # ObjectRef of the planned micro-batches (pyarrow Table: index, rows)
+    run_dir: str
+    start_step: int = 0  # the step of ``resume_from``; 0 for a new run
+    resume_from: str | None = None  # the newest complete checkpoint on storage
+    validation: ValidationSet | None = None
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    fail_at_step: int | None = None  # RAYLORA_FAIL_AT_STEP: crash one worker once (the fault drill)
+
+    @property
+    def finished(self) -> bool:
+        return self.resume_from is not None and self.start_step >= self.plan.total_steps
+
+
+# ====================================================================================== the recipe
 
 
 def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, bf16: bool) -> dict[str, Any]:
@@ -64,299 +114,331 @@ def lora_state_dict(module: Any) -> dict[str, Any]:
         return {n: p.detach().cpu().clone() for n, p in params}
 
 
-def save_adapter(module: Any, out: Path, is_rank0: bool) -> None:
-    """PEFT adapter (adapter_config.json + adapter_model.safetensors), gathered under ZeRO-3."""
-    state = lora_state_dict(module)
-    if is_rank0:
-        module.save_pretrained(out, state_dict=state, safe_serialization=True)
+def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
+    """``train_state.json`` of a checkpoint (step, loss, val CIDEr, ...); {} for None."""
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as d:
+        return json.loads(Path(d, "train_state.json").read_text())
 
 
-def evaluate_cider(
-    module: Any, cfg: Config, ctx: dict[str, Any], rank: int, world: int, synced: bool
-) -> dict[str, float]:
-    """Caption the fixed validation subset (sharded over ranks) and score it with fast CIDEr."""
-    import torch.distributed as dist
+class LoRAFinetuneRecipe:
+    """One Ray Train worker's share of a LoRA fine-tuning run, in the shape of a torchtune recipe."""
 
-    from raylora.generation import GenerationSettings, generate_captions
-    from raylora.metrics import cider
+    def __init__(self, job: TrainJob):
+        import ray.train
 
-    items = ctx["val_items"]
-    per_rank = math.ceil(len(items) / world)
-    mine = items[rank * per_rank : (rank + 1) * per_rank]
-    if synced:  # ZeRO-3: every rank must run the same number of forward passes
-        mine = mine + [items[-1]] * (per_rank - len(mine))
-    gen = GenerationSettings(
-        cfg.eval.prompt, cfg.eval.min_new_tokens, cfg.eval.max_new_tokens, cfg.eval.batch_size
-    )
-    caps = generate_captions(
-        module, ctx["eval_tok"], ctx["eval_settings"], [it["image"] for it in mine], gen, synced
-    )
-    pairs = [(it["image_id"], c) for it, c in zip(mine, caps)]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, pairs)
-    res = {}
-    for part in gathered:
-        for image_id, cap in part:
-            res.setdefault(image_id, cap)
-    score = cider(ctx["val_gts"], {k: [v] for k, v in res.items()})
-    return {"val_cider": float(score), "val_images": len(res)}
-
-
-def train_func(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build, restore, loop, evaluate, checkpoint."""
-    import deepspeed
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from transformers import get_cosine_schedule_with_warmup
-
-    from raylora.data.pipeline import unpack
-    from raylora.data.tiling import normalize
-    from raylora.model import apply_lora, attn_implementation, count_trainable, load_base_model, torch_dtype
-
-    cfg = config_from_dict(config["cfg"])
-    plan = config["plan"]
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    is_rank0 = rank == 0
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)
-    dtype = torch_dtype(cfg.model.dtype, device.type)
-
-    model = load_base_model(
-        config["model_dir"], dtype, attn_implementation(cfg.model.attn_implementation, device.type)
-    )
-    model = apply_lora(model, cfg, config["family"])
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    trainable, total = count_trainable(model)
-    if is_rank0:
-        print(
-            f"[train] trainable params {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-            flush=True,
+        ctx = ray.train.get_context()
+        self.job, self.cfg, self.plan = job, job.cfg, job.plan
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.is_rank0 = self.rank == 0
+        self.device = ray.train.torch.get_device()
+        self.step = 0
+        self.logger = (
+            tracking.MetricLogger(job.tracking_uri, job.mlflow_run_id)
+            if self.is_rank0 and job.mlflow_run_id and job.tracking_uri
+            else None
         )
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    adamw = dict(
-        lr=cfg.train.lr,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_eps,
-        weight_decay=cfg.train.weight_decay,
-    )
-    if cfg.train.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    def setup(self) -> None:
+        """Model, LoRA, optimizer, scheduler and the DeepSpeed engine."""
+        import deepspeed
+        import torch
+        from transformers import get_cosine_schedule_with_warmup
 
-        optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **adamw)
-    else:
-        optimizer = torch.optim.AdamW(params, **adamw)
-    total_steps = plan["total_steps"]
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(total_steps * cfg.train.warmup_ratio), total_steps
-    )
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, plan["grad_accum"], world, dtype == torch.bfloat16),
-    )
-    synced = cfg.train.zero_stage == 3 and world > 1
+        cfg, t = self.cfg, self.cfg.train
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+        torch.manual_seed(t.seed)
+        self.dtype = torch_dtype(cfg.model.dtype, self.device.type)
+        attn = attn_implementation(cfg.model.attn_implementation, self.device.type)
+        model = load_base_model(self.job.model_dir, self.dtype, attn)
+        model = apply_lora(model, cfg, model.config.text_config.model_type)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        trainable, total = count_trainable(model)
+        self.print(f"[train] trainable params {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    step = 0
-    restored = ray.train.get_checkpoint()
-    if plan["resume_from"] and _checkpoint_step(restored) < plan["dataset_start_step"]:
-        restored = ray.train.Checkpoint(plan["resume_from"])  # found on disk, not yet registered by Ray
-    if restored is not None:
-        with restored.as_directory() as d:
-            engine.load_checkpoint(
+        params = [p for p in model.parameters() if p.requires_grad]
+        adamw = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        if t.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **adamw)
+        else:
+            optimizer = torch.optim.AdamW(params, **adamw)
+        total_steps = self.plan.total_steps
+        self.scheduler = get_cosine_schedule_with_warmup(
+            optimizer, math.ceil(total_steps * t.warmup_ratio), total_steps
+        )
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=self.scheduler,
+            config=deepspeed_config(cfg, self.plan.grad_accum, self.world, self.dtype == torch.bfloat16),
+        )
+        self.synced = t.zero_stage == 3 and self.world > 1  # ZeRO-3 generation needs every rank
+
+    def restore(self) -> None:
+        """Load the newest checkpoint: Ray's (a worker restart within the run) or the driver's (a rerun)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if self.job.resume_from and checkpoint_state(checkpoint).get("step", -1) < self.job.start_step:
+            checkpoint = ray.train.Checkpoint(self.job.resume_from)  # on storage, not yet known to Ray
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            self.engine.load_checkpoint(
                 os.path.join(d, "ds"),
                 tag="ds",
                 load_module_strict=False,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=True,
             )
-            step = json.loads(Path(d, "train_state.json").read_text())["step"]
-        if is_rank0:
-            print(f"[train] resumed from the checkpoint at step {step}/{total_steps}", flush=True)
-    if step < plan["dataset_start_step"]:
-        raise RuntimeError(
-            f"checkpoint step {step} is behind the planned data start {plan['dataset_start_step']}"
+            self.step = json.loads(Path(d, "train_state.json").read_text())["step"]
+        self.print(f"[train] resumed from the checkpoint at step {self.step}/{self.plan.total_steps}")
+
+    def batches(self):
+        """This rank's micro-batches from the restored step on, in plan order, as torch tensors."""
+        import ray
+
+        first = self.step * self.plan.microbatches_per_step + self.rank
+        dataset = rank_dataset(
+            ray.get(self.job.records),
+            ray.get(self.job.planned),
+            self.rank,
+            self.world,
+            first,
+            self.job.settings,
+            actors=self.cfg.data.decode_actors,
+            cpus_per_actor=self.cfg.data.decode_cpus,
         )
-    skip = (step - plan["dataset_start_step"]) * plan["grad_accum"]  # a worker restart within the run
-    if restored is not None and step >= total_steps:
-        # cut after its last checkpoint (e.g. a sweep driver killed before Tune saw the end):
-        # report that checkpoint's metrics again so the run ends with them
-        with restored.as_directory() as d:
-            final = json.loads(Path(d, "train_state.json").read_text())
-            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
-        return
+        return iter_rank_batches(dataset, first, self.world)
 
-    eval_ctx = None
-    if cfg.eval.every_n_steps >= 0 and config.get("val_items"):
-        from raylora.data.pipeline import ImageSettings
-
-        eval_settings = ImageSettings(**config["eval_settings"])
-        eval_ctx = {
-            "val_items": config["val_items"],
-            "val_gts": {int(k): v for k, v in config["val_gts"].items()},
-            "eval_settings": eval_settings,
-            "eval_tok": eval_settings.conversation_tokenizer(),
-        }
-
-    client = None
-    if is_rank0 and config.get("mlflow_run_id"):
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        mlflow.set_tracking_uri(config["tracking_uri"])
-        client = MlflowClient()
-
-    def log(metrics: dict[str, float], at: int) -> None:
-        if client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            client.log_batch(
-                config["mlflow_run_id"], metrics=[Metric(k, float(v), now, at) for k, v in metrics.items()]
+    def train(self) -> None:
+        """The loop: an optimizer step every ``grad_accum`` micro-batches; log, evaluate, checkpoint."""
+        cfg, total, accum = self.cfg, self.plan.total_steps, self.plan.grad_accum
+        window, last_eval = StepWindow(), {}
+        self.started = (self.step, time.time())
+        self.engine.train()
+        for micro, batch in enumerate(self.batches(), 1):
+            window.add(self.forward_backward(batch), batch)
+            if micro % accum:
+                continue
+            self.step += 1
+            self.fault_drill()
+            done = self.step >= total
+            if done or self.step % cfg.train.log_every_n_steps == 0:
+                self.last_loss = self.log_step(window)
+                window = StepWindow()
+            evaluate = self.job.validation is not None and (
+                done or (cfg.eval.every_n_steps > 0 and self.step % cfg.eval.every_n_steps == 0)
             )
+            if evaluate:
+                last_eval = self.evaluate()
+            if evaluate or done or self.step % cfg.train.checkpoint_every_n_steps == 0:
+                loss = window.mean_loss() if window.n else self.last_loss
+                self.save_checkpoint({"step": self.step, "total_steps": total, "loss": loss, **last_eval})
+            if done:
+                return
+        raise RuntimeError(
+            f"rank {self.rank}: the data stream ended at step {self.step} of {total}; "
+            "the plan and the dataset disagree"
+        )
 
-    def checkpoint_and_report(metrics: dict[str, float]) -> None:
+    def forward_backward(self, batch: dict[str, Any]) -> float:
+        """One micro-batch: forward, backward, and DeepSpeed's step (it applies at the boundary)."""
+        out = self.engine(
+            input_ids=batch["input_ids"].to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
+            labels=batch["labels"].to(self.device),
+            pixel_values=normalize(batch["pixel_values"].to(self.device), self.dtype),
+        )
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return out.loss.item()
+
+    def log_step(self, window: StepWindow) -> float:
+        """Sum the window over ranks: the same numbers go to MLflow and to the step line; the loss."""
+        import torch
+        import torch.distributed as dist
+
+        sums = torch.tensor([window.loss, window.n, window.samples, window.tokens], dtype=torch.float64)
+        dist.all_reduce(sums)
+        loss, n, samples, tokens = sums.tolist()
+        elapsed = max(time.time() - window.start, 1e-9)
+        metrics = {
+            "loss": loss / max(n, 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "epoch": self.step / self.plan.steps_per_epoch,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if self.logger is not None:
+            self.logger.log(metrics, self.step)
+        rate = (self.step - self.started[0]) / max(time.time() - self.started[1], 1e-9)
+        eta = (self.plan.total_steps - self.step) / rate if rate > 0 else float("inf")
+        self.print(
+            f"[train] step {self.step}/{self.plan.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s"
+        )
+        return metrics["loss"]
+
+    def evaluate(self) -> dict[str, float]:
+        """Caption the fixed validation subset (sharded over ranks) and score it with fast CIDEr."""
+        import torch.distributed as dist
+
+        val, e = self.job.validation, self.cfg.eval
+        per_rank = math.ceil(len(val.items) / self.world)
+        mine = val.items[self.rank * per_rank : (self.rank + 1) * per_rank]
+        if self.synced:  # every rank must run the same number of forward passes
+            mine = mine + [val.items[-1]] * (per_rank - len(mine))
+        if not hasattr(self, "eval_tokenizer"):
+            self.eval_tokenizer = val.settings.conversation_tokenizer()
+        gen = GenerationSettings(e.prompt, e.min_new_tokens, e.max_new_tokens, e.batch_size)
+        caps = generate_captions(
+            self.engine.module, self.eval_tokenizer, val.settings, [it.image for it in mine], gen, self.synced
+        )
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, [(it.image_id, c) for it, c in zip(mine, caps)])
+        captions: dict[int, list[str]] = {}
+        for part in gathered:
+            for image_id, caption in part:
+                captions.setdefault(image_id, [caption])
+        metrics = {"val_cider": float(cider(val.references, captions)), "val_images": len(captions)}
+        if self.logger is not None:
+            self.logger.log(metrics, self.step)
+        self.print(f"[eval] step {self.step}: val CIDEr {metrics['val_cider']:.3f} on {len(captions)} images")
+        return metrics
+
+    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
+        """DeepSpeed state (all ranks), the PEFT adapter and train_state.json, reported to Ray Train."""
+        import ray.train
+
         with tempfile.TemporaryDirectory(prefix="raylora-ckpt-") as d:
-            engine.save_checkpoint(os.path.join(d, "ds"), tag="ds", exclude_frozen_parameters=True)
-            save_adapter(engine.module, Path(d) / "adapter", is_rank0)
-            if is_rank0:
-                Path(d, "train_state.json").write_text(json.dumps({"step": step, **metrics}))
+            self.engine.save_checkpoint(os.path.join(d, "ds"), tag="ds", exclude_frozen_parameters=True)
+            state = lora_state_dict(self.engine.module)  # collective under ZeRO-3
+            if self.is_rank0:
+                self.engine.module.save_pretrained(
+                    Path(d) / "adapter", state_dict=state, safe_serialization=True
+                )
+                Path(d, "train_state.json").write_text(json.dumps(metrics))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    shard = ray.train.get_dataset_shard("train")
-    engine.train()
-    window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
-    start_time, start_step = time.time(), step
-    last_eval: dict[str, float] = {}
-    micro = 0
-    for row in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
-        if skip > 0:
-            skip -= 1
-            continue
-        if step >= total_steps:
-            break
-        batch = unpack(row["payload"][0])
-        out = engine(
-            input_ids=torch.from_numpy(batch["input_ids"]).to(device),
-            attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
-            labels=torch.from_numpy(batch["labels"]).to(device),
-            pixel_values=normalize(torch.from_numpy(batch["pixel_values"]).to(device), dtype),
-        )
-        engine.backward(out.loss)
-        engine.step()
-        micro += 1
-        window["loss"] += out.loss.item()
-        window["n"] += 1
-        window["samples"] += len(batch["num_tiles"])
-        window["tokens"] += int(batch["attention_mask"].sum())
-        if micro % plan["grad_accum"]:
-            continue
-        step += 1
-        if config.get("fail_at_step") == step and rank == world - 1:
-            _inject_failure(Path(config["fail_marker"]), step)
-        done = step >= total_steps
-        if step % cfg.train.log_every_n_steps == 0 or done:
-            stats = torch.tensor(
-                [window["loss"], window["n"], window["samples"], window["tokens"]], dtype=torch.float64
-            )
-            dist.all_reduce(stats)
-            elapsed = max(time.time() - window["t"], 1e-9)
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "loss": stats[0].item() / max(stats[1].item(), 1),
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": stats[2].item() / elapsed,
-                "tokens_per_s": stats[3].item() / elapsed,
-                "epoch": step / plan["steps_per_epoch"],
-            }
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            log(metrics, step)
-            if is_rank0:
-                rate = (step - start_step) / max(time.time() - start_time, 1e-9)
-                eta = (total_steps - step) / rate if rate > 0 else float("inf")
-                print(
-                    f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                    f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s",
-                    flush=True,
-                )
-            window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
-            last_loss = metrics["loss"]
-        else:
-            last_loss = window["loss"] / max(window["n"], 1)
-        do_eval = eval_ctx is not None and (
-            done or (cfg.eval.every_n_steps > 0 and step % cfg.eval.every_n_steps == 0)
-        )
-        do_ckpt = done or step % cfg.train.checkpoint_every_n_steps == 0
-        if do_eval:
-            last_eval = evaluate_cider(engine.module, cfg, eval_ctx, rank, world, synced)
-            log(last_eval, step)
-            if is_rank0:
-                print(
-                    f"[eval] step {step}: val CIDEr {last_eval['val_cider']:.3f} on {last_eval['val_images']} images",
-                    flush=True,
-                )
-        if do_eval or do_ckpt:
-            checkpoint_and_report({"step": step, "total_steps": total_steps, "loss": last_loss, **last_eval})
-        if done:
-            break
-    if step < total_steps:
-        raise RuntimeError(
-            f"rank {rank}: the data stream ended at step {step} of {total_steps}; the plan and the dataset disagree"
-        )
+    def fault_drill(self) -> None:
+        """RAYLORA_FAIL_AT_STEP: the last rank crashes once at that step (FailureConfig restarts it)."""
+        if self.job.fail_at_step != self.step or self.rank != self.world - 1 or is_remote(self.job.run_dir):
+            return
+        marker = Path(self.job.run_dir) / "injected_failure"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(self.step))
+            raise RuntimeError(f"RAYLORA_FAIL_AT_STEP: simulated worker crash at step {self.step}")
+
+    def print(self, text: str) -> None:
+        if self.is_rank0:
+            print(text, flush=True)
 
 
-def _checkpoint_step(checkpoint: Any) -> int:
-    if checkpoint is None:
-        return -1
-    with checkpoint.as_directory() as d:
-        return int(json.loads(Path(d, "train_state.json").read_text())["step"])
+class StepWindow:
+    """Sums of loss, micro-batches, samples and tokens since the last logged step."""
+
+    def __init__(self) -> None:
+        self.loss, self.n, self.samples, self.tokens, self.start = 0.0, 0, 0, 0, time.time()
+
+    def add(self, loss: float, batch: dict[str, Any]) -> None:
+        self.loss += loss
+        self.n += 1
+        self.samples += len(batch["num_tiles"])
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def mean_loss(self) -> float:
+        return self.loss / max(self.n, 1)
 
 
-def _inject_failure(marker: Path, step: int) -> None:
-    """Fault drill (RAYLORA_FAIL_AT_STEP): crash this worker once, to exercise FailureConfig restarts."""
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(step))
-        raise RuntimeError(f"RAYLORA_FAIL_AT_STEP: simulated worker crash at step {step}")
+def train_func(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build the recipe from the driver's job and run it."""
+    recipe = LoRAFinetuneRecipe(config["job"])
+    recipe.setup()
+    recipe.restore()
+    recipe.train()
 
 
-# ================================================================================== on the driver
+# ===================================================================================== the driver
 
 
-@dataclass
-class Job:
-    """What the driver resolved before launching workers."""
-
-    cfg: Config
-    model_dir: Path
-    prepared: Any
-    plan: Any
-    run_dir: str
-
-
-def resolve_paths(cfg: Config, log: Any = print) -> Path:
-    """Expand ``demo`` data paths, check that explicit paths exist; returns the model dir."""
-    from raylora.demo import demo_data_paths
-    from raylora.model import resolve_model_dir
-
-    model_dir = resolve_model_dir(cfg.model.path, log)
-    if cfg.data.train == DEMO:
-        for key, value in demo_data_paths().items():
-            setattr(cfg.data, key, str(value))
+def check_paths(cfg: Config) -> Path:
+    """The model's native checkpoint dir; an error naming the key when model or data do not exist."""
+    model_dir = resolve_model_dir(cfg.model.path)
     for key in ("train", "val", "val_gt"):
         value = getattr(cfg.data, key)
         if value and not Path(value).exists():
             raise FileNotFoundError(f"data.{key} = {value!r} does not exist")
     return model_dir
+
+
+def prepare_data(cfg: Config, model_dir: Path, output_dir: Path, log: Any = print) -> Prepared:
+    """Validate every row and image once; rejects go to ``data.rejects`` or <output>/rejects.jsonl."""
+    t0 = time.time()
+    settings = train_settings(cfg, model_dir)
+    prepared = prepare(
+        cfg.data.train,
+        cfg.data.root,
+        settings,
+        strict=cfg.data.strict,
+        seed=cfg.data.shuffle_seed,
+        progress=True,
+    )
+    rejects_path = Path(cfg.data.rejects or output_dir / "rejects.jsonl")
+    prepared.write_rejects(rejects_path)
+    stats = prepared.stats()
+    log(
+        f"[data] {stats['rows_ok']} rows ok, {stats['rows_rejected']} rejected {stats['rejects'] or ''} "
+        f"(rejects: {rejects_path}); tokens p50 {stats['tokens']['p50']} p95 {stats['tokens']['p95']} "
+        f"max {stats['tokens']['max']} ({time.time() - t0:.1f}s)"
+    )
+    return prepared
+
+
+def train_settings(cfg: Config, model_dir: Path) -> ImageSettings:
+    return image_settings(
+        model_dir,
+        cfg.model.template,
+        cfg.model.system_message,
+        cfg.data,
+        max_seq_length=cfg.model.max_seq_length,
+    )
+
+
+def validation_set(cfg: Config, model_dir: Path) -> ValidationSet | None:
+    """The fixed validation subset (first data.val_size images) and its references, if configured."""
+    if not cfg.data.val or cfg.eval.every_n_steps < 0:
+        return None
+    items = read_karpathy(cfg.data.val, cfg.data.val_root, limit=cfg.data.val_size)
+    references = read_gt(cfg.data.val_gt, [i.image_id for i in items])
+    missing = [i.image_id for i in items if i.image_id not in references]
+    if missing:
+        raise ValueError(f"{cfg.data.val_gt}: no reference captions for image ids {missing[:5]}")
+    settings = image_settings(
+        model_dir,
+        cfg.model.template,
+        cfg.model.system_message,
+        cfg.data,
+        max_num=cfg.eval.max_num,
+        max_seq_length=cfg.model.max_seq_length,
+    )
+    return ValidationSet(items, references, settings)
+
+
+def run_dir_of(cfg: Config) -> str:
+    """``<cluster.storage_path>/<cluster.run_name or config name>`` (a local path or a URI)."""
+    return f"{absolute(cfg.cluster.storage_path).rstrip('/')}/{cfg.cluster.run_name or cfg.name}"
 
 
 def latest_checkpoint(run_dir: str, world_size: int) -> tuple[int, str | None]:
@@ -366,11 +448,8 @@ def latest_checkpoint(run_dir: str, world_size: int) -> tuple[int, str | None]:
     cut by a crash mid-upload, or one Ray had not registered yet when the driver died, is judged
     by its files rather than by Ray's bookkeeping.
     """
-    import pyarrow.fs as pafs
-
-    uri = run_dir if "://" in run_dir else os.path.abspath(run_dir)
     try:
-        fs, base = pafs.FileSystem.from_uri(uri)
+        fs, base = pafs.FileSystem.from_uri(run_dir)
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
     except (OSError, ValueError):
         return 0, None
@@ -391,317 +470,171 @@ def latest_checkpoint(run_dir: str, world_size: int) -> tuple[int, str | None]:
         if len(shards) < world_size and "mp_rank_00_model_states.pt" not in files:
             continue
         if step > best[0]:
-            where = info.path if "://" not in run_dir else f"{uri.split('://')[0]}://{info.path}"
+            where = f"{run_dir.split('://')[0]}://{info.path}" if is_remote(run_dir) else info.path
             best = (step, where)
     return best
 
 
-def ray_runtime_env() -> dict[str, Any]:
-    """Environment for every Ray process: a persistent DeepSpeed op cache, quiet tokenizers."""
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 would tee every worker print through its logger (shown twice)
-    env = {
-        "TORCH_EXTENSIONS_DIR": extensions,
-        "TOKENIZERS_PARALLELISM": "false",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return {"env_vars": env}
-
-
-def init_ray(cfg: Config) -> None:
-    """Connect to ``cluster.address`` / RAY_ADDRESS, or start a local cluster; print the dashboard URL."""
+def make_job(
+    cfg: Config,
+    model_dir: Path,
+    records: Any,
+    num_records: int,
+    run_dir: str,
+    validation: ValidationSet | None,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+) -> TrainJob:
+    """Plan every micro-batch and find where the run stands; ``records`` is the ObjectRef of the
+    validated records (shared by the trials of a sweep)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": ray_runtime_env(), "log_to_driver": True}
-    if address is None:
-        kwargs.update(
-            num_cpus=cfg.cluster.num_cpus,
-            object_store_memory=cfg.cluster.object_store_memory,
-            include_dashboard=True,
-        )
-    ctx = ray.init(address=address, **kwargs)
-    url = getattr(ctx, "dashboard_url", None)
-    print(
-        f"[ray] cluster {'at ' + address if address else 'started locally'}; dashboard: http://{url}"
-        if url
-        else "[ray] connected",
-        flush=True,
-    )
-
-
-def prepare_job(cfg: Config, output_dir: Path, log: Any = print) -> Job:
-    """Resolve model and data, validate every row (rejects to <output>/rejects.jsonl), plan batches."""
-    from raylora.data.pipeline import make_plan, prepare
-    from raylora.model import image_settings
-
-    model_dir = resolve_paths(cfg, log)
-    settings = image_settings(cfg, model_dir)
-    t0 = time.time()
-    prepared = prepare(
-        cfg.data.train,
-        cfg.data.root,
-        settings,
-        strict=cfg.data.strict,
-        seed=cfg.data.shuffle_seed,
-        progress=True,
-    )
-    rejects_path = Path(cfg.data.rejects or output_dir / "rejects.jsonl")
-    prepared.write_rejects(rejects_path)
-    stats = prepared.stats()
-    log(
-        f"[data] {stats['rows_ok']} rows ok, {stats['rows_rejected']} rejected {stats['rejects'] or ''} "
-        f"(rejects: {rejects_path}); tokens p50 {stats['tokens']['p50']} p95 {stats['tokens']['p95']} "
-        f"max {stats['tokens']['max']} ({time.time() - t0:.1f}s)"
-    )
     plan = make_plan(
-        prepared.rows_ok,
+        num_records,
         cfg.train.global_batch_size,
         cfg.train.per_device_batch_size,
         cfg.cluster.num_workers,
         cfg.train.epochs,
         cfg.train.max_steps,
     )
-    run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.cluster.run_name or cfg.name}"
-    return Job(cfg, model_dir, prepared, plan, run_dir)
+    planned = plan_microbatches(ray.get(records), plan, cfg.train.seed, cfg.train.group_by_length)
+    start_step, resume_from = latest_checkpoint(run_dir, cfg.cluster.num_workers)
+    fail_at = os.environ.get("RAYLORA_FAIL_AT_STEP")
+    return TrainJob(
+        cfg=cfg,
+        plan=plan,
+        model_dir=str(model_dir),
+        settings=train_settings(cfg, model_dir),
+        records=records,
+        planned=ray.put(planned),
+        run_dir=run_dir,
+        start_step=start_step,
+        resume_from=resume_from,
+        validation=validation,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+        fail_at_step=int(fail_at) if fail_at else None,
+    )
 
 
-def val_payload(cfg: Config, model_dir: Path) -> dict[str, Any]:
-    """The fixed validation subset (first data.val_size images) and its references for workers."""
-    from dataclasses import asdict
-
-    from raylora.data.records import read_gt, read_karpathy
-    from raylora.model import image_settings
-
-    if not cfg.data.val or cfg.eval.every_n_steps < 0:
-        return {}
-    items = read_karpathy(cfg.data.val, cfg.data.val_root, limit=cfg.data.val_size)
-    gts = read_gt(cfg.data.val_gt, [i.image_id for i in items])
-    missing = [i.image_id for i in items if i.image_id not in gts]
-    if missing:
-        raise ValueError(f"{cfg.data.val_gt}: no reference captions for image ids {missing[:5]}")
-    settings = image_settings(cfg, model_dir, max_num=cfg.eval.max_num)
-    return {
-        "val_items": [{"image_id": i.image_id, "image": i.image} for i in items],
-        "val_gts": {str(k): v for k, v in gts.items()},
-        "eval_settings": asdict(settings),
-    }
-
-
-def build_trainer(
-    job: Job,
-    run_id: str | None,
-    tracking_uri: str | None,
-    callbacks: list[Any] | None = None,
-):
-    """The TorchTrainer of a job: dataset from the resume point, scaling, checkpoints, failures."""
+def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer of a job: scaling, storage, checkpoints and failure handling."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raylora.data.pipeline import plan_microbatches, train_dataset
-    from raylora.model import image_settings, model_info
-
-    cfg, plan = job.cfg, job.plan
-    start, resume_from = latest_checkpoint(job.run_dir, cfg.cluster.num_workers)
-    if start >= plan.total_steps:
-        start = plan.total_steps  # finished already: the workers only restore and report
-    planned = plan_microbatches(
-        job.prepared.table, plan, cfg.train.seed, cfg.train.group_by_length, start_step=start
-    )
-    dataset = train_dataset(
-        job.prepared.table,
-        planned,
-        image_settings(cfg, job.model_dir),
-        actors=cfg.data.decode_actors,
-        cpus_per_actor=cfg.data.decode_cpus,
-    )
-    loop_config = {
-        "cfg": cfg.to_dict(),
-        "model_dir": str(job.model_dir),
-        "family": model_info(job.model_dir)["family"],
-        "plan": {
-            "total_steps": plan.total_steps,
-            "grad_accum": plan.grad_accum,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "dataset_start_step": start,
-            "resume_from": resume_from,
-        },
-        "mlflow_run_id": run_id,
-        "tracking_uri": tracking_uri,
-        "fail_at_step": int(os.environ["RAYLORA_FAIL_AT_STEP"])
-        if os.environ.get("RAYLORA_FAIL_AT_STEP")
-        else None,
-        "fail_marker": os.path.abspath(os.path.join(job.run_dir, "injected_failure"))
-        if "://" not in job.run_dir
-        else "",
-        **val_payload(cfg, job.model_dir),
-    }
+    cfg = job.cfg
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
     storage, run_name = job.run_dir.rstrip("/").rsplit("/", 1)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_func,
-        train_loop_config=loop_config,
+        train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage if "://" in storage else os.path.abspath(storage),
+            storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             callbacks=callbacks,
         ),
-        datasets={"train": dataset},
     )
-    return trainer, start
 
 
-def mlflow_run(job: Job, output_dir: Path) -> tuple[str, str, str]:
-    """(tracking uri, experiment id, run id): a new run, or the one this run dir started before."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from raylora import tracking
-
-    uri, exp_id = tracking.setup(job.cfg)
-    marker = Path(job.run_dir) / "mlflow_run_id" if "://" not in job.run_dir else None
-    client = MlflowClient()
+def open_mlflow_run(cfg: Config, plan: BatchPlan, run_dir: str) -> tuple[str, str, str]:
+    """(tracking uri, experiment id, run id): the run this run dir started before, or a new one."""
+    uri, exp_id = tracking.setup(cfg)
+    marker = None if is_remote(run_dir) else Path(run_dir) / "mlflow_run_id"
     if marker is not None and marker.is_file():
         run_id = marker.read_text().strip()
-        try:
-            client.get_run(run_id)
-            client.set_terminated(run_id, "RUNNING")
+        if tracking.reopen_run(run_id, uri):
             return uri, exp_id, run_id
-        except mlflow.exceptions.MlflowException:
-            pass
-    run = client.create_run(
+    params = {
+        **cfg.flat(),
+        "trainable.grad_accum": plan.grad_accum,
+        "trainable.total_steps": plan.total_steps,
+    }
+    run_id = tracking.create_run(
         exp_id,
-        run_name=Path(job.run_dir).name,
+        Path(run_dir).name,
         tags={
-            "base_model": job.cfg.model.path,
-            "dataset": job.cfg.tracking.dataset,
-            "train_annotation": job.cfg.data.train,
+            "base_model": cfg.model.path,
+            "dataset": cfg.tracking.dataset,
+            "train_annotation": cfg.data.train,
             "git_commit": tracking.git_commit(),
-            "config_hash": job.cfg.fingerprint(),
-            "run_dir": job.run_dir,
+            "config_hash": cfg.fingerprint(),
+            "run_dir": run_dir,
         },
+        params=params,
+        uri=uri,
     )
-    with mlflow.start_run(run_id=run.info.run_id):
-        tracking.log_params(job.cfg)
-        mlflow.log_param("trainable.grad_accum", job.plan.grad_accum)
-        mlflow.log_param("trainable.total_steps", job.plan.total_steps)
-    client.set_terminated(run.info.run_id, "RUNNING")
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(run.info.run_id)
-    return uri, exp_id, run.info.run_id
+        marker.write_text(run_id)
+    return uri, exp_id, run_id
 
 
-def complete_adapter_dir(adapter: Path, model_dir: Path, template: str, system_message: str | None) -> None:
-    """Add to a saved PEFT adapter dir what loading it needs: the base's tokenizer and processor
-    files, and raylora.json (template, system message, base model dir)."""
-    from transformers import AutoTokenizer
+def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train one job end to end; returns the summary written to metrics.json."""
+    import ray
+    import ray.train
 
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
-    for name in ("preprocessor_config.json", "processor_config.json", "raylora.json"):
-        if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, adapter / name)
-    (adapter / "raylora.json").write_text(
-        json.dumps(
-            {"template": template, "system_message": system_message, "base_model": str(model_dir)},
-            indent=2,
-            ensure_ascii=False,
-        )
+    output_dir = Path(output_dir or cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracking.check_tracking(tracking.tracking_uri(cfg))  # before any heavy work
+    model_dir = check_paths(cfg)  # missing model or data: an error before the cluster starts
+    init_ray(cfg)
+    prepared = prepare_data(cfg, model_dir, output_dir)
+    validation = validation_set(cfg, model_dir)
+    run_dir = run_dir_of(cfg)
+    job = make_job(cfg, model_dir, ray.put(prepared.table), prepared.rows_ok, run_dir, validation)
+    uri, exp_id, run_id = open_mlflow_run(cfg, job.plan, run_dir)
+    job.tracking_uri, job.mlflow_run_id = uri, run_id
+    print(f"[mlflow] {tracking.run_url(uri, exp_id, run_id)}", flush=True)
+    if job.finished:
+        print(f"[train] {run_dir} already finished ({job.start_step} steps); writing its outputs", flush=True)
+        return finish(job, ray.train.Checkpoint(job.resume_from), output_dir, prepared, exp_id, 0.0)
+    plan = job.plan
+    print(
+        f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
+        f"({cfg.cluster.num_workers} workers x {cfg.train.per_device_batch_size} x {plan.grad_accum} accumulation)"
+        + (f", resuming at step {job.start_step}" if job.start_step else ""),
+        flush=True,
     )
+    t0 = time.time()
+    try:
+        result = build_trainer(job).fit()
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri)
+        raise
+    if result.checkpoint is None:
+        tracking.end_run(run_id, "FAILED", uri)
+        raise RuntimeError(f"training ended without a checkpoint; see the logs under {run_dir}")
+    return finish(job, result.checkpoint, output_dir, prepared, exp_id, time.time() - t0)
 
 
-def write_outputs(job: Job, checkpoint_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
+def write_outputs(job: TrainJob, checkpoint_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
     """<output>/adapter (PEFT + tokenizer + processor files), config.yaml, metrics.json."""
     adapter = output_dir / "adapter"
     if adapter.exists():
         shutil.rmtree(adapter)
     shutil.copytree(checkpoint_dir / "adapter", adapter)
-    complete_adapter_dir(adapter, job.model_dir, job.cfg.model.template, job.cfg.model.system_message)
-    save_config(job.cfg, output_dir / "config.yaml")
+    cfg = job.cfg
+    complete_adapter_dir(adapter, Path(job.model_dir), cfg.model.template, cfg.model.system_message)
+    save_config(cfg, output_dir / "config.yaml")
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
 
 
-def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train one job end to end; returns the summary written to metrics.json."""
-    import ray.train
-    from mlflow.tracking import MlflowClient
-
-    from raylora import tracking
-
-    output_dir = Path(output_dir or cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tracking.check_tracking(tracking.tracking_uri(cfg))  # before any heavy work
-    resolve_paths(cfg)  # missing model or data: an error before the cluster starts
-    init_ray(cfg)
-    job = prepare_job(cfg, output_dir)
-    uri, exp_id, run_id = mlflow_run(job, output_dir)
-    print(f"[mlflow] {tracking.run_url(uri, exp_id, run_id)}", flush=True)
-    plan = job.plan
-    done_step, done_path = latest_checkpoint(job.run_dir, cfg.cluster.num_workers)
-    if done_step >= plan.total_steps and done_path is not None:
-        print(f"[train] {job.run_dir} already finished ({done_step} steps); writing its outputs", flush=True)
-        return finish(
-            job,
-            ray.train.Checkpoint(done_path),
-            output_dir,
-            run_id,
-            uri,
-            exp_id,
-            start=done_step,
-            seconds=0.0,
-        )
-    trainer, start = build_trainer(job, run_id, uri)
-    print(
-        f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
-        f"({cfg.cluster.num_workers} workers x {cfg.train.per_device_batch_size} x {plan.grad_accum} accumulation)"
-        + (f", resuming at step {start}" if start else ""),
-        flush=True,
-    )
-    t0 = time.time()
-    client = MlflowClient()
-    try:
-        result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    if result.checkpoint is None:
-        client.set_terminated(run_id, "FAILED")
-        raise RuntimeError(f"training ended without a checkpoint; see the logs under {job.run_dir}")
-    return finish(job, result.checkpoint, output_dir, run_id, uri, exp_id, start, time.time() - t0)
-
-
 def finish(
-    job: Job,
-    checkpoint: Any,
-    output_dir: Path,
-    run_id: str,
-    uri: str,
-    exp_id: str,
-    start: int,
-    seconds: float,
+    job: TrainJob, checkpoint: Any, output_dir: Path, prepared: Prepared, exp_id: str, seconds: float
 ) -> dict[str, Any]:
     """Outputs from the final checkpoint, artifacts to MLflow, the summary line."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from raylora import tracking
-
-    cfg = job.cfg
+    cfg, uri, run_id = job.cfg, job.tracking_uri, job.mlflow_run_id
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, "train_state.json").read_text())
-        steps_run = state["step"] - start
+        steps_run = state["step"] - job.start_step if seconds else 0
         summary = {
             "final_loss": state.get("loss"),
             "steps": state["step"],
@@ -710,23 +643,20 @@ def finish(
             "samples_per_s": steps_run * cfg.train.global_batch_size / seconds if steps_run else 0.0,
             "seconds": round(seconds, 1),
             "val_cider": state.get("val_cider"),
-            "rows_ok": job.prepared.rows_ok,
-            "rows_rejected": len(job.prepared.rejects),
+            "rows_ok": prepared.rows_ok,
+            "rows_rejected": len(prepared.rejects),
             "mlflow_run_id": run_id,
             "checkpoint": checkpoint.path,
         }
-        history = tracking.metric_history(run_id, "tokens_per_s")
+        history = tracking.metric_history(run_id, "tokens_per_s", uri)
         if history:
             summary["tokens_per_s"] = sum(m.value for m in history) / len(history)
         write_outputs(job, Path(d), output_dir, summary)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_artifacts(str(output_dir / "adapter"), artifact_path="adapter")
-        mlflow.log_artifact(str(output_dir / "metrics.json"))
-        mlflow.log_artifact(str(output_dir / "config.yaml"))
-        if (output_dir / "rejects.jsonl").is_file():
-            mlflow.log_artifact(str(output_dir / "rejects.jsonl"))
-    MlflowClient().set_terminated(run_id, "FINISHED")
+    tracking.log_artifacts(run_id, output_dir / "adapter", "adapter", uri)
+    for name in ("metrics.json", "config.yaml", "rejects.jsonl"):
+        if (output_dir / name).is_file():
+            tracking.log_artifacts(run_id, output_dir / name, None, uri)
+    tracking.end_run(run_id, "FINISHED", uri)
     cider_text = f"val CIDEr {summary['val_cider']:.3f}, " if summary["val_cider"] is not None else ""
     print(
         f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {cider_text}{seconds:.0f}s; "
@@ -740,13 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser("python -m raylora.train", __doc__, "train.lr=1e-4 lora.rank=16")
     parser.add_argument("--output", help="output directory (default: the config's output_dir)")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        run(cfg, args.output)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(config_from_args(args), args.output))
 
 
 if __name__ == "__main__":

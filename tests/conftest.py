@@ -46,14 +46,14 @@ def ray_cluster():
     """One local Ray cluster for the whole session (2 CPUs, ~1 GiB object store)."""
     import ray
 
-    from raylora.train import ray_runtime_env
+    from raylora.cluster import runtime_env
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
             object_store_memory=1 << 30,
             include_dashboard=True,
-            runtime_env=ray_runtime_env(),
+            runtime_env=runtime_env(),
             log_to_driver=True,
         )
     yield ray

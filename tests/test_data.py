@@ -17,18 +17,11 @@ import pytest
 from PIL import Image, features
 
 from raylora.data import tiling
-from raylora.data.pipeline import (
-    ImageSettings,
-    grad_accum_steps,
-    iter_microbatches,
-    make_plan,
-    plan_microbatches,
-    prepare,
-    to_torch,
-    train_dataset,
-    unpack,
-)
+from raylora.data.pipeline import iter_microbatches, iter_rank_batches, rank_dataset, to_torch
+from raylora.data.plan import grad_accum_steps, make_plan, plan_microbatches
+from raylora.data.prepare import prepare
 from raylora.data.records import REASONS, DataError, load_rgb, read_specs
+from raylora.data.settings import ImageSettings
 from raylora.data.templates import IGNORE_INDEX, TEMPLATES, ConversationTokenizer, RowRejected
 
 from .conftest import COCO
@@ -648,23 +641,45 @@ def _coco_like_demo(demo_settings):
 
 
 def test_ray_pipeline_end_to_end(ray_cluster, demo_settings, demo_base_model):
-    """Real COCO through Ray Data (actor pool), split evenly over 2 consumers, into the model."""
-
+    """Real COCO through Ray Data: each rank's own actor pool delivers exactly its planned
+    micro-batches (index % world == rank), in plan order, equal to the in-process builder's."""
     settings = _coco_like_demo(demo_settings)
     prepared = prepare(COCO / "annotations" / "coco_karpathy_train.jsonl", COCO, settings, use_ray=True)
     plan = make_plan(prepared.rows_ok, 8, 2, 2, epochs=1)
     planned = plan_microbatches(prepared.table, plan, seed=0)
-    ds = train_dataset(prepared.table, planned, settings, actors=1)
-    shards = ds.streaming_split(2, equal=True)
+    first = 2 * plan.microbatches_per_step  # a rank restarting at step 2
 
     @ray_cluster.remote(num_cpus=0)
-    def consume(shard):
-        return [unpack(r["payload"][0]) for r in shard.iter_batches(batch_size=1, batch_format="numpy")]
+    def consume(records, planned, rank):
+        ds = rank_dataset(records, planned, rank, 2, first + rank, settings, cpus_per_actor=0.5)
+        return [{k: v.numpy() for k, v in b.items()} for b in iter_rank_batches(ds, first + rank, 2)]
 
-    per_rank = ray_cluster.get([consume.remote(s) for s in shards])
-    assert [len(x) for x in per_rank] == [planned.num_rows // 2] * 2
+    refs = ray_cluster.put(prepared.table), ray_cluster.put(planned)
+    per_rank = ray_cluster.get([consume.remote(*refs, r) for r in (0, 1)])
+    assert [len(x) for x in per_rank] == [(planned.num_rows - first) // 2] * 2
+    local = list(iter_microbatches(prepared.table, planned, settings))
+    for rank, batches in enumerate(per_rank):
+        for k, batch in enumerate(batches):
+            expected = local[first + rank + 2 * k]
+            assert set(batch) == set(expected)
+            assert all(np.array_equal(batch[c], expected[c]) for c in expected)
     batch = per_rank[0][0]
-    local = next(iter_microbatches(prepared.table, planned, settings))
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == batch["num_tiles"].sum()
     assert np.isfinite(_loss(demo_base_model, batch))
-    assert set(local) == set(batch)
+
+
+def test_rank_batches_fail_loudly_on_a_gap():
+    """A micro-batch arriving out of plan order stops the rank instead of training on wrong data."""
+
+    class Stream:
+        def iter_torch_batches(self, **_):
+            import torch
+
+            for index in (1, 3, 7):
+                yield {"index": torch.tensor(index), "input_ids": torch.zeros(1, 2)}
+
+    got = []
+    with pytest.raises(RuntimeError, match="micro-batch 7 arrived where the plan expects 5"):
+        for batch in iter_rank_batches(Stream(), 1, 2):
+            got.append(batch)
+    assert len(got) == 2

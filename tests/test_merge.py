@@ -26,7 +26,7 @@ def make_demo_adapter(base_dir: Path, out: Path, seed: int = 0, scale: float = 0
     from raylora.config import load_config
     from raylora.demo import SYSTEM_MESSAGE, TEMPLATE
     from raylora.model import apply_lora, load_base_model
-    from raylora.train import complete_adapter_dir
+    from raylora.sources import complete_adapter_dir
 
     torch.manual_seed(seed)  # lora_A's init
     model = apply_lora(load_base_model(base_dir), load_config("demo"), "qwen2")
@@ -89,7 +89,7 @@ def test_merge_report_and_files(merged: tuple[Path, dict], demo_adapter: Path) -
 def test_merged_logits_equal_base_plus_adapter(merged: tuple[Path, dict], demo_adapter: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
-    from raylora.registry import load_model, resolve_source
+    from raylora.sources import load_model, resolve_source
 
     out, _ = merged
     source = resolve_source(demo_adapter)
@@ -231,7 +231,7 @@ def test_merge_refuses_full_checkpoint_and_source_inside_output(
     demo_root: Path, demo_adapter: Path, tmp_path: Path
 ) -> None:
     from raylora.merge import merge_adapter
-    from raylora.registry import SourceError
+    from raylora.sources import SourceError
 
     with pytest.raises(SourceError, match="nothing to merge"):
         merge_adapter(demo_root / "base", tmp_path / "never-written", log=quiet)

@@ -1,4 +1,4 @@
-"""raylora.registry: model sources (local dirs, MLflow URIs) and adapter registration in a sqlite MLflow store."""
+"""raylora.sources and raylora.registry: model sources (local dirs, MLflow URIs) and adapter registration in a sqlite MLflow store."""
 
 from __future__ import annotations
 
@@ -36,42 +36,42 @@ def adapter_run(demo_root: Path, experiment_id: str, tmp_path_factory) -> tuple[
 
 
 def test_register_moves_alias_only_when_better(adapter_run: tuple[Path, str]) -> None:
-    from raylora import registry
+    from raylora import registry, tracking
 
     _, run_id = adapter_run
     name = f"test-lora-{uuid.uuid4().hex[:6]}"
     assert registry.champion(name) is None
-    source = registry.artifact_uri(run_id, "adapter")
+    source = tracking.artifact_uri(run_id, "adapter")
     assert source.endswith("/adapter") and "runs:/" not in source
 
-    v1, moved = registry.register_adapter(name, source, run_id, tags={"trial_id": "t1"}, metric_value=1.0)
+    v1, moved = registry.register_version(name, source, run_id, tags={"trial_id": "t1"}, metric_value=1.0)
     assert (v1, moved) == (1, True)
     version, tags = registry.champion(name)
     assert version == 1 and tags["trial_id"] == "t1" and float(tags["cider"]) == 1.0
     info = registry.version_info(name, 1)
     assert info["run_id"] == run_id and info["source"] == source
 
-    assert registry.register_adapter(name, source, run_id, {"trial_id": "t2"}, metric_value=0.5) == (2, False)
+    assert registry.register_version(name, source, run_id, {"trial_id": "t2"}, metric_value=0.5) == (2, False)
     assert registry.champion(name)[0] == 1
     # runs:/ URIs are accepted and stored as the folder's artifact URI
-    assert registry.register_adapter(name, f"runs:/{run_id}/adapter", None, metric_value=2.5) == (3, True)
+    assert registry.register_version(name, f"runs:/{run_id}/adapter", None, metric_value=2.5) == (3, True)
     assert registry.version_info(name, 3)["source"] == source
-    assert registry.register_adapter(name, source, run_id, {}, metric_value=None) == (4, False)
+    assert registry.register_version(name, source, run_id, {}, metric_value=None) == (4, False)
     assert registry.champion(name)[0] == 3
-    assert registry.register_adapter(name, source, run_id, metric_value=2.5) == (5, False)  # ties keep it
+    assert registry.register_version(name, source, run_id, metric_value=2.5) == (5, False)  # ties keep it
 
 
 def test_resolve_champion_matches_original_adapter(adapter_run: tuple[Path, str], tmp_path: Path) -> None:
-    from raylora import registry
+    from raylora import registry, sources, tracking
 
     adapter, run_id = adapter_run
     name = f"test-lora-{uuid.uuid4().hex[:6]}"
-    registry.register_adapter(name, registry.artifact_uri(run_id, "adapter"), run_id, metric_value=0.7)
+    registry.register_version(name, tracking.artifact_uri(run_id, "adapter"), run_id, metric_value=0.7)
 
-    src = registry.resolve_source(f"models:/{name}@champion", cache_dir=tmp_path)
+    src = sources.resolve_source(f"models:/{name}@champion", cache_dir=tmp_path)
     assert src.adapter_dir is not None and src.adapter_dir.is_relative_to(tmp_path)
     assert src.origin["name"] == name and src.origin["version"] == "1" and src.origin["run_id"] == run_id
-    local = registry.resolve_source(adapter)
+    local = sources.resolve_source(adapter)
     assert (src.base_dir, src.template, src.system_message) == (
         local.base_dir,
         local.template,
@@ -79,20 +79,20 @@ def test_resolve_champion_matches_original_adapter(adapter_run: tuple[Path, str]
     )
     assert src.tokenizer_dir == src.adapter_dir
     images = COCO_IMAGES[:1]
-    got = prompt_logits(registry.load_model(src), src.image_settings(), images)
-    ref = prompt_logits(registry.load_model(local), local.image_settings(), images)
+    got = prompt_logits(sources.load_model(src), src.image_settings(), images)
+    ref = prompt_logits(sources.load_model(local), local.image_settings(), images)
     assert float((got - ref).abs().max()) == 0.0
 
-    by_version = registry.resolve_source(f"models:/{name}/1", cache_dir=tmp_path)
+    by_version = sources.resolve_source(f"models:/{name}/1", cache_dir=tmp_path)
     assert by_version.adapter_dir == src.adapter_dir  # same cached download
-    by_run = registry.resolve_source(f"runs:/{run_id}/adapter", cache_dir=tmp_path)
+    by_run = sources.resolve_source(f"runs:/{run_id}/adapter", cache_dir=tmp_path)
     assert (by_run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
         adapter / "adapter_model.safetensors"
     ).read_bytes()
 
 
 def test_resolve_errors_name_the_spec(tmp_path: Path, tracking_uri: str) -> None:
-    from raylora.registry import SourceError, resolve_source
+    from raylora.sources import SourceError, resolve_source
 
     with pytest.raises(SourceError, match="models:/no-such-model@champion"):
         resolve_source("models:/no-such-model@champion", cache_dir=tmp_path)
@@ -111,7 +111,7 @@ def test_resolve_errors_name_the_spec(tmp_path: Path, tracking_uri: str) -> None
 
 
 def test_template_inference(tmp_path: Path, demo_root: Path) -> None:
-    from raylora.registry import infer_template, resolve_source
+    from raylora.sources import infer_template, resolve_source
 
     for llm, template in (("qwen2", "Hermes-2"), ("llama", "internlm2-chat"), ("phi3", "phi3-chat")):
         d = tmp_path / llm
@@ -129,14 +129,14 @@ def test_template_inference(tmp_path: Path, demo_root: Path) -> None:
 
 
 def test_merge_register_from_champion(adapter_run: tuple[Path, str], tmp_path: Path, monkeypatch) -> None:
-    from raylora import registry
+    from raylora import registry, sources, tracking
     from raylora.merge import merge_adapter
 
     monkeypatch.setenv("RAYLORA_CACHE", str(tmp_path / "raylora-cache"))  # MLflow downloads go there
 
     _, run_id = adapter_run
     name = f"test-lora-{uuid.uuid4().hex[:6]}"
-    registry.register_adapter(name, registry.artifact_uri(run_id, "adapter"), run_id, metric_value=1.5)
+    registry.register_version(name, tracking.artifact_uri(run_id, "adapter"), run_id, metric_value=1.5)
     report = merge_adapter(
         f"models:/{name}@champion",
         tmp_path / "merged",
@@ -153,6 +153,6 @@ def test_merge_register_from_champion(adapter_run: tuple[Path, str], tmp_path: P
     )
     assert float(tags["cider"]) == 1.5
     assert list((tmp_path / "raylora-cache" / "mlflow" / "models").iterdir())
-    merged = registry.resolve_source(f"models:/{name}-merged@champion", cache_dir=tmp_path / "cache")
+    merged = sources.resolve_source(f"models:/{name}-merged@champion", cache_dir=tmp_path / "cache")
     assert merged.adapter_dir is None and (merged.base_dir / "model.safetensors").is_file()
     assert merged.template == "Hermes-2"

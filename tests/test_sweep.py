@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from raylora.cli import load
 from raylora.config import load_config
 from raylora.sweep import default_point, max_concurrent, search_space, trial_config, trial_resources
 
@@ -64,13 +65,13 @@ def _sweep_overrides(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path):
+def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path, demo_root):
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
     from raylora.sweep import run_sweep
 
-    cfg = load_config("demo", _sweep_overrides(tmp_path))
+    cfg = load("demo", _sweep_overrides(tmp_path))
     summary = run_sweep(cfg, trials=4)
     assert summary["trials"] == 4 and summary["best_cider"] > 0
     client = MlflowClient(tracking_uri)
@@ -79,9 +80,9 @@ def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path):
     assert (
         mv.tags["trial_id"] == summary["best_trial"]
         and "config_hash" in mv.tags
-        and mv.tags["base_model"] == "demo"
+        and mv.tags["base_model"] == str(demo_root / "base")
     )
-    from raylora.registry import resolve_source
+    from raylora.sources import resolve_source
 
     source = resolve_source("models:/raylora-test-lora@champion", cache_dir=tmp_path / "cache")
     assert json.loads((source.adapter_dir / "raylora.json").read_text())["template"] == "Hermes-2"

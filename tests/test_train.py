@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from raylora.cli import load
 from raylora.config import load_config
 from raylora.model import apply_lora, lora_target_regex
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    return load_config(
+    return load(
         "demo",
         [
             f"cluster.storage_path={tmp_path / 'runs'}",
@@ -173,7 +174,9 @@ def test_demo_end_to_end_zero2(
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     peft_model = PeftModel.from_pretrained(load_base_model(demo_root / "base"), adapter).eval()
     trained = _lora_from_ds_checkpoint(Path(summary["checkpoint"]), demo_root / "base", cfg)
-    from raylora.data.pipeline import iter_microbatches, make_plan, plan_microbatches, prepare, to_torch
+    from raylora.data.pipeline import iter_microbatches, to_torch
+    from raylora.data.plan import make_plan, plan_microbatches
+    from raylora.data.prepare import prepare
 
     prepared = prepare(
         demo_root / "data/annotations/demo_train.jsonl", demo_root / "data", demo_settings, use_ray=False
@@ -199,7 +202,7 @@ def test_demo_end_to_end_zero2(
     )
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
-    assert r.data.tags["base_model"] == "demo" and "git_commit" in r.data.tags
+    assert r.data.tags["base_model"] == str(demo_root / "base") and "git_commit" in r.data.tags
 
 
 @pytest.mark.slow

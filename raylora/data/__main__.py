@@ -14,37 +14,33 @@ import json
 import sys
 from pathlib import Path
 
-from raylora.config import DEMO
+from raylora.cli import DEMO, RECIPE_PATHS, model_spec
+from raylora.config import DataConfig, ModelConfig
+from raylora.console import run_command
+from raylora.data.prepare import prepare
+from raylora.data.records import DataError
+from raylora.model import model_info
+from raylora.sources import image_settings, resolve_source
 
-
-def _tokenizer_dir(arg: str | None) -> tuple[str, str, str | None]:
-    """(tokenizer dir, template, system message) for the report."""
-    from raylora.model import model_info, resolve_model_dir
-
-    if arg is None:
-        recipe = Path("pretrained/InternVL2-2B")
-        arg = str(recipe) if (recipe / "config.json").is_file() else DEMO
-    model_dir = resolve_model_dir(arg, log=lambda m: print(m, file=sys.stderr))
-    saved = model_info(model_dir)["template"]
-    template = saved.get("template", "internlm2-chat")
-    return str(model_dir), template, saved.get("system_message")
+DATA_DEFAULTS, MODEL_DEFAULTS = DataConfig(), ModelConfig()
 
 
 def check(args: argparse.Namespace) -> int:
-    from raylora.data.pipeline import ImageSettings, prepare
-    from raylora.data.records import DataError
-
-    tok_dir, template, system = _tokenizer_dir(args.model)
-    settings = ImageSettings(
-        tokenizer_path=tok_dir,
-        template=args.template or template,
-        system_message=system,
-        image_size=args.image_size,
+    default_model = RECIPE_PATHS[0] if (Path(RECIPE_PATHS[0]) / "config.json").is_file() else DEMO
+    source = resolve_source(model_spec(args.model or default_model))
+    data = DataConfig(
+        image_size=args.image_size or model_info(source.base_dir).image_size,
         min_num=args.min_num,
         max_num=args.max_num,
         use_thumbnail=not args.no_thumbnail,
-        tokens_per_tile=(args.image_size // 14) ** 2 // 4,
+    )
+    settings = image_settings(
+        source.base_dir,
+        args.template or source.template,
+        source.system_message,
+        data,
         max_seq_length=args.max_seq_length,
+        tokenizer_dir=source.tokenizer_dir,
     )
     root = args.root
     if root is None and args.annotation.endswith(".jsonl"):
@@ -56,15 +52,13 @@ def check(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     stats = prepared.stats()
     rejects = Path(args.rejects) if args.rejects else Path(args.annotation).with_suffix(".rejects.jsonl")
     prepared.write_rejects(rejects)
     print(f"annotation: {args.annotation} (images under {root})")
     print(
-        f"tokenizer: {tok_dir} [{settings.template}], tiles of {args.image_size}px, {args.min_num}..{args.max_num} per image"
+        f"tokenizer: {settings.tokenizer_path} [{settings.template}], tiles of {settings.image_size}px, "
+        f"{settings.min_num}..{settings.max_num} per image"
     )
     print(f"rows: {stats['rows_total']} total, {stats['rows_ok']} ok, {stats['rows_rejected']} rejected")
     for reason, n in stats["rejects"].items():
@@ -103,18 +97,28 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--root", help="image root of a JSONL (default: the folder above the annotation's folder)")
     c.add_argument(
         "--model",
-        help="checkpoint whose tokenizer counts tokens (default: pretrained/InternVL2-2B if present, else the demo's)",
+        help=f"checkpoint whose tokenizer counts tokens (default: {RECIPE_PATHS[0]} if present, else the demo's)",
     )
     c.add_argument("--template", help="chat template (default: the model's)")
-    c.add_argument("--image-size", type=int, default=448, help="tile side in px (default 448)")
-    c.add_argument("--min-num", type=int, default=1, help="minimum tiles per image (default 1)")
-    c.add_argument("--max-num", type=int, default=6, help="maximum tiles per image (default 6)")
+    c.add_argument("--image-size", type=int, help="tile side in px (default: the model's)")
+    c.add_argument(
+        "--min-num",
+        type=int,
+        default=DATA_DEFAULTS.min_num,
+        help="minimum tiles per image (default %(default)s)",
+    )
+    c.add_argument(
+        "--max-num",
+        type=int,
+        default=DATA_DEFAULTS.max_num,
+        help="maximum tiles per image (default %(default)s)",
+    )
     c.add_argument("--no-thumbnail", action="store_true", help="no thumbnail tile after a multi-tile grid")
     c.add_argument(
         "--max-seq-length",
         type=int,
-        default=4096,
-        help="token budget per row incl. image tokens (default 4096)",
+        default=MODEL_DEFAULTS.max_seq_length,
+        help="token budget per row incl. image tokens (default %(default)s)",
     )
     c.add_argument("--rejects", help="where rejected rows go (default: ANNOTATION with .rejects.jsonl)")
     c.add_argument(
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     args = parser.parse_args(argv)
-    return check(args)
+    return run_command(lambda: check(args))
 
 
 if __name__ == "__main__":

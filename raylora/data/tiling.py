@@ -11,6 +11,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+# torch is imported inside normalize(), the one function that runs on the training device.
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

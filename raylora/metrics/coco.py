@@ -3,9 +3,13 @@ ROUGE-L, CIDEr; no SPICE) run on a results file as ``COCOEvalCap.evaluate`` runs
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Mapping
 from typing import Any
+
+# pycocoevalcap and pycocotools are imported inside the functions: training's fast CIDEr never needs them.
 
 __all__ = [
     "METRICS",
@@ -31,9 +35,6 @@ def load_gt_and_results(results_path: str, gt_path: str) -> tuple[dict, dict]:
     except ImportError:  # pragma: no cover - pycocotools is a dependency of pycocoevalcap
         COCO = None
     if COCO is not None:
-        import contextlib
-        import io
-
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(gt_path)
             try:

@@ -1,0 +1,193 @@
+"""Validate once: read the annotation(s), check every row and decode every distinct image once,
+and keep the good records (with tiles per image and token length) as a small Arrow table.
+
+A bad row is never dropped silently: it becomes a :class:`~raylora.data.records.Reject` (file, line,
+reason), or a :class:`~raylora.data.records.DataError` in strict mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raylora.data.pipeline import quiet_progress
+from raylora.data.records import (
+    DataError,
+    Duplicate,
+    Record,
+    Reject,
+    duplicate_ids,
+    inspect_image,
+    iter_annotation,
+    read_specs,
+)
+from raylora.data.settings import ImageSettings
+from raylora.data.templates import RowRejected
+
+# ray is imported inside the image check that uses it, only when a cluster is up.
+
+
+@dataclass
+class Prepared:
+    """Validated records (Arrow table) and what was rejected."""
+
+    table: pa.Table
+    rejects: list[Reject] = field(default_factory=list)
+    rows_total: int = 0
+
+    @property
+    def rows_ok(self) -> int:
+        return self.table.num_rows
+
+    def stats(self) -> dict[str, Any]:
+        lengths = np.asarray(self.table.column("length").to_pylist() or [0])
+        tiles = Counter()
+        seen = set()
+        for imgs, tl in zip(self.table.column("images").to_pylist(), self.table.column("tiles").to_pylist()):
+            for img, t in zip(imgs, tl):
+                if img not in seen:
+                    seen.add(img)
+                    tiles[t] += 1
+        return {
+            "rows_total": self.rows_total,
+            "rows_ok": self.rows_ok,
+            "rows_rejected": len(self.rejects),
+            "rejects": dict(Counter(r.reason for r in self.rejects).most_common()),
+            "duplicate_ids": len(self.duplicate_ids()),
+            "tiles": {str(k): v for k, v in sorted(tiles.items())},
+            "tokens": {
+                "p50": int(np.percentile(lengths, 50)),
+                "p95": int(np.percentile(lengths, 95)),
+                "max": int(lengths.max()),
+            },
+        }
+
+    def duplicate_ids(self) -> list[Duplicate]:
+        """Kept rows that reuse an earlier row's id (reported, not rejected)."""
+        return duplicate_ids(*(self.table.column(c).to_pylist() for c in ("id", "source", "line")))
+
+    def write_rejects(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for r in self.rejects:
+                f.write(r.to_json() + "\n")
+
+
+def _image_sizes(paths: list[str], use_ray: bool) -> dict[str, tuple[int, int] | RowRejected]:
+    """Decode every distinct image once (Ray Data when a cluster is up, else threads)."""
+
+    def check(path: str) -> tuple[int, int] | RowRejected:
+        try:
+            return inspect_image(path)
+        except RowRejected as e:
+            return e
+
+    if use_ray and len(paths) > 256:
+        import ray.data
+
+        def check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            out = [check(p) for p in batch["path"]]
+            return {
+                "path": batch["path"],
+                "w": np.asarray([o[0] if isinstance(o, tuple) else -1 for o in out]),
+                "h": np.asarray([o[1] if isinstance(o, tuple) else -1 for o in out]),
+                "err": np.asarray(
+                    [f"{o.reason}\t{o.detail}" if isinstance(o, RowRejected) else "" for o in out]
+                ),
+            }
+
+        quiet_progress()
+        ds = ray.data.from_items([{"path": p} for p in paths]).map_batches(check_batch, batch_size=256)
+        result: dict[str, tuple[int, int] | RowRejected] = {}
+        for row in ds.iter_rows():
+            if row["err"]:
+                reason, detail = row["err"].split("\t", 1)
+                result[row["path"]] = RowRejected(reason, detail)
+            else:
+                result[row["path"]] = (int(row["w"]), int(row["h"]))
+        return result
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        return dict(zip(paths, pool.map(check, paths)))
+
+
+def prepare(
+    train: str | Path,
+    root: str | Path | None,
+    settings: ImageSettings,
+    strict: bool = False,
+    seed: int = 42,
+    use_ray: bool | None = None,
+    progress: bool = False,
+) -> Prepared:
+    """Read and validate every row; compute tiles per image and the token length of each row."""
+    records: list[Record] = []
+    rejects: list[Reject] = []
+    total = 0
+    for spec in read_specs(train, root):
+        for item in iter_annotation(spec, seed):
+            total += 1
+            if isinstance(item, Reject):
+                if strict:
+                    raise DataError(item.message())
+                rejects.append(item)
+            else:
+                records.append(item)
+    paths = sorted({p for r in records for p in r.images})
+    if progress:
+        print(f"[data] {total} rows read, checking {len(paths)} images ...", file=sys.stderr, flush=True)
+    if use_ray is None:
+        import ray
+
+        use_ray = ray.is_initialized()
+    sizes = _image_sizes(paths, use_ray)
+    conv_tok = settings.conversation_tokenizer()
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("id", "source", "line", "images", "conversations", "tiles", "length")
+    }
+    for rec in records:
+        try:
+            tiles = []
+            for p in rec.images:
+                size = sizes[p]
+                if isinstance(size, RowRejected):
+                    raise size
+                tiles.append(settings.tiles_for(*size))
+            ids, _ = conv_tok.encode_conversation(rec.conversations, tiles)
+        except RowRejected as e:
+            rej = Reject(
+                rec.source, rec.line, e.reason, e.detail, json.dumps({"image": rec.images, "id": rec.id})
+            )
+            if strict:
+                raise DataError(rej.message()) from None
+            rejects.append(rej)
+            continue
+        cols["id"].append(rec.id)
+        cols["source"].append(rec.source)
+        cols["line"].append(rec.line)
+        cols["images"].append(rec.images)
+        cols["conversations"].append(json.dumps(rec.conversations, ensure_ascii=False))
+        cols["tiles"].append(tiles)
+        cols["length"].append(len(ids))
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("line", pa.int64()),
+            ("images", pa.list_(pa.string())),
+            ("conversations", pa.string()),
+            ("tiles", pa.list_(pa.int64())),
+            ("length", pa.int64()),
+        ]
+    )
+    rejects.sort(key=lambda r: (r.source, r.line))
+    return Prepared(pa.table(cols, schema=schema), rejects, total)

@@ -1,0 +1,133 @@
+"""The package's shape: one import direction, no cycles, no reaching into another module's privates."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "raylora"
+
+# Bottom to top; a module may import its own layer or lower ones (function-local imports included).
+LAYERS = [
+    ["files", "console", "metrics", "metrics.ptb", "metrics.cider", "metrics.coco"],
+    ["config", "cluster"],
+    ["data", "data.records", "data.tiling", "data.templates", "data.settings", "data.plan", "data.pipeline"],
+    ["data.prepare"],
+    ["model", "generation", "convert"],
+    ["tracking"],
+    ["registry"],
+    ["sources"],
+    ["demo"],
+    ["cli"],
+    ["train", "evaluate", "sweep", "merge", "caption", "data.__main__", "__init__"],
+]
+LAYER = {f"raylora.{m}" if m != "__init__" else "raylora": i for i, ms in enumerate(LAYERS) for m in ms}
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+def _imports(name: str, tree: ast.Module) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or '', line) for every raylora import in ``tree``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "", node.lineno) for a in node.names if a.name.startswith("raylora")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raylora"):
+            for a in node.names:
+                target = f"{node.module}.{a.name}"
+                found.append((target if target in LAYER else node.module, a.name, node.lineno))
+    return found
+
+
+MODULES = _modules()
+
+
+def test_every_module_has_a_layer():
+    assert set(MODULES) <= set(LAYER), sorted(set(MODULES) - set(LAYER))
+
+
+def test_imports_go_down_the_layers():
+    wrong = [
+        f"{name}:{line} imports {target} (layer {LAYER[target]} > {LAYER[name]})"
+        for name, tree in MODULES.items()
+        for target, _, line in _imports(name, tree)
+        if LAYER[target] > LAYER[name]
+    ]
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    graph = {name: {t for t, _, _ in _imports(name, tree) if t != name} for name, tree in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [])
+
+
+def test_no_private_names_across_modules():
+    leaks = []
+    for name, tree in MODULES.items():
+        for target, imported, line in _imports(name, tree):
+            if imported.startswith("_") and target != name:
+                leaks.append(f"{name}:{line} imports {target}.{imported}")
+        aliases = {
+            a.asname or a.name.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom | ast.Import)
+            for a in node.names
+            if (getattr(node, "module", None) or a.name).startswith("raylora")
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                leaks.append(f"{name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not leaks, leaks
+
+
+def test_only_cli_and_commands_know_the_demo():
+    users = {
+        name for name, tree in MODULES.items() for t, _, _ in _imports(name, tree) if t == "raylora.demo"
+    }
+    assert users <= {"raylora.cli", "raylora.merge"}, users
+
+
+def test_image_settings_built_in_one_function():
+    calls = [
+        f"{name}:{node.lineno}"
+        for name, tree in MODULES.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ImageSettings"
+    ]
+    assert len(calls) == 1, calls
+
+
+def test_commands_have_no_function_over_60_lines():
+    long = [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for name in ("raylora.train", "raylora.sweep", "raylora.merge")
+        for node in ast.walk(MODULES[name])
+        if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, long
