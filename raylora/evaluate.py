@@ -10,7 +10,8 @@ The Karpathy-format list flows through the training code's decode + tile + token
 generates greedily with left padding. The tutorial's protocol by default: "Provide a one-sentence
 caption for the provided image.", 8 to 30 new tokens, tiling max 6, the model's chat template.
 Scores: pycocoevalcap (PTB tokenizer, BLEU 1-4, METEOR, ROUGE_L, CIDEr) on ``results.json``.
-Writes ``results.json``, ``metrics.json`` and ``gallery.html`` (worst captions first).
+Writes ``results.json``, ``metrics.json`` and ``gallery.html`` (worst captions first), with
+``gallery.png``, a screenshot of it, when Chromium is installed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from raylora.data.settings import ImageSettings
 from raylora.generation import GenerationSettings, generate_batch, prompt_batch
 from raylora.metrics import coco_caption_evaluation, format_scores
 from raylora.model import torch_dtype
+from raylora.pages import save_screenshot
 from raylora.sources import load_model, resolve_source
 
 # ray and torch are imported inside the functions that use them: --help and argument errors stay fast.
@@ -119,7 +121,16 @@ def caption_items(
     return out
 
 
-def _thumbnail(path: str, size: int = 160) -> str:
+def protocol(gen: GenerationSettings, settings: ImageSettings) -> str:
+    """The evaluation protocol in one line (the gallery's header)."""
+    tiles = f"{settings.min_num}..{settings.max_num} tiles of {settings.image_size} px"
+    return (
+        f'prompt "{gen.prompt}"; greedy, {gen.min_new_tokens} to {gen.max_new_tokens} new tokens; '
+        f"{tiles}{' + thumbnail' if settings.use_thumbnail else ''}; template {settings.template}"
+    )
+
+
+def _thumbnail(path: str, size: int = 224) -> str:
     from PIL import Image
 
     im = load_rgb(path)
@@ -127,6 +138,33 @@ def _thumbnail(path: str, size: int = 160) -> str:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=80)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+GALLERY_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1f2328;background:#f6f8fa}
+h1{font-size:22px;margin:0 0 12px}
+.meta{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0 0 12px;font-size:14px}
+.meta dt{color:#57606a}.meta dd{margin:0;overflow-wrap:anywhere}
+.scores{display:flex;flex-wrap:wrap;gap:8px;margin:0 0 12px}
+.score{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:6px 10px;font-size:13px;color:#57606a}
+.score b{display:block;font-size:18px;color:#1f2328}.score.main{border-color:#0969da}
+.note{font-size:13px;color:#57606a;margin:0 0 16px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:14px}
+.card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:10px;font-size:13px}
+.card img{display:block;max-width:100%;max-height:224px;margin:0 auto 8px;border-radius:4px}
+.head{display:flex;justify-content:space-between;align-items:center;color:#57606a;margin-bottom:6px}
+.cider{font-weight:600;border-radius:10px;padding:1px 8px;color:#fff}
+.low{background:#cf222e}.mid{background:#bf8700}.high{background:#1a7f37}
+.caption{font-size:15px;font-weight:600;margin:0 0 8px;line-height:1.3}
+.refs{margin:0;padding-left:18px;color:#57606a;line-height:1.35}
+.label{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:#8c959f;margin:0 0 2px}
+"""
+
+GALLERY_SCORES = ("CIDEr", "Bleu_1", "Bleu_4", "METEOR", "ROUGE_L")
+
+
+def _cider_band(value: float) -> str:
+    return "low" if value < 0.5 else "mid" if value < 1.0 else "high"
 
 
 def write_gallery(
@@ -137,27 +175,46 @@ def write_gallery(
     per_image: dict[int, float],
     title: str,
     limit: int = 200,
+    *,
+    model: str = "",
+    split: str = "",
+    protocol: str = "",
+    scores: dict[str, float] | None = None,
 ) -> None:
-    """A self-contained HTML grid: thumbnail, generated caption, references, CIDEr; worst first."""
+    """A self-contained HTML page: a header (model, split, protocol, image count, overall scores),
+    then one card per image (thumbnail, generated caption, per-image CIDEr, references); worst first."""
     order = sorted(items, key=lambda it: per_image.get(it["image_id"], 0.0))[:limit]
     cards = []
-    for it in order:
+    for rank, it in enumerate(order, 1):
         iid = it["image_id"]
+        value = per_image.get(iid, 0.0)
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in gts.get(iid, []))
         cards.append(
             "<div class='card'>"
-            f"<img src='data:image/jpeg;base64,{_thumbnail(it['image'])}'>"
-            f"<p><b>{html.escape(captions.get(iid, ''))}</b></p>"
-            f"<p>CIDEr {per_image.get(iid, 0.0):.3f} &middot; image {iid}</p><ul>{refs}</ul></div>"
+            f"<img src='data:image/jpeg;base64,{_thumbnail(it['image'])}' alt='image {iid}'>"
+            f"<div class='head'><span>#{rank} &middot; image {iid}</span>"
+            f"<span class='cider {_cider_band(value)}'>CIDEr {value:.3f}</span></div>"
+            f"<p class='label'>generated</p><p class='caption'>{html.escape(captions.get(iid, ''))}</p>"
+            f"<p class='label'>references</p><ul class='refs'>{refs}</ul></div>"
         )
-    style = (
-        "body{font-family:sans-serif}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}"
-        ".card{border:1px solid #ccc;padding:8px;font-size:13px}.card img{max-width:160px;display:block}"
+    shown = f"{len(order)} of {len(items)}" if len(order) < len(items) else f"all {len(items)}"
+    meta = [("model", model), ("split", split), ("protocol", protocol), ("images", str(len(items)))]
+    dl = "".join(f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in meta if v)
+    tiles = "".join(
+        f"<div class='score{' main' if k == 'CIDEr' else ''}'>{k}<b>{scores[k]:.3f}</b></div>"
+        for k in GALLERY_SCORES
+        if scores and k in scores
     )
     path.write_text(
-        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{len(order)} of {len(items)} images, lowest CIDEr first.</p>"
-        f"<div class='grid'>{''.join(cards)}</div></body></html>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{GALLERY_STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><dl class='meta'>{dl}</dl>"
+        + (f"<div class='scores'>{tiles}</div>" if tiles else "")
+        + f"<p class='note'>Showing {shown} images, lowest per-image CIDEr first. "
+        "Badge: red below 0.5, amber below 1.0, green from 1.0.</p>"
+        f"<div class='grid'>{''.join(cards)}</div></body></html>",
+        encoding="utf-8",
     )
 
 
@@ -194,7 +251,19 @@ def evaluate(
     scores, per_image = coco_caption_evaluation(str(results_path), gt_path)
     print(format_scores(scores), flush=True)
     gts = read_gt(gt_path, [it["image_id"] for it in items])
-    write_gallery(output_dir / "gallery.html", items, captions, gts, per_image, f"raylora evaluation: {spec}")
+    write_gallery(
+        output_dir / "gallery.html",
+        items,
+        captions,
+        gts,
+        per_image,
+        f"raylora evaluation: {spec}",
+        model=spec,
+        split=items_path,
+        protocol=protocol(gen, settings),
+        scores=scores,
+    )
+    save_screenshot(output_dir / "gallery.html", "eval")
     metrics = {
         **scores,
         "images": len(items),
@@ -229,8 +298,9 @@ def _log_to_mlflow(
     run_id = tracking.create_run(exp_id, "evaluate", tags=tags, params=params, uri=uri)
     logger = tracking.MetricLogger(uri, run_id)
     logger.log({k: float(v) for k, v in scores.items()}, 0)
-    for name in ("results.json", "metrics.json", "gallery.html"):
-        tracking.log_artifacts(run_id, output_dir / name, None, uri)
+    for name in ("results.json", "metrics.json", "gallery.html", "gallery.png"):
+        if (output_dir / name).is_file():  # gallery.png only when Chromium is installed
+            tracking.log_artifacts(run_id, output_dir / name, None, uri)
     tracking.end_run(run_id, "FINISHED", uri)
     return run_id
 

@@ -163,6 +163,7 @@ def save_screenshot(page: Path, tag: str) -> Path | None:
     """
     page = Path(page)
     png = page.with_suffix(".png")
+    png.unlink(missing_ok=True)  # never a stale screenshot next to a new page
     if find_chromium() is None:
         print(f"[{tag}] no screenshot of {page.name}: Chromium not found ({INSTALL})", flush=True)
         return None

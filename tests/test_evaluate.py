@@ -84,6 +84,15 @@ def test_eval_settings_follow_the_model(demo_root):
     assert replace(s, max_num=1).max_num == 1
 
 
+def test_protocol_line_names_prompt_tokens_tiles_template(demo_root):
+    from raylora.evaluate import eval_settings, protocol
+    from raylora.generation import GenerationSettings
+
+    line = protocol(GenerationSettings(), eval_settings(str(demo_root / "base"), load_config("demo")))
+    assert line.startswith('prompt "Provide a one-sentence caption for the provided image."; greedy, 8 to 30')
+    assert "tiles of 112 px" in line and line.endswith("template Hermes-2")
+
+
 def test_demo_base_loads_with_auto_classes(demo_root):
     """The demo base is a plain transformers checkpoint, processor included (16 tokens per 112 px tile)."""
     from transformers import AutoProcessor

@@ -137,9 +137,38 @@ def test_gallery_in_chromium(tmp_path: Path) -> None:
 
     items, captions, gts, per_image = _gallery_inputs()
     page = tmp_path / "gallery.html"
-    write_gallery(page, items, captions, gts, per_image, "raylora evaluation: demo")
+    scores = {"Bleu_1": 0.61, "Bleu_4": 0.23, "METEOR": 0.21, "ROUGE_L": 0.47, "CIDEr": 0.84}
+    write_gallery(
+        page,
+        items,
+        captions,
+        gts,
+        per_image,
+        "raylora evaluation: demo",
+        model="outputs/demo/adapter",
+        split="tests/fixtures/coco/annotations/coco_karpathy_test.json",
+        protocol='prompt "Provide a one-sentence caption for the provided image."; greedy',
+        scores=scores,
+    )
     check = _look(page)
     assert check.images == len(items) == 6
+    text = page.read_text()
+    for shown in ("outputs/demo/adapter", "coco_karpathy_test.json", "one-sentence caption", "0.840"):
+        assert shown in text
+    assert "a man &lt;b&gt;&amp; a&lt;/b&gt; dog" in text  # captions are text, never markup
+    worst = min(per_image, key=per_image.get)
+    assert text.index(f"image {worst}<") < min(text.index(f"image {i}<") for i in per_image if i != worst)
+
+
+def test_gallery_without_header_information(tmp_path: Path) -> None:
+    """The old call (no model, split, protocol, scores) still makes a clean page."""
+    from raylora.evaluate import write_gallery
+
+    items, captions, gts, per_image = _gallery_inputs()
+    page = tmp_path / "gallery.html"
+    write_gallery(page, items[:2], captions, gts, per_image, "raylora evaluation", limit=1)
+    assert _look(page).images == 1
+    assert "Showing 1 of 2 images" in page.read_text()
 
 
 def test_report_in_chromium(tmp_path: Path) -> None:
