@@ -33,6 +33,7 @@ from raylora.cluster import init_ray
 from raylora.config import Config, ConfigError, apply_override, validate
 from raylora.console import run_command
 from raylora.files import absolute, is_remote
+from raylora.pages import save_screenshot
 from raylora.sources import complete_adapter_dir
 from raylora.train import (
     ValidationSet,
@@ -298,61 +299,238 @@ def print_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(str(x[i]).ljust(widths[i]) for i in range(len(head))) for x in lines)
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
-    """PNG plots (CIDEr vs lr, vs rank, learning curves) and an HTML page with the trial table."""
+def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The champion of a sweep: the highest CIDEr among trials with a checkpoint; None if none scored."""
+    scored = [r for r in rows if r["cider"] is not None and r["checkpoint"]]
+    return max(scored, key=lambda r: r["cider"]) if scored else None
+
+
+STATE_COLORS = {"completed": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red"}
+PARAM_NAMES = {
+    "lora.rank": "rank",
+    "train.lr": "lr",
+    "train.global_batch_size": "batch",
+    "train.per_device_batch_size": "per device",
+}
+
+
+def _value(v: Any) -> str:
+    return f"{v:.2e}" if isinstance(v, float) else str(v)
+
+
+def _short_params(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{PARAM_NAMES.get(k, k.rsplit('.', 1)[-1])} {_value(v)}" for k, v in sorted(params.items())
+    )
+
+
+def _batch_size(row: dict[str, Any], default: int | None) -> int | None:
+    """The trial's global batch size: its searched value, else the sweep's."""
+    return row["params"].get("train.global_batch_size", default)
+
+
+def _finish_axes(ax: Any, has_data: bool, **legend: Any) -> None:
+    """Grid and legend, or a plain "no scored trials" panel (no made-up axes) when nothing to plot."""
+    if has_data:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, **legend)
+        return
+    ax.set_xticks([], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, "no scored trials", transform=ax.transAxes, ha="center", va="center", color="gray")
+
+
+def _scatter_plot(plt: Any, rows: list[dict[str, Any]], key: str, best: dict | None, png: Path) -> None:
+    """Final CIDEr against one parameter (log axis), colour by state, the champion starred."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    pts = [r for r in rows if r["cider"] is not None and r["params"].get(key) is not None]
+    for state, color in STATE_COLORS.items():
+        mine = [r for r in pts if r["state"] == state]
+        if mine:
+            ax.scatter([r["params"][key] for r in mine], [r["cider"] for r in mine], label=state, color=color)
+    if best is not None and best["params"].get(key) is not None:
+        star = {"marker": "*", "s": 260, "facecolor": "none", "edgecolor": "black"}
+        ax.scatter([best["params"][key]], [best["cider"]], label="best trial", **star)
+    ax.set_xscale("log", base=10 if key == "train.lr" else 2)
+    values = sorted({r["params"][key] for r in pts})
+    if key == "train.lr":
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.0e}"))
+    elif values:
+        ax.set_xticks(values)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(key)
+    ax.set_ylabel("final val CIDEr")
+    ax.margins(0.08)
+    _finish_axes(ax, bool(pts))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _curves_plot(
+    plt: Any, rows: list[dict[str, Any]], batch: int | None, best: dict | None, png: Path
+) -> str:
+    """Validation CIDEr against samples seen (step x the trial's global batch size); the x label."""
+    from matplotlib.ticker import EngFormatter
+
+    by_samples = all(_batch_size(r, batch) for r in rows if r["history"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for r in rows:
+        if r["history"]:
+            scale = _batch_size(r, batch) if by_samples else 1
+            xs, ys = zip(*((step * scale, c) for step, c in r["history"]))
+            is_best = best is not None and r["trial_id"] == best["trial_id"]
+            label = f"{r['trial_id'][-5:]}: {_short_params(r['params'])}" + (" (best)" if is_best else "")
+            ax.plot(
+                xs, ys, marker="o", label=label, linewidth=3 if is_best else 1.5, zorder=3 if is_best else 2
+            )
+    xlabel = (
+        "samples seen (optimizer steps x the trial's global batch size)" if by_samples else "optimizer step"
+    )
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_ylabel("val CIDEr")
+    _finish_axes(ax, any(r["history"] for r in rows), loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return xlabel
+
+
+REPORT_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1f2328;background:#f6f8fa}
+main{max-width:1240px}h1{font-size:22px;margin:0 0 10px}h2{font-size:17px;margin:24px 0 8px}
+p{margin:4px 0;font-size:14px}code{font-size:12px;background:#eaeef2;padding:1px 4px;border-radius:4px}
+.champion{background:#fff8c5;border:1px solid #d4a72c;border-radius:8px;padding:10px 14px;margin:10px 0}
+table{border-collapse:collapse;background:#fff;font-size:13px;border:1px solid #d0d7de}
+th,td{padding:5px 10px;border-bottom:1px solid #d0d7de;text-align:left;white-space:nowrap}
+th{background:#eaeef2}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.best td{background:#fff8c5;font-weight:600}
+.state{border-radius:10px;padding:1px 8px;color:#fff;font-size:12px}
+.completed{background:#0969da}.stopped{background:#bc4c00}.failed{background:#cf222e}
+.badge{background:#1a7f37;color:#fff;border-radius:10px;padding:1px 7px;font-size:11px;margin-left:6px}
+.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{margin:0;background:#fff;border:1px solid #d0d7de;padding:6px}
+.plots img{display:block;max-width:100%}figcaption{font-size:12px;color:#57606a;max-width:640px}
+"""
+
+
+def _registry_line(registered: tuple[str, int, bool] | None) -> str:
+    if registered is None:
+        return ""
+    name, version, moved = registered
+    where = f"registered as <code>{html.escape(name)}</code> version {version}"
+    if moved:
+        return f" It is {where} and is now the registry's <b>champion</b>."
+    return f" It is {where}; the registry's champion stays on an earlier version that scores higher."
+
+
+def _run_cell(row: dict[str, Any], uri: str | None, experiment_id: str | None) -> str:
+    run_id = row.get("mlflow_run_id")
+    if not run_id:
+        return "-"
+    url = tracking.run_web_url(uri, experiment_id or "0", run_id) if uri else None
+    if url:
+        return f"<a href='{html.escape(url)}'>{html.escape(run_id[:8])}</a>"
+    return f"<code>{html.escape(run_id)}</code>"
+
+
+def _trial_table(rows: list[dict[str, Any]], best: dict | None, batch: int | None, run_cell: Any) -> str:
+    """The HTML trial table, best CIDEr first: params, CIDEr, steps, samples seen, state, MLflow run."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    head = ["trial", *keys, "val CIDEr", "steps", "samples seen", "state", "MLflow run"]
+    lines = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for r in sorted(rows, key=lambda r: -(r["cider"] if r["cider"] is not None else -1)):
+        is_best = best is not None and r["trial_id"] == best["trial_id"]
+        gbs = _batch_size(r, batch)
+        numbers = [
+            *(html.escape(_value(r["params"].get(k, "-"))) for k in keys),
+            f"{r['cider']:.3f}" if r["cider"] is not None else "-",
+            f"{r['steps']} / {r['total_steps']}",
+            f"{int(r['steps'] * gbs):,}" if gbs else "-",
+        ]
+        lines += [
+            "<tr class='best'>" if is_best else "<tr>",
+            f"<td>{html.escape(r['trial_id'])}{'<span class=badge>best</span>' if is_best else ''}</td>",
+            *(f"<td class='num'>{n}</td>" for n in numbers),
+            f"<td><span class='state {r['state'].split()[0]}'>{html.escape(r['state'])}</span></td>",
+            f"<td>{run_cell(r)}</td></tr>",
+        ]
+    return "".join(lines) + "</tbody></table>"
+
+
+def _report_header(
+    rows: list[dict[str, Any]], best: dict | None, registered: tuple[str, int, bool] | None, uri: str | None
+) -> str:
+    """Trial counts, the champion and the registry's outcome, how to browse a local MLflow store."""
+    counts = ", ".join(f"{sum(r['state'] == s for r in rows)} {s}" for s in STATE_COLORS)
+    out = f"<p>{len(rows)} trial{'s' * (len(rows) != 1)}: {counts}.</p>"
+    if best is None:
+        out += "<p class='champion'>No trial reported a validation CIDEr.</p>"
+    else:
+        out += (
+            f"<div class='champion'><p><b>Best trial {html.escape(best['trial_id'])}</b>: val CIDEr "
+            f"{best['cider']:.3f} with {html.escape(_short_params(best['params']))}."
+            f"{_registry_line(registered)}</p></div>"
+        )
+    if uri and not tracking.is_server(uri):
+        command = html.escape(tracking.ui_command(uri))
+        out += f"<p>MLflow runs are in a local store; browse them with <code>{command}</code>.</p>"
+    return out
+
+
+def write_report(
+    rows: list[dict[str, Any]],
+    out: Path,
+    title: str,
+    *,
+    tracking_uri: str | None = None,
+    experiment_id: str | None = None,
+    global_batch_size: int | None = None,
+    registered: tuple[str, int, bool] | None = None,
+) -> list[Path]:
+    """PNG plots (CIDEr vs lr, vs rank, learning curves vs samples seen), ``trials.json`` and
+    ``report.html``: the champion, the trial table with each trial's MLflow run, the plots.
+
+    ``global_batch_size`` is the trials' batch size when it was not searched; ``registered`` is
+    (registered model, version, whether the champion alias moved to it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    done = [r for r in rows if r["cider"] is not None]
-    files = []
-    for key, name, log in (("train.lr", "cider_vs_lr.png", True), ("lora.rank", "cider_vs_rank.png", True)):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        pts = [
-            (r["params"].get(key), r["cider"], r["state"]) for r in done if r["params"].get(key) is not None
-        ]
-        for state, color in (
-            ("completed", "tab:blue"),
-            ("stopped early", "tab:orange"),
-            ("failed", "tab:red"),
-        ):
-            xs = [p[0] for p in pts if p[2] == state]
-            ys = [p[1] for p in pts if p[2] == state]
-            if xs:
-                ax.scatter(xs, ys, label=state, color=color)
-        if log:
-            ax.set_xscale("log", base=10 if key == "train.lr" else 2)
-        ax.set_xlabel(key)
-        ax.set_ylabel("val CIDEr")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        files.append(out / name)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if r["history"]:
-            xs, ys = zip(*r["history"])
-            ax.plot(xs, ys, marker="o", label=r["trial_id"][-5:])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("val CIDEr")
-    ax.set_title("learning curves")
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=100)
-    plt.close(fig)
-    files.append(out / "learning_curves.png")
-    table = print_table(rows)
-    page = (
-        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
-        f"<h1>{html.escape(title)}</h1><pre>{html.escape(table)}</pre>"
-        + "".join(f"<img src='{f.name}' style='max-width:48%'>" for f in files)
-        + "</body></html>"
+    best = best_trial(rows)
+    _scatter_plot(plt, rows, "train.lr", best, out / "cider_vs_lr.png")
+    _scatter_plot(plt, rows, "lora.rank", best, out / "cider_vs_rank.png")
+    xlabel = _curves_plot(plt, rows, global_batch_size, best, out / "learning_curves.png")
+    pngs = [out / "cider_vs_lr.png", out / "cider_vs_rank.png", out / "learning_curves.png"]
+    header = _report_header(rows, best, registered, tracking_uri)
+    captions = [
+        "Final validation CIDEr against the learning rate.",
+        "Final validation CIDEr against the LoRA rank.",
+        f"Validation CIDEr during training against {xlabel}: trials with different batch sizes take "
+        "different numbers of steps, so steps do not compare.",
+    ]
+    figures = "".join(
+        f"<figure><img src='{p.name}' alt='{p.stem}'><figcaption>{html.escape(c)}</figcaption></figure>"
+        for p, c in zip(pngs, captions)
     )
-    (out / "report.html").write_text(page)
+    table = _trial_table(rows, best, global_batch_size, lambda r: _run_cell(r, tracking_uri, experiment_id))
+    (out / "report.html").write_text(
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{REPORT_STYLE}</style></head><body><main>"
+        f"<h1>{html.escape(title)}</h1>{header}"
+        f"<h2>Trials</h2>{table}<h2>Plots</h2><div class='plots'>{figures}</div></main></body></html>",
+        encoding="utf-8",
+    )
     (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
-    return [*files, out / "report.html", out / "trials.json"]
+    return [*pngs, out / "report.html", out / "trials.json"]
 
 
 def open_parent_run(cfg: Config, storage: str, name: str, trials: int, resume: bool) -> tuple[str, str, str]:
@@ -477,22 +655,44 @@ def start_sweep(cfg: Config, trials: int, resume: bool, output: Path) -> tuple[S
     return sweep, concurrency
 
 
+def sweep_report(
+    sweep: Sweep, rows: list[dict[str, Any]], output: Path, registered: tuple[str, int, bool] | None
+) -> None:
+    """The report (``report.html``, its plots, ``trials.json``, a screenshot) into ``output`` and into
+    the parent run's ``report`` artifacts."""
+    files = write_report(
+        rows,
+        output,
+        f"raylora sweep {sweep.name}",
+        tracking_uri=sweep.tracking_uri,
+        experiment_id=sweep.experiment_id,
+        global_batch_size=trial_config(sweep.cfg, {}).train.global_batch_size,
+        registered=registered,
+    )
+    png = save_screenshot(output / "report.html", "sweep")
+    for f in [*files, *([png] if png else [])]:
+        tracking.log_artifacts(sweep.parent_run_id, f, "report", sweep.tracking_uri)
+
+
 def finish_sweep(sweep: Sweep, rows: list[dict[str, Any]], output: Path, seconds: float) -> dict[str, Any]:
-    """Trial states to MLflow, the report, the champion into the registry; the summary."""
+    """Trial states to MLflow, the champion into the registry, the report; the summary."""
     uri, parent = sweep.tracking_uri, sweep.parent_run_id
     close_trial_runs(sweep, rows)
     print(print_table(rows), flush=True)
-    scored = [r for r in rows if r["cider"] is not None and r["checkpoint"]]
-    if not scored:
+    best = best_trial(rows)
+    if best is None:
+        sweep_report(sweep, rows, output, None)
         tracking.end_run(parent, "FAILED", uri)
         raise RuntimeError(f"no trial reported a validation CIDEr; see the trial logs under {sweep.storage}")
-    best = max(scored, key=lambda r: r["cider"])
-    for f in write_report(rows, output, f"raylora sweep {sweep.name}"):
-        tracking.log_artifacts(parent, f, "report", uri)
     c = tracking.client(uri)
     c.log_metric(parent, "best_cider", best["cider"])
     c.set_tag(parent, "best_trial", best["trial_id"])
-    model_name, version, moved = register_champion(sweep, best, output)
+    registered = None
+    try:
+        registered = register_champion(sweep, best, output)
+    finally:  # the report is written even when registration fails (then without the registry's outcome)
+        sweep_report(sweep, rows, output, registered)
+    model_name, version, moved = registered
     tracking.end_run(parent, "FINISHED", uri)
     summary = {
         "best_trial": best["trial_id"],

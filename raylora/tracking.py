@@ -203,7 +203,23 @@ def registered_model_name(cfg: Config) -> str:
     return cfg.tracking.registered_model or f"raylora-{cfg.tracking.dataset}-lora"
 
 
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    if uri.startswith("http"):
+def is_server(uri: str) -> bool:
+    """True for a tracking server (``http(s)://``), False for a local store (SQLite, files)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def run_web_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page on an MLflow tracking server; None for a local store (nothing serves it)."""
+    if is_server(uri):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"run {run_id} (browse: mlflow ui --backend-store-uri {uri})"
+    return None
+
+
+def ui_command(uri: str) -> str:
+    """The command that serves a local store's runs in a browser."""
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's web page, or its id and how to browse a local store."""
+    return run_web_url(uri, experiment_id, run_id) or f"run {run_id} (browse: {ui_command(uri)})"

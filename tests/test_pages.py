@@ -8,6 +8,7 @@ how to install it. The pages are built from small inputs here, without Ray.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -172,9 +173,82 @@ def test_gallery_without_header_information(tmp_path: Path) -> None:
 
 
 def test_report_in_chromium(tmp_path: Path) -> None:
+    """Champion marked and registered, each trial linked to its run on the server, curves by samples."""
     from raylora.sweep import write_report
 
-    files = write_report(_trial_rows(), tmp_path, "raylora sweep demo_sweep")
-    assert {f.name for f in files} >= {"report.html", "trials.json", "cider_vs_lr.png"}
+    rows = _trial_rows()
+    files = write_report(
+        rows,
+        tmp_path,
+        "raylora sweep demo_sweep",
+        tracking_uri="http://127.0.0.1:5000",
+        experiment_id="7",
+        registered=("raylora-demo-lora", 3, True),
+    )
+    assert {f.name for f in files} == {
+        "cider_vs_lr.png",
+        "cider_vs_rank.png",
+        "learning_curves.png",
+        "report.html",
+        "trials.json",
+    }
     check = _look(tmp_path / "report.html")
     assert check.images == 3
+    text = (tmp_path / "report.html").read_text()
+    assert "<table>" in text and "<pre>" not in text
+    assert text.count("<tr class='best'>") == 1 and "Best trial a1b2c_00001</b>: val CIDEr 0.660" in text
+    assert "version 3 and is now the registry's <b>champion</b>" in text
+    for k in range(5):
+        assert f"href='http://127.0.0.1:5000/#/experiments/7/runs/{f'{k:x}' * 32}'" in text
+    assert "mlflow ui" not in text
+    assert "samples seen" in text and "<td class='num'>320</td>" in text  # 40 steps x batch 8
+    assert json.loads((tmp_path / "trials.json").read_text()) == rows
+
+
+def test_report_local_store_and_unsearched_batch_size(tmp_path: Path) -> None:
+    """A local store: run ids and one ``mlflow ui`` hint. Batch size from the base config."""
+    from raylora.sweep import write_report
+
+    rows = _trial_rows()
+    for r in rows:
+        r["params"].pop("train.global_batch_size")
+    uri = "sqlite:////data/mlflow/mlflow.db"
+    registered = ("raylora-demo-lora", 4, False)
+    write_report(
+        rows,
+        tmp_path,
+        "sweep",
+        tracking_uri=uri,
+        experiment_id="1",
+        global_batch_size=4,
+        registered=registered,
+    )
+    assert _look(tmp_path / "report.html").images == 3
+    text = (tmp_path / "report.html").read_text()
+    assert text.count(f"mlflow ui --backend-store-uri {uri}") == 1 and "href=" not in text
+    assert f"<code>{'0' * 32}</code>" in text
+    assert "champion stays on an earlier version" in text
+    assert "<td class='num'>160</td>" in text  # 40 steps x batch 4
+
+
+def test_report_old_call_and_no_scored_trial(tmp_path: Path) -> None:
+    """``write_report(rows, out, title)`` as before; a sweep where every trial failed still has a page."""
+    from raylora.sweep import write_report
+
+    rows = [r for r in _trial_rows() if r["state"] == "failed"]
+    write_report(rows, tmp_path, "raylora sweep")
+    assert _look(tmp_path / "report.html").images == 3
+    text = (tmp_path / "report.html").read_text()
+    assert "No trial reported a validation CIDEr" in text and f"<code>{'4' * 32}</code>" in text
+
+
+def test_report_curves_by_step_when_batch_size_unknown(tmp_path: Path) -> None:
+    from raylora.sweep import write_report
+
+    rows = _trial_rows()
+    for r in rows:
+        r["params"].pop("train.global_batch_size")
+    write_report(rows, tmp_path, "raylora sweep")
+    text = (tmp_path / "report.html").read_text()
+    assert "against optimizer step:" in text and "<td class='num'>-</td><td><span class='state" in text
+    assert check_page(tmp_path / "report.html").ok

@@ -143,3 +143,32 @@ def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path)
         assert sorted(p.name for p in (trials / name).glob("checkpoint_*")) == ckpts  # not run again
     summary = json.loads((tmp_path / "out" / "demo_sweep" / "summary.json").read_text())
     assert summary["trials"] == 2
+
+
+def test_sweep_report_into_the_parent_run(tracking_uri, tmp_path):
+    """The report of a finished sweep (no Ray): the base batch size, the local store hint, the artifacts."""
+    from raylora import tracking
+    from raylora.sweep import Sweep, sweep_report
+
+    cfg = load("demo", [f"output_dir={tmp_path / 'out'}"])
+    uri, exp_id = tracking.setup(cfg)
+    parent = tracking.create_run(exp_id, "sweep-report-test", uri=uri)
+    sweep = Sweep(cfg, "demo_sweep", tmp_path, None, 0, None, str(tmp_path / "runs"), uri, exp_id, parent)
+    row = {"steps": 20, "total_steps": 20, "state": "completed", "path": "/p"}
+    rows = [
+        {**row, "trial_id": f"t_0000{k}", "params": {"lora.rank": rank, "train.lr": lr}, "cider": cider}
+        | {"checkpoint": f"/c/{k}", "history": [[10, cider / 2], [20, cider]], "mlflow_run_id": f"{k}" * 32}
+        for k, (rank, lr, cider) in enumerate([(8, 1e-3, 0.4), (16, 3e-3, 0.5)])
+    ]
+    sweep_report(sweep, rows, tmp_path / "report", ("raylora-test-lora", 2, True))
+    text = (tmp_path / "report" / "report.html").read_text()
+    batch = trial_config(cfg, {}).train.global_batch_size
+    assert f"<td class='num'>{20 * batch:,}</td>" in text
+    assert f"mlflow ui --backend-store-uri {uri}" in text and "is now the registry's <b>champion</b>" in text
+    logged = {f.path for f in tracking.client(uri).list_artifacts(parent, "report")}
+    assert {
+        "report/report.html",
+        "report/trials.json",
+        "report/learning_curves.png",
+        "report/report.png",
+    } <= logged
