@@ -56,6 +56,10 @@ class DataConfig:
     max_num: int = 6
     use_thumbnail: bool = True
     strict: bool = False  # fail at the first bad row instead of rejecting it
+    # Image-once training: the rows sharing an image and prompt (COCO: an image and its 5 captions)
+    # become one sequence, the image prefix computed once; the batch sizes then count images.
+    group_by_image: bool = False
+    max_packed_tokens: int = 0  # > 0: pack a micro-batch's sequences into rows of at most this many tokens
     shuffle_seed: int = 42
     decode_actors: int = 1  # per training worker: Ray Data actors that decode, tile and tokenize its batches
     decode_cpus: float = 1.0  # CPUs reserved per decode actor (workers x actors x this, besides the workers')
@@ -351,6 +355,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
     if cfg.cluster.num_workers < 1:
         raise ConfigError(f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
+    if cfg.data.max_packed_tokens < 0:
+        raise ConfigError(f"data.max_packed_tokens must be 0 (off) or > 0, got {cfg.data.max_packed_tokens}")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

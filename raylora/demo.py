@@ -27,14 +27,14 @@ from raylora.data.pipeline import iter_microbatches
 from raylora.data.plan import make_plan, plan_microbatches
 from raylora.data.prepare import prepare
 from raylora.data.templates import get_template
-from raylora.data.tiling import normalize
 from raylora.files import atomic_dir, cache_root, file_lock
+from raylora.loss import forward_loss
 from raylora.model import internvl_image_processor, save_processor
 from raylora.sources import image_settings
 
 # torch, transformers and tokenizers are imported inside the builders: reading the cache stays fast.
 
-DEMO_VERSION = "v2"
+DEMO_VERSION = "v3"  # v3: COCO's shape, five captions (rows) per training image
 IMAGE_SIZE = 112
 PROMPT = "Provide a one-sentence caption for the provided image."
 SYSTEM_MESSAGE = "You are a helpful assistant that describes images."
@@ -150,17 +150,19 @@ def build_data(root: Path, seed: int = 0) -> None:
             _draw(scene, rng).save(root / rel, quality=95)
             refs = captions_b(scene)
             if split in ("base", "train"):
-                caption = caption_a(scene) if split == "base" else refs[0]  # LoRA learns one new style
-                rows.append(
-                    {
-                        "id": image_id,
-                        "image": rel,
-                        "conversations": [
-                            {"from": "human", "value": f"<image>\n{PROMPT}"},
-                            {"from": "gpt", "value": caption},
-                        ],
-                    }
-                )
+                # the base learns style A; LoRA learns style B, five phrasings per image as in COCO
+                captions = [caption_a(scene)] if split == "base" else refs
+                for k, caption in enumerate(captions):
+                    rows.append(
+                        {
+                            "id": image_id if split == "base" else f"{image_id}-{k}",
+                            "image": rel,
+                            "conversations": [
+                                {"from": "human", "value": f"<image>\n{PROMPT}"},
+                                {"from": "gpt", "value": caption},
+                            ],
+                        }
+                    )
             else:
                 items.append({"image": rel, "caption": refs, "image_id": image_id})
                 gt_images.append({"id": image_id, "file_name": rel})
@@ -291,8 +293,11 @@ def write_processor(out: Path, tokenizer_dir: Path) -> None:
     )
 
 
-def pretrain_base(model, data_root: Path, model_dir: Path, seconds: float, steps: int, log=print) -> dict:
-    """Full fine-tune on caption style A: the demo base that already captions a little."""
+def pretrain_base(model, data_root: Path, model_dir: Path, steps: int, log=print) -> dict:
+    """Full fine-tune on caption style A: the demo base that already captions a little.
+
+    A fixed number of steps (no time budget), so the demo base is the same on every machine.
+    """
     import torch
 
     settings = demo_image_settings(model_dir)
@@ -309,26 +314,18 @@ def pretrain_base(model, data_root: Path, model_dir: Path, seconds: float, steps
     start = time.time()
     loss = float("nan")
     for step in range(steps):
-        b = batches[step % len(batches)]
-        out = model(
-            input_ids=b["input_ids"],
-            attention_mask=b["attention_mask"],
-            pixel_values=normalize(b["pixel_values"]),
-            labels=b["labels"],
-        )
-        out.loss.backward()
+        loss_sum, tokens = forward_loss(model, batches[step % len(batches)], torch.float32)
+        loss = loss_sum / tokens
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.item()
+        loss = loss.item()
         if step % 50 == 0 or step == steps - 1:
             log(
                 f"[demo] base pre-training step {step + 1}/{steps} loss {loss:.3f} ({time.time() - start:.0f}s)"
             )
-        if time.time() - start > seconds:
-            log(f"[demo] base pre-training stopped at its time budget ({seconds:.0f}s), step {step + 1}")
-            break
     model.eval()
     return {"steps": step + 1, "loss": loss, "seconds": round(time.time() - start, 1)}
 
@@ -338,7 +335,7 @@ def demo_image_settings(model_dir: Path, max_num: int = 6):
     return image_settings(model_dir, TEMPLATE, SYSTEM_MESSAGE, max_num=max_num, max_seq_length=512)
 
 
-def ensure_demo(log=print, base_steps: int = 1000, base_seconds: float = 400.0) -> Path:
+def ensure_demo(log=print, base_steps: int = 1000) -> Path:
     """Build whatever part of the demo is not cached yet; returns the demo dir.
 
     Layout: ``data/`` (COCO-like: annotations/, base/, train/, val/, test/), ``tokenizer/``,
@@ -367,13 +364,13 @@ def ensure_demo(log=print, base_steps: int = 1000, base_seconds: float = 400.0) 
         base = root / "base"
         if not (base / "config.json").exists():
             with atomic_dir(base, overwrite=True) as tmp:
-                build_base(tmp, data, tok_dir, base_steps, base_seconds, log)
+                build_base(tmp, data, tok_dir, base_steps, log)
         done.write_text(DEMO_VERSION)
         log(f"[demo] demo assets ready in {root}")
         return root
 
 
-def build_base(out: Path, data: Path, tok_dir: Path, steps: int, seconds: float, log=print) -> None:
+def build_base(out: Path, data: Path, tok_dir: Path, steps: int, log=print) -> None:
     """The demo base: a random tiny InternVL pre-trained on caption style A, saved in ``out``."""
     import torch
 
@@ -382,7 +379,7 @@ def build_base(out: Path, data: Path, tok_dir: Path, steps: int, seconds: float,
     try:
         model = build_random_model(tok_dir)
         save_model_dir(model, tok_dir, out)  # config and tokenizer first: the data settings read them
-        info = pretrain_base(model, data, out, seconds, steps, log)
+        info = pretrain_base(model, data, out, steps, log)
     finally:
         torch.set_num_threads(threads)
     save_model_dir(model, tok_dir, out)

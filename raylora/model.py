@@ -97,7 +97,30 @@ def attn_implementation(name: str, device_type: str) -> str:
     return "sdpa"
 
 
-def load_base_model(model_dir: str | Path, dtype: Any = None, attn: str = "sdpa"):
+def attention_for_layout(attn: str, structured: bool, device_type: str) -> tuple[Any, str, str | None]:
+    """(``attn_implementation`` to load with, the text model's backend, a one-line notice or None).
+
+    A structured layout (grouped captions, packed rows) needs an exact mask: flash_attention_2 cannot
+    express a shared prefix, so on a GPU it is replaced by flex_attention for the text model (the
+    vision tower keeps sdpa; it needs no mask) and on a CPU by sdpa with a 4D mask. flex_attention's
+    backward does not run on a CPU.
+    """
+    if not structured:
+        return attn, attn, None
+    if attn == "flex_attention" and device_type != "cuda":
+        raise ValueError("model.attn_implementation=flex_attention needs a GPU; use sdpa (or auto) on a CPU")
+    if attn == "flash_attention_2":
+        if device_type == "cuda":
+            chosen = {"text_config": "flex_attention", "vision_config": "sdpa"}
+            note = "flash_attention_2 cannot express grouped captions or packed rows: text attention uses flex_attention"
+            return chosen, "flex_attention", note
+        return "sdpa", "sdpa", "flash_attention_2 needs a GPU: attention uses sdpa with a 4D mask"
+    if attn == "flex_attention":
+        return {"text_config": "flex_attention", "vision_config": "sdpa"}, "flex_attention", None
+    return attn, attn, None
+
+
+def load_base_model(model_dir: str | Path, dtype: Any = None, attn: Any = "sdpa"):
     """A native InternVL checkpoint as ``InternVLForConditionalGeneration`` (no remote code)."""
     from transformers import AutoModelForImageTextToText
 

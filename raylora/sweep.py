@@ -130,7 +130,6 @@ class Sweep:
     name: str
     model_dir: Path
     records: Any  # ObjectRef of the validated records
-    num_records: int
     validation: ValidationSet | None
     storage: str  # <storage_path>/<sweep name>: Tune's experiment dir, trials under trials/
     tracking_uri: str
@@ -175,16 +174,7 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
     cfg = trial_config(sweep.cfg, params)
     run_dir = f"{sweep.storage}/trials/{trial_id}"
     run_id = trial_mlflow_run(sweep, cfg, trial_id, params, run_dir)
-    job = make_job(
-        cfg,
-        sweep.model_dir,
-        sweep.records,
-        sweep.num_records,
-        run_dir,
-        sweep.validation,
-        sweep.tracking_uri,
-        run_id,
-    )
+    job = make_job(cfg, sweep.model_dir, sweep.records, run_dir, sweep.validation, sweep.tracking_uri, run_id)
     if job.finished:
         state = checkpoint_state(ray.train.Checkpoint(job.resume_from))
         tune.report({**state, "checkpoint_path": job.resume_from})
@@ -649,9 +639,7 @@ def start_sweep(cfg: Config, trials: int, resume: bool, output: Path) -> tuple[S
     uri, exp_id, parent_run_id = open_parent_run(cfg, storage, name, trials, resume)
     records = ray.put(prepared.table)
     validation = validation_set(cfg, model_dir)
-    sweep = Sweep(
-        cfg, name, model_dir, records, prepared.rows_ok, validation, storage, uri, exp_id, parent_run_id
-    )
+    sweep = Sweep(cfg, name, model_dir, records, validation, storage, uri, exp_id, parent_run_id)
     return sweep, concurrency
 
 

@@ -34,15 +34,22 @@ from raylora.cluster import init_ray
 from raylora.config import Config, save_config
 from raylora.console import run_command
 from raylora.data.pipeline import iter_rank_batches, rank_dataset
-from raylora.data.plan import BatchPlan, make_plan, plan_microbatches
+from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_units, unit_lengths
 from raylora.data.prepare import Prepared, prepare
 from raylora.data.records import EvalItem, read_gt, read_karpathy
 from raylora.data.settings import ImageSettings
-from raylora.data.tiling import normalize
 from raylora.files import absolute, is_remote
 from raylora.generation import GenerationSettings, generate_captions
+from raylora.loss import forward_loss, to_device
 from raylora.metrics import cider
-from raylora.model import apply_lora, attn_implementation, count_trainable, load_base_model, torch_dtype
+from raylora.model import (
+    apply_lora,
+    attention_for_layout,
+    attn_implementation,
+    count_trainable,
+    load_base_model,
+    torch_dtype,
+)
 from raylora.sources import complete_adapter_dir, image_settings, resolve_model_dir
 
 # torch, deepspeed, ray and transformers are imported inside the functions that run on the workers
@@ -151,7 +158,11 @@ class LoRAFinetuneRecipe:
             torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
         torch.manual_seed(t.seed)
         self.dtype = torch_dtype(cfg.model.dtype, self.device.type)
+        structured = cfg.data.group_by_image or cfg.data.max_packed_tokens > 0
         attn = attn_implementation(cfg.model.attn_implementation, self.device.type)
+        attn, self.text_attention, notice = attention_for_layout(attn, structured, self.device.type)
+        if notice:
+            self.print(f"[train] {notice}")
         model = load_base_model(self.job.model_dir, self.dtype, attn)
         model = apply_lora(model, cfg, model.config.text_config.model_type)
         if cfg.model.gradient_checkpointing:
@@ -215,6 +226,7 @@ class LoRAFinetuneRecipe:
             self.job.settings,
             actors=self.cfg.data.decode_actors,
             cpus_per_actor=self.cfg.data.decode_cpus,
+            max_packed_tokens=self.cfg.data.max_packed_tokens,
         )
         return iter_rank_batches(dataset, first, self.world)
 
@@ -225,7 +237,7 @@ class LoRAFinetuneRecipe:
         self.started = (self.step, time.time())
         self.engine.train()
         for micro, batch in enumerate(self.batches(), 1):
-            window.add(self.forward_backward(batch), batch)
+            window.add(*self.forward_backward(batch), batch)
             if micro % accum:
                 continue
             self.step += 1
@@ -240,7 +252,7 @@ class LoRAFinetuneRecipe:
             if evaluate:
                 last_eval = self.evaluate()
             if evaluate or done or self.step % cfg.train.checkpoint_every_n_steps == 0:
-                loss = window.mean_loss() if window.n else self.last_loss
+                loss = window.mean_loss() if window.labels else self.last_loss
                 self.save_checkpoint({"step": self.step, "total_steps": total, "loss": loss, **last_eval})
             if done:
                 return
@@ -249,29 +261,32 @@ class LoRAFinetuneRecipe:
             "the plan and the dataset disagree"
         )
 
-    def forward_backward(self, batch: dict[str, Any]) -> float:
-        """One micro-batch: forward, backward, and DeepSpeed's step (it applies at the boundary)."""
-        out = self.engine(
-            input_ids=batch["input_ids"].to(self.device),
-            attention_mask=batch["attention_mask"].to(self.device),
-            labels=batch["labels"].to(self.device),
-            pixel_values=normalize(batch["pixel_values"].to(self.device), self.dtype),
-        )
-        self.engine.backward(out.loss)
+    def forward_backward(self, batch: dict[str, Any]) -> tuple[float, int]:
+        """One micro-batch: forward, backward, DeepSpeed's step (it applies at the boundary).
+
+        The loss of an optimizer step is the sum of its label tokens' cross-entropies (all
+        micro-batches, all ranks) over their number, whatever the layout; DeepSpeed divides each
+        micro-batch's loss by accumulation x world, so the micro-batch's sum is scaled back up.
+        Returns (summed cross-entropy, label tokens) of this micro-batch.
+        """
+        batch = to_device(batch, self.device)
+        loss_sum, tokens = forward_loss(self.engine, batch, self.dtype, self.text_attention)
+        scale = self.plan.grad_accum * self.world / int(batch["step_label_tokens"])
+        self.engine.backward(loss_sum * scale)
         self.engine.step()
-        return out.loss.item()
+        return loss_sum.item(), tokens
 
     def log_step(self, window: StepWindow) -> float:
         """Sum the window over ranks: the same numbers go to MLflow and to the step line; the loss."""
         import torch
         import torch.distributed as dist
 
-        sums = torch.tensor([window.loss, window.n, window.samples, window.tokens], dtype=torch.float64)
+        sums = torch.tensor([window.loss, window.labels, window.samples, window.tokens], dtype=torch.float64)
         dist.all_reduce(sums)
-        loss, n, samples, tokens = sums.tolist()
+        loss, labels, samples, tokens = sums.tolist()
         elapsed = max(time.time() - window.start, 1e-9)
         metrics = {
-            "loss": loss / max(n, 1),
+            "loss": loss / max(labels, 1),  # mean cross-entropy per label token
             "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
@@ -347,19 +362,19 @@ class LoRAFinetuneRecipe:
 
 
 class StepWindow:
-    """Sums of loss, micro-batches, samples and tokens since the last logged step."""
+    """Sums of cross-entropy, label tokens, samples and tokens since the last logged step."""
 
     def __init__(self) -> None:
-        self.loss, self.n, self.samples, self.tokens, self.start = 0.0, 0, 0, 0, time.time()
+        self.loss, self.labels, self.samples, self.tokens, self.start = 0.0, 0, 0, 0, time.time()
 
-    def add(self, loss: float, batch: dict[str, Any]) -> None:
-        self.loss += loss
-        self.n += 1
-        self.samples += len(batch["num_tiles"])
+    def add(self, loss_sum: float, label_tokens: int, batch: dict[str, Any]) -> None:
+        self.loss += loss_sum
+        self.labels += label_tokens
+        self.samples += int(batch["samples"])
         self.tokens += int(batch["attention_mask"].sum())
 
     def mean_loss(self) -> float:
-        return self.loss / max(self.n, 1)
+        return self.loss / max(self.labels, 1)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -479,7 +494,6 @@ def make_job(
     cfg: Config,
     model_dir: Path,
     records: Any,
-    num_records: int,
     run_dir: str,
     validation: ValidationSet | None,
     tracking_uri: str | None = None,
@@ -489,15 +503,18 @@ def make_job(
     validated records (shared by the trials of a sweep)."""
     import ray
 
+    table = ray.get(records)
+    units = plan_units(table, cfg.data.group_by_image)
+    check_packing(cfg, table, units)
     plan = make_plan(
-        num_records,
+        len(units),
         cfg.train.global_batch_size,
         cfg.train.per_device_batch_size,
         cfg.cluster.num_workers,
         cfg.train.epochs,
         cfg.train.max_steps,
     )
-    planned = plan_microbatches(ray.get(records), plan, cfg.train.seed, cfg.train.group_by_length)
+    planned = plan_microbatches(table, plan, cfg.train.seed, cfg.train.group_by_length, units=units)
     start_step, resume_from = latest_checkpoint(run_dir, cfg.cluster.num_workers)
     fail_at = os.environ.get("RAYLORA_FAIL_AT_STEP")
     return TrainJob(
@@ -515,6 +532,21 @@ def make_job(
         mlflow_run_id=mlflow_run_id,
         fail_at_step=int(fail_at) if fail_at else None,
     )
+
+
+def check_packing(cfg: Config, records: Any, units: list[list[int]]) -> None:
+    """A packing budget below the longest sequence is an error here, not in a worker mid-run."""
+    budget = cfg.data.max_packed_tokens
+    if budget <= 0:
+        return
+    lengths, _ = unit_lengths(records, units)
+    longest = max(lengths)
+    if longest > budget:
+        what = "image with all its captions" if cfg.data.group_by_image else "row"
+        raise ValueError(
+            f"data.max_packed_tokens={budget} is below the longest sequence ({longest} tokens, one {what}); "
+            f"set data.max_packed_tokens to at least {longest}"
+        )
 
 
 def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
@@ -589,7 +621,7 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     prepared = prepare_data(cfg, model_dir, output_dir)
     validation = validation_set(cfg, model_dir)
     run_dir = run_dir_of(cfg)
-    job = make_job(cfg, model_dir, ray.put(prepared.table), prepared.rows_ok, run_dir, validation)
+    job = make_job(cfg, model_dir, ray.put(prepared.table), run_dir, validation)
     uri, exp_id, run_id = open_mlflow_run(cfg, job.plan, run_dir)
     job.tracking_uri, job.mlflow_run_id = uri, run_id
     print(f"[mlflow] {tracking.run_url(uri, exp_id, run_id)}", flush=True)
@@ -631,16 +663,21 @@ def finish(
     job: TrainJob, checkpoint: Any, output_dir: Path, prepared: Prepared, exp_id: str, seconds: float
 ) -> dict[str, Any]:
     """Outputs from the final checkpoint, artifacts to MLflow, the summary line."""
-    cfg, uri, run_id = job.cfg, job.tracking_uri, job.mlflow_run_id
+    import ray
+
+    uri, run_id = job.tracking_uri, job.mlflow_run_id
+    per_step = job.plan.microbatches_per_step
+    samples = ray.get(job.planned).column("samples").to_numpy()  # records (captions) per micro-batch
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, "train_state.json").read_text())
         steps_run = state["step"] - job.start_step if seconds else 0
+        samples_run = int(samples[job.start_step * per_step : state["step"] * per_step].sum())
         summary = {
             "final_loss": state.get("loss"),
             "steps": state["step"],
             "steps_this_run": steps_run,
-            "samples": state["step"] * cfg.train.global_batch_size,
-            "samples_per_s": steps_run * cfg.train.global_batch_size / seconds if steps_run else 0.0,
+            "samples": int(samples[: state["step"] * per_step].sum()),
+            "samples_per_s": samples_run / seconds if steps_run else 0.0,
             "seconds": round(seconds, 1),
             "val_cider": state.get("val_cider"),
             "rows_ok": prepared.rows_ok,

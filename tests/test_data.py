@@ -588,8 +588,8 @@ def test_plan_equal_counts_and_resume(demo_settings, demo_root):
     assert full.num_rows == plan.total_steps * plan.microbatches_per_step
     assert full.column("index").to_pylist() == list(range(full.num_rows))
     rows = full.column("rows").to_pylist()
-    assert all(len(r) == 8 for r in rows)
-    epoch0 = [i for r, e in zip(rows, full.column("epoch").to_pylist()) if e == 0 for i in r]
+    assert all(len(r) == 8 and all(len(unit) == 1 for unit in r) for r in rows)  # 8 units of one record
+    epoch0 = [i for r, e in zip(rows, full.column("epoch").to_pylist()) if e == 0 for unit in r for i in unit]
     assert len(set(epoch0)) == len(epoch0)  # no record twice within an epoch
     resumed = plan_microbatches(prepared.table, plan, seed=1, group_by_length=True, start_step=5)
     assert resumed.column("rows").to_pylist() == rows[5 * plan.microbatches_per_step :]
@@ -617,20 +617,14 @@ def test_plain_iterator_feeds_the_model(demo_settings, demo_root, demo_base_mode
 
 
 def _loss(model, batch) -> float:
-    """The model's loss on a pipeline micro-batch (tiles normalised here, as on the device)."""
+    """The mean token loss of a pipeline micro-batch (tiles normalised on the device, as in training)."""
     import torch
 
-    from raylora.data.tiling import normalize
+    from raylora.loss import forward_loss
 
-    t = to_torch(batch)
     with torch.no_grad():
-        out = model(
-            input_ids=t["input_ids"],
-            attention_mask=t["attention_mask"],
-            labels=t["labels"],
-            pixel_values=normalize(t["pixel_values"]),
-        )
-    return out.loss.item()
+        loss_sum, tokens = forward_loss(model, to_torch(batch), torch.float32)
+    return loss_sum.item() / tokens
 
 
 def _coco_like_demo(demo_settings):

@@ -13,7 +13,7 @@ LAYERS = [
     ["config", "cluster"],
     ["data", "data.records", "data.tiling", "data.templates", "data.settings", "data.plan", "data.pipeline"],
     ["data.prepare"],
-    ["model", "generation", "convert"],
+    ["model", "generation", "convert", "loss"],
     ["tracking"],
     ["registry"],
     ["sources"],

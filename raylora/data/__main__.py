@@ -75,6 +75,13 @@ def check(args: argparse.Namespace) -> int:
     print(
         f"tokens per row: p50 {t['p50']}, p95 {t['p95']}, max {t['max']} (max_seq_length {args.max_seq_length})"
     )
+    g = stats["groups"]
+    per_image = ", ".join(f"{k}: {v}" for k, v in g["captions_per_image"].items())
+    t = g["tokens_per_sequence"]
+    print(
+        f"grouped by image: {g['images']} images (data.group_by_image=true trains each as one sequence); "
+        f"captions per image {per_image}; tokens per sequence p50 {t['p50']}, p95 {t['p95']}, max {t['max']}"
+    )
     if args.json:
         print(json.dumps(stats))
     return 0

@@ -1,18 +1,33 @@
-"""From planned micro-batches to tensors: decode, tile, tokenize and collate, on Ray Data or in-process.
+"""From planned micro-batches to tensors: decode, tile, tokenize and lay out, on Ray Data or in-process.
 
-:class:`MicroBatchBuilder` turns one planned micro-batch (its records) into named numpy columns:
-``pixel_values`` (uint8 tiles of all samples, concatenated along dim 0), ``num_tiles`` (per sample),
-right-padded ``input_ids`` / ``labels`` / ``attention_mask``, and ``index`` (the micro-batch's global
-position in the plan). :func:`rank_dataset` runs it in a Ray Data actor pool over one rank's
-micro-batches, in plan order (``preserve_order``); :func:`iter_rank_batches` reads them on the
-training worker with ``iter_torch_batches`` and fails loudly if a micro-batch is missing or out
-of order. :func:`iter_microbatches` is the same builder without Ray.
+:class:`MicroBatchBuilder` turns one planned micro-batch (its units) into named numpy columns. Each
+unit becomes a run of tokens: a record as it is, or (``group_by_image``) the shared prefix once
+followed by every caption, position ids restarting after the prefix for each caption. Units are laid
+out one per padded row, or packed into rows of at most ``max_packed_tokens`` (first-fit decreasing).
+Columns:
+
+* ``pixel_values`` (uint8 tiles, each image once, in the order its tokens appear), ``num_tiles``;
+* ``input_ids``, ``position_ids``, ``attention_mask`` (1 = token, 0 = padding), ``segment_ids`` (the
+  unit of each token within its row, -1 for padding) and ``branch_ids`` (0 for a record or a shared
+  prefix, k for the k-th caption of a group): the attention mask is built on the device from them;
+* ``logit_mask`` (the positions whose logits predict a label), ``target_logits`` (for each label
+  token, the index of its predicting position among them) and ``target_ids``: the loss is the
+  summed cross-entropy of ``logits[target_logits]`` against ``target_ids``;
+* ``samples``, ``label_tokens``, ``step_label_tokens`` (of the whole optimizer step, from the plan),
+  ``structured`` (1 when a row holds several units or a shared prefix: a 2D padding mask is not
+  enough) and ``index`` (the micro-batch's global position in the plan).
+
+:func:`rank_dataset` runs the builder in a Ray Data actor pool over one rank's micro-batches, in
+plan order (``preserve_order``); :func:`iter_rank_batches` reads them on the training worker with
+``iter_torch_batches`` and fails loudly if a micro-batch is missing or out of order.
+:func:`iter_microbatches` is the same builder without Ray.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,66 +41,156 @@ from raylora.data.templates import IGNORE_INDEX
 # ray and torch are imported inside the functions that use them: the data checks start fast without them.
 
 
-def pad_right(seqs: list[np.ndarray], value: int) -> np.ndarray:
-    width = max(len(s) for s in seqs)
-    out = np.full((len(seqs), width), value, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
+@dataclass
+class EncodedUnit:
+    """One unit's tokens as laid out in its sequence (positions relative to the unit's start)."""
+
+    tiles: list[np.ndarray]
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    branch_ids: np.ndarray
+    predictors: np.ndarray  # for each label token, the position whose logit predicts it
+    targets: np.ndarray  # the label tokens
+    samples: int
 
 
 class MicroBatchBuilder:
-    """Planned micro-batch rows (records of each sample) -> named numpy columns, one row each.
+    """Planned micro-batch (its units of records) -> named numpy columns, one row each.
 
     Callable for ``map_batches`` (``batch_format="pyarrow"``); holds one tokenizer per actor, so a
     fast tokenizer is never shared across threads.
     """
 
-    def __init__(self, settings: ImageSettings):
+    def __init__(self, settings: ImageSettings, max_packed_tokens: int = 0):
         self.settings = settings
+        self.max_packed_tokens = max_packed_tokens
         self.conv_tok = settings.conversation_tokenizer()
         pad = self.conv_tok.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
 
-    def build(self, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        """One micro-batch from its samples' records (``images``, ``tiles``, ``conversations``, ...)."""
-        tiles, ids, labels, counts = [], [], [], []
-        for s in samples:
-            per_image = [self.settings.tile(p) for p in s["images"]]
-            got = [len(t) for t in per_image]
+    def encode_unit(self, unit: list[dict[str, Any]]) -> EncodedUnit:
+        """Tiles (decoded once) and tokens of a unit: a record, or a shared prefix and its captions."""
+        first = unit[0]
+        tiles = [self.settings.tile(p) for p in first["images"]]
+        got = [len(t) for t in tiles]
+        for s in unit:
             if got != list(s["tiles"]):
                 raise DataError(
                     f"{s['source']}:{s['line']}: image changed since validation ({got} tiles, expected "
                     f"{list(s['tiles'])}); run the job again to re-validate"
                 )
-            i, lab = self.conv_tok.encode_conversation(json.loads(s["conversations"]), got)
-            tiles.extend(per_image)
-            counts.append(sum(got))
-            ids.append(i)
-            labels.append(lab)
+        rows = [self.conv_tok.encode_conversation(json.loads(s["conversations"]), got) for s in unit]
+        if len(unit) == 1:
+            ids, labels = rows[0]
+            supervised = np.nonzero(labels[1:] != IGNORE_INDEX)[0] + 1
+            zeros = np.zeros(len(ids), np.int64)
+            return EncodedUnit(tiles, ids, np.arange(len(ids)), zeros, supervised - 1, labels[supervised], 1)
+        p = int(first["prefix_length"])
+        prefix = rows[0][0][:p]
+        ids, pos, branch, predictors, targets = [prefix], [np.arange(p)], [np.zeros(p, np.int64)], [], []
+        offset = p
+        for k, ((row_ids, row_labels), s) in enumerate(zip(rows, unit), 1):
+            if not np.array_equal(row_ids[:p], prefix) or (row_labels[:p] != IGNORE_INDEX).any():
+                raise DataError(
+                    f"{s['source']}:{s['line']}: grouped with {first['source']}:{first['line']} but its "
+                    "prompt tokens differ; train with data.group_by_image=false or fix the rows"
+                )
+            answer, labels = row_ids[p:], row_labels[p:]
+            supervised = np.nonzero(labels != IGNORE_INDEX)[0]
+            ids.append(answer)
+            pos.append(p + np.arange(len(answer)))  # each caption sees exactly its own row's positions
+            branch.append(np.full(len(answer), k, np.int64))
+            predictors.append(np.where(supervised == 0, p - 1, offset + supervised - 1))
+            targets.append(labels[supervised])
+            offset += len(answer)
+        cat = np.concatenate
+        return EncodedUnit(tiles, cat(ids), cat(pos), cat(branch), cat(predictors), cat(targets), len(unit))
+
+    def pack(self, units: list[EncodedUnit]) -> list[list[int]]:
+        """Rows of unit indices: one unit per row, or first-fit decreasing into ``max_packed_tokens``."""
+        if self.max_packed_tokens <= 0:
+            return [[i] for i in range(len(units))]
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(units)), key=lambda i: -len(units[i].input_ids)):
+            n = len(units[i].input_ids)
+            if n > self.max_packed_tokens:
+                raise ValueError(
+                    f"a sequence of {n} tokens does not fit data.max_packed_tokens={self.max_packed_tokens}; "
+                    "raise it (at least the longest sequence: see `data check`)"
+                )
+            fit = next((r for r, free in enumerate(room) if free >= n), None)
+            if fit is None:
+                rows.append([i])
+                room.append(self.max_packed_tokens - n)
+            else:
+                rows[fit].append(i)
+                room[fit] -= n
+        return rows
+
+    def build(self, units: list[list[dict[str, Any]]], step_label_tokens: int = 0) -> dict[str, np.ndarray]:
+        """One micro-batch from its units' records (``images``, ``tiles``, ``conversations``, ...)."""
+        encoded = [self.encode_unit(u) for u in units]
+        layout = self.pack(encoded)
+        width = max(sum(len(encoded[i].input_ids) for i in row) for row in layout)
+        shape = (len(layout), width)
+        cols = {
+            "input_ids": np.full(shape, self.pad_id, np.int64),
+            "position_ids": np.zeros(shape, np.int64),
+            "attention_mask": np.zeros(shape, np.int64),
+            "segment_ids": np.full(shape, -1, np.int64),
+            "branch_ids": np.full(shape, -1, np.int64),
+        }
+        tiles, num_tiles, predictors, targets = [], [], [], []
+        for r, row in enumerate(layout):
+            at = 0
+            for segment, i in enumerate(row):
+                u = encoded[i]
+                span = slice(at, at + len(u.input_ids))
+                cols["input_ids"][r, span] = u.input_ids
+                cols["position_ids"][r, span] = u.position_ids
+                cols["attention_mask"][r, span] = 1
+                cols["segment_ids"][r, span] = segment
+                cols["branch_ids"][r, span] = u.branch_ids
+                tiles += u.tiles  # image tokens and tiles stay in the same order
+                num_tiles.append(sum(len(t) for t in u.tiles))
+                predictors.append(r * width + at + u.predictors)
+                targets.append(u.targets)
+                at += len(u.input_ids)
+        flat_predictors = np.concatenate(predictors)
+        kept = np.unique(flat_predictors)  # logits are computed once per predicting position
+        logit_mask = np.zeros(shape, bool)
+        logit_mask.flat[kept] = True
+        target_ids = np.concatenate(targets)
+        structured = any(len(row) > 1 for row in layout) or bool((cols["branch_ids"] > 0).any())
         return {
+            **cols,
             "pixel_values": np.concatenate(tiles, axis=0),
-            "num_tiles": np.asarray(counts, dtype=np.int64),
-            "input_ids": pad_right(ids, self.pad_id),
-            "labels": pad_right(labels, IGNORE_INDEX),
-            "attention_mask": pad_right([np.ones(len(i), dtype=np.int64) for i in ids], 0),
+            "num_tiles": np.asarray(num_tiles, np.int64),
+            "logit_mask": logit_mask,
+            "target_logits": np.searchsorted(kept, flat_predictors).astype(np.int64),
+            "target_ids": target_ids.astype(np.int64),
+            "samples": np.asarray(sum(u.samples for u in encoded), np.int64),
+            "label_tokens": np.asarray(len(target_ids), np.int64),
+            "step_label_tokens": np.asarray(step_label_tokens or len(target_ids), np.int64),
+            "structured": np.asarray(int(structured), np.int64),
         }
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         (row,) = batch.to_pylist()  # batch_size=1: one planned micro-batch
-        built = self.build(row["samples"])
+        built = self.build(row["units"], row["step_label_tokens"])
         out = {k: v[np.newaxis] for k, v in built.items()}  # a batch of one row
         out["index"] = np.asarray([row["index"]], dtype=np.int64)
         return out
 
 
 def iter_microbatches(
-    records: pa.Table, planned: pa.Table, settings: ImageSettings
+    records: pa.Table, planned: pa.Table, settings: ImageSettings, max_packed_tokens: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
     """The plain (no Ray) path: every planned micro-batch, in order, built in this process."""
-    builder = MicroBatchBuilder(settings)
+    builder = MicroBatchBuilder(settings, max_packed_tokens)
     for row in microbatch_records(records, planned).to_pylist():
-        yield builder.build(row["samples"])
+        yield builder.build(row["units"], row["step_label_tokens"])
 
 
 def rank_dataset(
@@ -97,6 +202,7 @@ def rank_dataset(
     settings: ImageSettings,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
+    max_packed_tokens: int = 0,
 ):
     """A Ray Dataset of rank ``rank``'s micro-batches from global index ``first_index`` on, in plan
     order, decoded and tokenized by an actor pool of its own (created inside the training worker)."""
@@ -111,7 +217,7 @@ def rank_dataset(
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64 * actors)))
     ds = ds.map_batches(
         MicroBatchBuilder,
-        fn_constructor_kwargs={"settings": settings},
+        fn_constructor_kwargs={"settings": settings, "max_packed_tokens": max_packed_tokens},
         batch_size=1,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=actors),

@@ -7,6 +7,7 @@ reason), or a :class:`~raylora.data.records.DataError` in strict mode.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylora.data.pipeline import quiet_progress
+from raylora.data.plan import plan_units, unit_lengths
 from raylora.data.records import (
     DataError,
     Duplicate,
@@ -31,9 +33,25 @@ from raylora.data.records import (
     read_specs,
 )
 from raylora.data.settings import ImageSettings
-from raylora.data.templates import RowRejected
+from raylora.data.templates import IGNORE_INDEX, RowRejected
 
 # ray is imported inside the image check that uses it, only when a cluster is up.
+
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("images", pa.list_(pa.string())),
+        ("conversations", pa.string()),  # JSON, normalised (placeholders added)
+        ("tiles", pa.list_(pa.int64())),  # per image
+        ("length", pa.int64()),  # tokens of the row, image tokens expanded
+        ("prefix_length", pa.int64()),  # tokens before the first supervised one
+        ("label_tokens", pa.int64()),  # supervised tokens (what the loss is normalised by)
+        ("group_key", pa.string()),  # rows with the same key share their prefix ("" = never grouped)
+    ]
+)
 
 
 @dataclass
@@ -64,11 +82,20 @@ class Prepared:
             "rejects": dict(Counter(r.reason for r in self.rejects).most_common()),
             "duplicate_ids": len(self.duplicate_ids()),
             "tiles": {str(k): v for k, v in sorted(tiles.items())},
-            "tokens": {
-                "p50": int(np.percentile(lengths, 50)),
-                "p95": int(np.percentile(lengths, 95)),
-                "max": int(lengths.max()),
-            },
+            "tokens": _percentiles(lengths),
+            "groups": self.group_stats(),
+        }
+
+    def group_stats(self) -> dict[str, Any]:
+        """What ``data.group_by_image`` makes of the rows: sequences (images), captions per image,
+        tokens per grouped sequence (the shared prefix once, then every caption)."""
+        units = plan_units(self.table, group_by_image=True)
+        tokens, _ = unit_lengths(self.table, units)
+        sizes = Counter(len(u) for u in units)
+        return {
+            "images": len(units),
+            "captions_per_image": {str(k): v for k, v in sorted(sizes.items())},
+            "tokens_per_sequence": _percentiles(np.asarray(tokens or [0])),
         }
 
     def duplicate_ids(self) -> list[Duplicate]:
@@ -81,6 +108,14 @@ class Prepared:
         with open(path, "w", encoding="utf-8") as f:
             for r in self.rejects:
                 f.write(r.to_json() + "\n")
+
+
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    return {
+        "p50": int(np.percentile(values, 50)),
+        "p95": int(np.percentile(values, 95)),
+        "max": int(values.max()),
+    }
 
 
 def _image_sizes(paths: list[str], use_ray: bool) -> dict[str, tuple[int, int] | RowRejected]:
@@ -151,9 +186,7 @@ def prepare(
         use_ray = ray.is_initialized()
     sizes = _image_sizes(paths, use_ray)
     conv_tok = settings.conversation_tokenizer()
-    cols: dict[str, list[Any]] = {
-        k: [] for k in ("id", "source", "line", "images", "conversations", "tiles", "length")
-    }
+    cols: dict[str, list[Any]] = {k: [] for k in SCHEMA.names}
     for rec in records:
         try:
             tiles = []
@@ -162,7 +195,7 @@ def prepare(
                 if isinstance(size, RowRejected):
                     raise size
                 tiles.append(settings.tiles_for(*size))
-            ids, _ = conv_tok.encode_conversation(rec.conversations, tiles)
+            ids, labels = conv_tok.encode_conversation(rec.conversations, tiles)
         except RowRejected as e:
             rej = Reject(
                 rec.source, rec.line, e.reason, e.detail, json.dumps({"image": rec.images, "id": rec.id})
@@ -178,16 +211,20 @@ def prepare(
         cols["conversations"].append(json.dumps(rec.conversations, ensure_ascii=False))
         cols["tiles"].append(tiles)
         cols["length"].append(len(ids))
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("source", pa.string()),
-            ("line", pa.int64()),
-            ("images", pa.list_(pa.string())),
-            ("conversations", pa.string()),
-            ("tiles", pa.list_(pa.int64())),
-            ("length", pa.int64()),
-        ]
-    )
+        supervised = labels != IGNORE_INDEX
+        cols["prefix_length"].append(int(np.argmax(supervised)))
+        cols["label_tokens"].append(int(supervised.sum()))
+        cols["group_key"].append(group_key(rec))
     rejects.sort(key=lambda r: (r.source, r.line))
-    return Prepared(pa.table(cols, schema=schema), rejects, total)
+    return Prepared(pa.table(cols, schema=SCHEMA), rejects, total)
+
+
+def group_key(rec: Record) -> str:
+    """What rows must share to be trained as one sequence (group_by_image): the images and the whole
+    conversation up to its one answer. "" for a row with several answers (its earlier answers are
+    supervised too, so it is trained on its own)."""
+    turns = rec.conversations
+    if sum(t["from"] == "gpt" for t in turns) != 1 or turns[-1]["from"] != "gpt":
+        return ""
+    blob = json.dumps([rec.images, turns[:-1]], ensure_ascii=False).encode()
+    return hashlib.sha1(blob).hexdigest()[:20]  # the builder also checks the prefix tokens are equal
