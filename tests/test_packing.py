@@ -158,6 +158,7 @@ def test_vision_tower_runs_once_per_image(coco, lora_model):
     units = groups(records, 3)
     seen: list[int] = []
     tower = lora_model.get_base_model().model.vision_tower
+
     def count(_module, args, kwargs, _out):
         seen.append(int((args[0] if args else kwargs["pixel_values"]).shape[0]))
 
