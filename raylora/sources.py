@@ -31,10 +31,9 @@ from raylora import registry, tracking
 from raylora.config import DataConfig
 from raylora.data.settings import ImageSettings
 from raylora.files import cache_root, is_remote
-from raylora.model import LLM_FAMILIES, load_base_model, model_info, torch_dtype
+from raylora.model import LLM_FAMILIES, RECORD, load_base_model, model_info, torch_dtype
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
-RECORD = "raylora.json"  # template, system message, base model: what raylora needs beside the weights
 TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 INFERENCE_MAX_LENGTH = 1 << 20  # inference: never reject a prompt for its length
 
@@ -89,20 +88,21 @@ def read_record(model_dir: str | Path) -> dict[str, Any]:
 
 def complete_adapter_dir(adapter: Path, model_dir: Path, template: str, system_message: str | None) -> None:
     """Add to a saved PEFT adapter dir what loading it needs: the base's tokenizer and processor
-    files, and raylora.json (template, system message, base model dir)."""
+    files, and raylora.json (template, system message, base model dir; the LoRA settings that
+    :func:`raylora.model.save_adapter` recorded are kept)."""
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
     for name in ("preprocessor_config.json", "processor_config.json"):
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, adapter / name)
-    (adapter / RECORD).write_text(
-        json.dumps(
-            {"template": template, "system_message": system_message, "base_model": str(model_dir)},
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+    record = {
+        **read_record(adapter),
+        "template": template,
+        "system_message": system_message,
+        "base_model": str(model_dir),
+    }
+    (adapter / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
 
 
 def infer_template(model_dir: Path) -> str:

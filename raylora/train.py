@@ -42,7 +42,16 @@ from raylora.data.tiling import normalize
 from raylora.files import absolute, is_remote
 from raylora.generation import GenerationSettings, generate_captions
 from raylora.metrics import cider
-from raylora.model import apply_lora, attn_implementation, count_trainable, load_base_model, torch_dtype
+from raylora.model import (
+    apply_lora,
+    attn_implementation,
+    count_trainable,
+    load_base_model,
+    lora_init_snapshot,
+    lora_state_dict,
+    save_adapter,
+    torch_dtype,
+)
 from raylora.sources import complete_adapter_dir, image_settings, resolve_model_dir
 
 # torch, deepspeed, ray and transformers are imported inside the functions that run on the workers
@@ -105,15 +114,6 @@ def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, bf16: bool) 
     return ds
 
 
-def lora_state_dict(module: Any) -> dict[str, Any]:
-    """Full (gathered) trainable tensors on every rank; with ZeRO-3 a collective call."""
-    import deepspeed
-
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-        return {n: p.detach().cpu().clone() for n, p in params}
-
-
 def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
     """``train_state.json`` of a checkpoint (step, loss, val CIDEr, ...); {} for None."""
     if checkpoint is None:
@@ -154,6 +154,9 @@ class LoRAFinetuneRecipe:
         attn = attn_implementation(cfg.model.attn_implementation, self.device.type)
         model = load_base_model(self.job.model_dir, self.dtype, attn)
         model = apply_lora(model, cfg, model.config.text_config.model_type)
+        # pissa/olora moved the adapter's initial value out of the base weights: rank 0 keeps it to
+        # save adapters for the original base (recomputed identically on a resume: same weights, seed)
+        self.lora_init = lora_init_snapshot(model) if self.is_rank0 else None
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -318,16 +321,15 @@ class LoRAFinetuneRecipe:
         return metrics
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        """DeepSpeed state (all ranks), the PEFT adapter and train_state.json, reported to Ray Train."""
+        """DeepSpeed state (all ranks), the PEFT adapter (for the original base, whatever
+        ``lora.init``) and train_state.json, reported to Ray Train."""
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="raylora-ckpt-") as d:
             self.engine.save_checkpoint(os.path.join(d, "ds"), tag="ds", exclude_frozen_parameters=True)
             state = lora_state_dict(self.engine.module)  # collective under ZeRO-3
             if self.is_rank0:
-                self.engine.module.save_pretrained(
-                    Path(d) / "adapter", state_dict=state, safe_serialization=True
-                )
+                save_adapter(self.engine.module, Path(d) / "adapter", state, self.lora_init)
                 Path(d, "train_state.json").write_text(json.dumps(metrics))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
