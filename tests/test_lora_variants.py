@@ -149,6 +149,27 @@ def test_pissa_needs_its_initial_adapter_to_save(demo_root, tmp_path):
     assert lora_init_snapshot(plain) is None
 
 
+def test_unconverted_pissa_adapters_are_flagged(demo_root, tmp_path):
+    """An adapter saved by plain PEFT after a pissa init: PEFT redoes the SVD when loading it."""
+    from raylora.demo import SYSTEM_MESSAGE, TEMPLATE
+    from raylora.model import apply_lora, load_base_model
+    from raylora.sources import SourceError, complete_adapter_dir, resolve_source
+
+    for init in ("pissa", "pissa_niter_2"):
+        model = apply_lora(
+            load_base_model(demo_root / "base"), load_config("demo", [f"lora.init={init}"]), "qwen2"
+        )
+        adapter = tmp_path / init
+        model.save_pretrained(adapter)
+        complete_adapter_dir(adapter, demo_root / "base", TEMPLATE, SYSTEM_MESSAGE)
+        if init == "pissa":
+            with pytest.warns(UserWarning, match="not converted"):
+                resolve_source(adapter)
+        else:
+            with pytest.raises(SourceError, match="randomized SVD"):
+                resolve_source(adapter)
+
+
 def test_lora_init_is_checked():
     from peft import LoraConfig
 
