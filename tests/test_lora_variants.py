@@ -35,19 +35,23 @@ VARIANTS = {
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def micro_batch(demo_root: Path, demo_settings):
+def demo_micro_batch(demo_root: Path, settings):
     """One demo training micro-batch (4 samples) as torch tensors, built by the plain pipeline."""
     from raylora.data.pipeline import iter_microbatches, to_torch
     from raylora.data.plan import make_plan, plan_microbatches
     from raylora.data.prepare import prepare
 
     prepared = prepare(
-        demo_root / "data/annotations/demo_train.jsonl", demo_root / "data", demo_settings, use_ray=False
+        demo_root / "data/annotations/demo_train.jsonl", demo_root / "data", settings, use_ray=False
     )
     plan = make_plan(prepared.rows_ok, 4, 4, 1, epochs=1, max_steps=1)
     planned = plan_microbatches(prepared.table, plan)
-    return to_torch(next(iter_microbatches(prepared.table, planned, demo_settings)))
+    return to_torch(next(iter_microbatches(prepared.table, planned, settings)))
+
+
+@pytest.fixture(scope="module")
+def micro_batch(demo_root: Path, demo_settings):
+    return demo_micro_batch(demo_root, demo_settings)
 
 
 def train_and_save(base_dir: Path, overrides: list[str], batch, out: Path):
@@ -185,3 +189,94 @@ def test_lora_init_is_checked():
     for name in ("default", "gaussian", "pissa", "pissa_niter_4", "olora"):
         cfg = load_config("demo", [f"lora.init={name}"])
         LoraConfig(r=4, init_lora_weights=peft_init(cfg.lora.init))  # the installed PEFT takes it
+
+
+ZERO3_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import deepspeed, torch
+from peft import PeftModel
+from raylora.config import load_config
+from raylora.data.tiling import normalize
+from raylora.model import apply_lora, load_base_model, lora_init_snapshot, lora_state_dict, save_adapter
+from raylora.train import deepspeed_config
+from raylora.demo import demo_image_settings
+from tests.test_lora_variants import demo_micro_batch
+
+base_dir, out, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+cfg = load_config("demo", ["lora.use_dora=true", "lora.init=pissa", "train.zero_stage=3",
+                           "train.per_device_batch_size=4", "train.global_batch_size=4"])
+torch.manual_seed(0)
+model = apply_lora(load_base_model(base_dir), cfg, "qwen2")
+initial = lora_init_snapshot(model)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+deepspeed.init_distributed(dist_backend="gloo")
+ds = deepspeed_config(cfg, 1, 1, False)
+ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the demo's small tensors
+engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+settings = demo_image_settings(base_dir)
+batch = demo_micro_batch(base_dir.parent, settings)
+engine.train()
+for _ in range(3):
+    loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                  pixel_values=normalize(batch["pixel_values"])).loss
+    engine.backward(loss)
+    engine.step()
+partitioned = sum(p.numel() == 0 for p in engine.module.parameters())
+save_adapter(engine.module, out, lora_state_dict(engine.module), initial)
+
+from raylora.generation import GenerationSettings, prompt_batch
+prompt = prompt_batch(settings.conversation_tokenizer(), settings, [image], GenerationSettings().prompt)
+def logits(m):
+    with torch.no_grad():
+        return m(input_ids=torch.from_numpy(prompt["input_ids"]), attention_mask=torch.from_numpy(prompt["attention_mask"]),
+                 pixel_values=normalize(torch.from_numpy(prompt["pixel_values"]))).logits
+engine.eval()
+want = logits(engine.module)
+got = logits(PeftModel.from_pretrained(load_base_model(base_dir), str(out)).eval())
+print(json.dumps({"partitioned": partitioned, "max_abs_diff": float((got - want).abs().max()),
+                  "max_logit": float(want.abs().max())}))
+"""
+
+
+def test_zero3_dora_pissa_adapter(demo_root, tmp_path):
+    """DeepSpeed ZeRO-3 (one CPU process, every parameter partitioned): DoRA's magnitudes are trained
+    and gathered, the PiSSA adapter is converted from the gathered state, and the saved adapter on
+    the original base gives the logits of the trained, partitioned model."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"},
+        **{"LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"},
+    }
+    out = tmp_path / "adapter"
+    proc = subprocess.run(
+        [sys.executable, "-c", ZERO3_SCRIPT, str(demo_root / "base"), str(out), COCO_IMAGES[0]],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["partitioned"] > 0  # ZeRO-3 really partitioned the model
+    assert result["max_abs_diff"] < max(1e-4, 1e-5 * result["max_logit"])
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    magnitudes = {k.split(".lora_")[0]: v for k, v in tensors.items() if "lora_magnitude_vector" in k}
+    lora_b = {k.split(".lora_")[0]: v for k, v in tensors.items() if "lora_B" in k}
+    assert magnitudes and magnitudes.keys() == lora_b.keys()
+    assert all(magnitudes[m].shape == (lora_b[m].shape[0],) for m in magnitudes)  # gathered, not partitioned
+    assert all(b.abs().sum() > 0 for b in lora_b.values())
