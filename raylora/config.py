@@ -130,7 +130,10 @@ class EvalConfig:
     prompt: str = "Provide a one-sentence caption for the provided image."
     min_new_tokens: int = 8
     max_new_tokens: int = 30
-    batch_size: int = 16
+    num_beams: int = (
+        1  # 1: greedy decoding (the tutorial's protocol); N > 1: beam search (papers often use 5)
+    )
+    batch_size: int = 16  # images per generate call (x num_beams sequences in memory)
     every_n_steps: int = 200  # 0: only at the end
     max_num: int = 6  # dynamic tiling for evaluation
     workers: int = 1  # model replicas in the captioning actor pool (one per GPU on a GPU cluster)
@@ -367,6 +370,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
     if not valid_lora_init(cfg.lora.init):
         raise ConfigError(f"lora.init {cfg.lora.init!r} unknown; valid: {', '.join(LORA_INITS)}")
+    if cfg.eval.num_beams < 1 or cfg.eval.batch_size < 1:
+        raise ConfigError(
+            f"eval.num_beams and eval.batch_size must be >= 1, got {cfg.eval.num_beams}, {cfg.eval.batch_size}"
+        )
     if cfg.cluster.num_workers < 1:
         raise ConfigError(f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
 

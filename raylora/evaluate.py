@@ -7,10 +7,12 @@
 
 The Karpathy-format list flows through the training code's decode + tile + tokenize (a CPU
 ``map_batches`` stage), then an actor pool with one model replica per GPU (or per CPU worker)
-generates greedily with left padding. The tutorial's protocol by default: "Provide a one-sentence
-caption for the provided image.", 8 to 30 new tokens, tiling max 6, the model's chat template.
+generates with left padding. The tutorial's protocol by default: greedy decoding, "Provide a
+one-sentence caption for the provided image.", 8 to 30 new tokens, tiling max 6, the model's chat
+template; ``eval.num_beams=5`` for beam search (batched output equals batch-1 output either way).
 Scores: pycocoevalcap (PTB tokenizer, BLEU 1-4, METEOR, ROUGE_L, CIDEr) on ``results.json``.
-Writes ``results.json``, ``metrics.json`` and ``gallery.html`` (worst captions first).
+Writes ``results.json``, ``metrics.json`` and ``gallery.html`` (worst captions first);
+``metrics.json``, the gallery and the MLflow run's params record the decoding protocol.
 """
 
 from __future__ import annotations
@@ -137,8 +139,10 @@ def write_gallery(
     per_image: dict[int, float],
     title: str,
     limit: int = 200,
+    protocol: str = "",
 ) -> None:
-    """A self-contained HTML grid: thumbnail, generated caption, references, CIDEr; worst first."""
+    """A self-contained HTML grid: thumbnail, generated caption, references, CIDEr; worst first.
+    ``protocol`` (``GenerationSettings.describe()``) says how the captions were generated."""
     order = sorted(items, key=lambda it: per_image.get(it["image_id"], 0.0))[:limit]
     cards = []
     for it in order:
@@ -156,7 +160,9 @@ def write_gallery(
     )
     path.write_text(
         f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{len(order)} of {len(items)} images, lowest CIDEr first.</p>"
+        f"<h1>{html.escape(title)}</h1>"
+        + (f"<p class='protocol'>Captions: {html.escape(protocol)}.</p>" if protocol else "")
+        + f"<p>{len(order)} of {len(items)} images, lowest CIDEr first.</p>"
         f"<div class='grid'>{''.join(cards)}</div></body></html>"
     )
 
@@ -176,11 +182,10 @@ def evaluate(
     eval_items = read_karpathy(items_path, root, limit=limit)
     items = [{"image_id": i.image_id, "image": i.image} for i in eval_items]
     settings = eval_settings(spec, cfg)
-    gen = GenerationSettings(
-        cfg.eval.prompt, cfg.eval.min_new_tokens, cfg.eval.max_new_tokens, cfg.eval.batch_size
-    )
+    gen = GenerationSettings.from_config(cfg.eval)
     print(
-        f"[eval] {len(items)} images from {items_path} with {spec} ({settings.template}, batch {gen.batch_size})",
+        f"[eval] {len(items)} images from {items_path} with {spec} ({settings.template}, batch {gen.batch_size}); "
+        f"{gen.describe()}",
         flush=True,
     )
     t0 = time.time()
@@ -194,7 +199,15 @@ def evaluate(
     scores, per_image = coco_caption_evaluation(str(results_path), gt_path)
     print(format_scores(scores), flush=True)
     gts = read_gt(gt_path, [it["image_id"] for it in items])
-    write_gallery(output_dir / "gallery.html", items, captions, gts, per_image, f"raylora evaluation: {spec}")
+    write_gallery(
+        output_dir / "gallery.html",
+        items,
+        captions,
+        gts,
+        per_image,
+        f"raylora evaluation: {spec}",
+        protocol=f"{gen.describe()}, tiling max {settings.max_num}",
+    )
     metrics = {
         **scores,
         "images": len(items),
@@ -202,10 +215,13 @@ def evaluate(
         "images_per_s": len(items) / max(seconds, 1e-9),
         "model": spec,
         "split": items_path,
+        "generation": {**gen.protocol(), "max_num": settings.max_num, "template": settings.template},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if log_mlflow:
-        metrics["mlflow_run_id"] = _log_to_mlflow(cfg, spec, items_path, output_dir, scores, settings)
+        metrics["mlflow_run_id"] = log_evaluation(
+            cfg, spec, items_path, output_dir, scores, metrics["generation"]
+        )
     print(
         f"[eval] {len(items)} images in {seconds:.0f}s; results {results_path}, gallery {output_dir / 'gallery.html'}",
         flush=True,
@@ -213,19 +229,14 @@ def evaluate(
     return metrics
 
 
-def _log_to_mlflow(
-    cfg: Config, spec: str, split: str, output_dir: Path, scores: dict[str, float], settings: ImageSettings
+def log_evaluation(
+    cfg: Config, spec: str, split: str, output_dir: Path, scores: dict[str, float], protocol: dict[str, Any]
 ) -> str:
+    """A run of its own: the protocol as params (decoding, num_beams, min/max new tokens, prompt,
+    max_num, template), the scores as metrics, results/metrics/gallery as artifacts."""
     uri, exp_id = tracking.setup(cfg)
-    params = {
-        "model": spec[:500],
-        "split": split[:500],
-        "max_num": settings.max_num,
-        "template": settings.template,
-        "prompt": cfg.eval.prompt,
-        "max_new_tokens": cfg.eval.max_new_tokens,
-    }
-    tags = {"kind": "evaluation", "model": spec, "split": split}
+    params = {"model": spec[:500], "split": split[:500], **protocol}
+    tags = {"kind": "evaluation", "model": spec, "split": split, "decoding": protocol["decoding"]}
     run_id = tracking.create_run(exp_id, "evaluate", tags=tags, params=params, uri=uri)
     logger = tracking.MetricLogger(uri, run_id)
     logger.log({k: float(v) for k, v in scores.items()}, 0)
@@ -244,7 +255,7 @@ def default_model(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser("python -m raylora.evaluate", __doc__, "eval.batch_size=32 eval.workers=8")
+    parser = config_parser("python -m raylora.evaluate", __doc__, "eval.num_beams=5 eval.workers=8")
     parser.add_argument(
         "--model",
         help="base/merged checkpoint dir, adapter dir, models:/NAME@ALIAS or runs:/ID/adapter, or demo "

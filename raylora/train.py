@@ -304,7 +304,7 @@ class LoRAFinetuneRecipe:
             mine = mine + [val.items[-1]] * (per_rank - len(mine))
         if not hasattr(self, "eval_tokenizer"):
             self.eval_tokenizer = val.settings.conversation_tokenizer()
-        gen = GenerationSettings(e.prompt, e.min_new_tokens, e.max_new_tokens, e.batch_size)
+        gen = GenerationSettings.from_config(e)
         caps = generate_captions(
             self.engine.module, self.eval_tokenizer, val.settings, [it.image for it in mine], gen, self.synced
         )
@@ -317,7 +317,9 @@ class LoRAFinetuneRecipe:
         metrics = {"val_cider": float(cider(val.references, captions)), "val_images": len(captions)}
         if self.logger is not None:
             self.logger.log(metrics, self.step)
-        self.print(f"[eval] step {self.step}: val CIDEr {metrics['val_cider']:.3f} on {len(captions)} images")
+        self.print(
+            f"[eval] step {self.step}: val CIDEr {metrics['val_cider']:.3f} on {len(captions)} images ({gen.decoding})"
+        )
         return metrics
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
