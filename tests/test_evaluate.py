@@ -86,6 +86,21 @@ def test_generation_protocol_is_recorded(tmp_path, tracking_uri):
         load_config("demo", ["eval.num_beams=0"])
 
 
+def test_caption_cli_beam_search(demo_root, demo_settings, demo_base_model, capsys):
+    from raylora.caption import main
+
+    items = read_karpathy(demo_root / "data/annotations/demo_test.json", demo_root / "data", limit=2)
+    images = [i.image for i in items]
+    assert main(["--model", str(demo_root / "base"), "--num-beams", "3", "--batch-size", "2", *images]) == 0
+    printed = [line.split("\t")[1] for line in capsys.readouterr().out.strip().splitlines()]
+    ct = demo_settings.conversation_tokenizer()
+    gen = GenerationSettings(num_beams=3, batch_size=1)
+    assert printed == generate_captions(demo_base_model, ct, demo_settings, images, gen)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(demo_root / "base"), "--num-beams", "0", images[0]])
+    assert e.value.code == 2
+
+
 def _direct_pycocoevalcap(results_path, gt_path) -> dict[str, float]:
     """pycocoevalcap's scorers run by hand on the same files (the COCOEvalCap recipe, no SPICE)."""
     from pycocoevalcap.bleu.bleu import Bleu
