@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,21 @@ class LoraConfig:
     vision_lora: bool = False  # also put LoRA on the vision tower's attention
     train_projector: bool = False  # also train the vision-language projector (mlp1) fully
     train_lm_head: bool = False
+    use_dora: bool = False  # DoRA: also learn a magnitude per output feature (more compute per step)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
+    # PEFT's init_lora_weights: default (B = 0) | gaussian | pissa | pissa_niter_<N> (fast SVD, N
+    # iterations) | olora. pissa and olora subtract the adapter's initial components from the base
+    # weights while training; the saved adapter is converted to apply to the original base.
+    init: str = "default"
+
+
+# lora.init values (pissa_niter_<N> stands for pissa_niter_0, pissa_niter_4, ...)
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+
+
+def valid_lora_init(name: str) -> bool:
+    """Whether ``name`` is one of LORA_INITS (with <N> a non-negative integer)."""
+    return name in LORA_INITS and "<" not in name or re.fullmatch(r"pissa_niter_[0-9]+", name) is not None
 
 
 @dataclass
@@ -118,7 +134,10 @@ class EvalConfig:
     prompt: str = "Provide a one-sentence caption for the provided image."
     min_new_tokens: int = 8
     max_new_tokens: int = 30
-    batch_size: int = 16
+    num_beams: int = (
+        1  # 1: greedy decoding (the tutorial's protocol); N > 1: beam search (papers often use 5)
+    )
+    batch_size: int = 16  # images per generate call (x num_beams sequences in memory)
     every_n_steps: int = 200  # 0: only at the end
     max_num: int = 6  # dynamic tiling for evaluation
     workers: int = 1  # model replicas in the captioning actor pool (one per GPU on a GPU cluster)
@@ -353,6 +372,12 @@ def validate(cfg: Config) -> None:
         )
     if cfg.lora.rank < 1:
         raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    if not valid_lora_init(cfg.lora.init):
+        raise ConfigError(f"lora.init {cfg.lora.init!r} unknown; valid: {', '.join(LORA_INITS)}")
+    if cfg.eval.num_beams < 1 or cfg.eval.batch_size < 1:
+        raise ConfigError(
+            f"eval.num_beams and eval.batch_size must be >= 1, got {cfg.eval.num_beams}, {cfg.eval.batch_size}"
+        )
     if cfg.cluster.num_workers < 1:
         raise ConfigError(f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
     if cfg.data.max_packed_tokens < 0:

@@ -7,11 +7,13 @@
 
 The Karpathy-format list flows through the training code's decode + tile + tokenize (a CPU
 ``map_batches`` stage), then an actor pool with one model replica per GPU (or per CPU worker)
-generates greedily with left padding. The tutorial's protocol by default: "Provide a one-sentence
-caption for the provided image.", 8 to 30 new tokens, tiling max 6, the model's chat template.
+generates with left padding. The tutorial's protocol by default: greedy decoding, "Provide a
+one-sentence caption for the provided image.", 8 to 30 new tokens, tiling max 6, the model's chat
+template; ``eval.num_beams=5`` for beam search (batched output equals batch-1 output either way).
 Scores: pycocoevalcap (PTB tokenizer, BLEU 1-4, METEOR, ROUGE_L, CIDEr) on ``results.json``.
 Writes ``results.json``, ``metrics.json`` and ``gallery.html`` (worst captions first), with
-``gallery.png``, a screenshot of it, when Chromium is installed.
+``gallery.png``, a screenshot of it, when Chromium is installed; ``metrics.json``, the gallery and the
+MLflow run's params record the decoding protocol.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def protocol(gen: GenerationSettings, settings: ImageSettings) -> str:
     """The evaluation protocol in one line (the gallery's header)."""
     tiles = f"{settings.min_num}..{settings.max_num} tiles of {settings.image_size} px"
     return (
-        f'prompt "{gen.prompt}"; greedy, {gen.min_new_tokens} to {gen.max_new_tokens} new tokens; '
+        f'prompt "{gen.prompt}"; {gen.decoding}, {gen.min_new_tokens} to {gen.max_new_tokens} new tokens; '
         f"{tiles}{' + thumbnail' if settings.use_thumbnail else ''}; template {settings.template}"
     )
 
@@ -233,11 +235,10 @@ def evaluate(
     eval_items = read_karpathy(items_path, root, limit=limit)
     items = [{"image_id": i.image_id, "image": i.image} for i in eval_items]
     settings = eval_settings(spec, cfg)
-    gen = GenerationSettings(
-        cfg.eval.prompt, cfg.eval.min_new_tokens, cfg.eval.max_new_tokens, cfg.eval.batch_size
-    )
+    gen = GenerationSettings.from_config(cfg.eval)
     print(
-        f"[eval] {len(items)} images from {items_path} with {spec} ({settings.template}, batch {gen.batch_size})",
+        f"[eval] {len(items)} images from {items_path} with {spec} ({settings.template}, batch {gen.batch_size}); "
+        f"{gen.describe()}",
         flush=True,
     )
     t0 = time.time()
@@ -271,10 +272,13 @@ def evaluate(
         "images_per_s": len(items) / max(seconds, 1e-9),
         "model": spec,
         "split": items_path,
+        "generation": {**gen.protocol(), "max_num": settings.max_num, "template": settings.template},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if log_mlflow:
-        metrics["mlflow_run_id"] = _log_to_mlflow(cfg, spec, items_path, output_dir, scores, settings)
+        metrics["mlflow_run_id"] = log_evaluation(
+            cfg, spec, items_path, output_dir, scores, metrics["generation"]
+        )
     print(
         f"[eval] {len(items)} images in {seconds:.0f}s; results {results_path}, gallery {output_dir / 'gallery.html'}",
         flush=True,
@@ -282,19 +286,14 @@ def evaluate(
     return metrics
 
 
-def _log_to_mlflow(
-    cfg: Config, spec: str, split: str, output_dir: Path, scores: dict[str, float], settings: ImageSettings
+def log_evaluation(
+    cfg: Config, spec: str, split: str, output_dir: Path, scores: dict[str, float], protocol: dict[str, Any]
 ) -> str:
+    """A run of its own: the protocol as params (decoding, num_beams, min/max new tokens, prompt,
+    max_num, template), the scores as metrics, results/metrics/gallery as artifacts."""
     uri, exp_id = tracking.setup(cfg)
-    params = {
-        "model": spec[:500],
-        "split": split[:500],
-        "max_num": settings.max_num,
-        "template": settings.template,
-        "prompt": cfg.eval.prompt,
-        "max_new_tokens": cfg.eval.max_new_tokens,
-    }
-    tags = {"kind": "evaluation", "model": spec, "split": split}
+    params = {"model": spec[:500], "split": split[:500], **protocol}
+    tags = {"kind": "evaluation", "model": spec, "split": split, "decoding": protocol["decoding"]}
     run_id = tracking.create_run(exp_id, "evaluate", tags=tags, params=params, uri=uri)
     logger = tracking.MetricLogger(uri, run_id)
     logger.log({k: float(v) for k, v in scores.items()}, 0)
@@ -314,7 +313,7 @@ def default_model(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser("python -m raylora.evaluate", __doc__, "eval.batch_size=32 eval.workers=8")
+    parser = config_parser("python -m raylora.evaluate", __doc__, "eval.num_beams=5 eval.workers=8")
     parser.add_argument(
         "--model",
         help="base/merged checkpoint dir, adapter dir, models:/NAME@ALIAS or runs:/ID/adapter, or demo "

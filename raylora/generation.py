@@ -1,5 +1,5 @@
-"""Batched greedy captioning with left padding: the one generation path used by evaluation,
-training-time validation, sweeps and ``raylora.caption``."""
+"""Batched captioning with left padding, greedy or beam search: the one generation path used by
+evaluation, training-time validation, sweeps and ``raylora.caption``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from raylora.config import EvalConfig
 from raylora.data.pipeline import ImageSettings
 from raylora.data.templates import ConversationTokenizer
 from raylora.data.tiling import normalize
@@ -17,10 +18,45 @@ from raylora.data.tiling import normalize
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """The captioning protocol (prompt, decoding, caption length) and the images per generate call."""
+
     prompt: str = "Provide a one-sentence caption for the provided image."
     min_new_tokens: int = 8
     max_new_tokens: int = 30
     batch_size: int = 16
+    num_beams: int = 1  # 1: greedy (the tutorial's protocol); N > 1: beam search with N beams
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"num_beams and batch_size must be >= 1, got {self.num_beams}, {self.batch_size}"
+            )
+
+    @classmethod
+    def from_config(cls, e: EvalConfig) -> GenerationSettings:
+        """The ``eval`` section's protocol (evaluation and training-time validation)."""
+        return cls(e.prompt, e.min_new_tokens, e.max_new_tokens, e.batch_size, e.num_beams)
+
+    @property
+    def decoding(self) -> str:
+        """``greedy`` or ``beam N``."""
+        return "greedy" if self.num_beams == 1 else f"beam {self.num_beams}"
+
+    def protocol(self) -> dict[str, Any]:
+        """What decides the captions (for metrics.json, MLflow params, the gallery)."""
+        return {
+            "decoding": self.decoding,
+            "num_beams": self.num_beams,
+            "min_new_tokens": self.min_new_tokens,
+            "max_new_tokens": self.max_new_tokens,
+            "prompt": self.prompt,
+        }
+
+    def describe(self) -> str:
+        """One line: ``greedy, 8-30 new tokens, prompt '...'``."""
+        return (
+            f"{self.decoding}, {self.min_new_tokens}-{self.max_new_tokens} new tokens, prompt {self.prompt!r}"
+        )
 
 
 def prompt_batch(
@@ -51,7 +87,8 @@ def generate_batch(
     gen: GenerationSettings,
     synced_gpus: bool = False,
 ) -> list[str]:
-    """Greedy decoding of one prompt batch; returns the stripped captions."""
+    """Greedy (``gen.num_beams == 1``) or beam-search decoding of one prompt batch; returns the
+    stripped captions (batched output equals batch-1 output: left padding, masked)."""
     import torch
 
     device = next(model.parameters()).device
@@ -63,7 +100,7 @@ def generate_batch(
             attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
             pixel_values=normalize(torch.from_numpy(batch["pixel_values"]).to(device), dtype),
             do_sample=False,
-            num_beams=1,
+            num_beams=gen.num_beams,
             min_new_tokens=gen.min_new_tokens,
             max_new_tokens=gen.max_new_tokens,
             eos_token_id=conv_tok.stop_token_ids(),

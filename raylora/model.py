@@ -15,6 +15,8 @@ from typing import Any
 from raylora.config import Config
 from raylora.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
+RECORD = "raylora.json"  # template, system message, base model, LoRA variant: what raylora needs beside the weights
+ADAPTER = "default"  # the one PEFT adapter name raylora trains
 _DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -141,8 +143,24 @@ def lora_target_regex(family: str, target_modules: list[str] | None, vision: boo
     return pattern
 
 
-def apply_lora(model: Any, cfg: Config, family: str):
-    """Freeze the base, wrap in PEFT LoRA; optionally train the projector and/or lm_head fully."""
+def peft_init(name: str) -> bool | str:
+    """PEFT's ``init_lora_weights`` for a ``lora.init`` value ("default" is PEFT's True: B = 0)."""
+    return True if name == "default" else name
+
+
+def init_mutates_base(init: bool | str) -> bool:
+    """Whether a PEFT ``init_lora_weights`` moves the adapter's initial value out of the base weights
+    (PiSSA, OLoRA): base + adapter is then only right on the *modified* base."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
+def apply_lora(model: Any, cfg: Config, family: str) -> Any:
+    """Freeze the base, wrap in PEFT LoRA (with ``lora.use_dora``, ``use_rslora``, ``init``);
+    optionally train the projector and/or lm_head fully.
+
+    With ``lora.init`` pissa/olora, PEFT subtracts the adapter's initial components from the base
+    linear weights here; take :func:`lora_init_snapshot` before training to save a usable adapter.
+    """
     from peft import LoraConfig, get_peft_model
 
     modules_to_save = []
@@ -157,8 +175,101 @@ def apply_lora(model: Any, cfg: Config, family: str):
         target_modules=lora_target_regex(family, cfg.lora.target_modules, cfg.lora.vision_lora),
         modules_to_save=modules_to_save or None,
         bias="none",
+        use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora,
+        init_lora_weights=peft_init(cfg.lora.init),
     )
-    return get_peft_model(model, lcfg)
+    return get_peft_model(model, lcfg, adapter_name=ADAPTER)
+
+
+def lora_init_snapshot(model: Any) -> dict[str, Any] | None:
+    """CPU copies of the initial lora_A / lora_B when the init changed the base weights (pissa,
+    olora), else None. Take it right after :func:`apply_lora`, before any training step."""
+    if not init_mutates_base(model.peft_config[ADAPTER].init_lora_weights):
+        return None
+    return {
+        n: p.detach().cpu().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and (".lora_A." in n or ".lora_B." in n)
+    }
+
+
+def lora_state_dict(model: Any) -> dict[str, Any]:
+    """Every trainable tensor in full, on the CPU (a collective call under ZeRO-3: all ranks call it)."""
+    import deepspeed
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+        return {n: p.detach().cpu().clone() for n, p in params}
+
+
+def plain_lora_state(state: dict[str, Any], initial: dict[str, Any]) -> dict[str, Any]:
+    """A PiSSA/OLoRA adapter's state as a plain LoRA of twice the rank for the original base.
+
+    PEFT's conversion (``LoraModel.subtract_mutated_init``): training ran on W_res = W - s B0 A0 with
+    adapter s B A, so the change to the original W is s (B A - B0 A0) = s [B | -B0] [A ; A0]. Other
+    tensors (DoRA magnitudes, fully trained modules) are kept: unlike PEFT's own conversion, which
+    keeps only lora_A/lora_B. The scaling s stays the same when r and alpha are adjusted as in
+    :func:`save_adapter`.
+    """
+    import torch
+
+    missing = sorted(set(initial) - set(state))
+    if missing:
+        raise ValueError(f"the initial adapter has tensors the trained one lacks: {missing[:3]}")
+    out = {}
+    for name, t in state.items():
+        if name not in initial:
+            out[name] = t
+        elif ".lora_A." in name:
+            out[name] = torch.cat([t, initial[name].to(t.dtype)], dim=0)
+        else:
+            out[name] = torch.cat([t, -initial[name].to(t.dtype)], dim=1)
+    return out
+
+
+def save_adapter(
+    model: Any, out: str | Path, state: dict[str, Any], initial: dict[str, Any] | None = None
+) -> None:
+    """Save the PEFT adapter of ``model`` with the weights of ``state`` (every trainable tensor in
+    full, gathered under ZeRO-3) so that it applies to the *original* base checkpoint.
+
+    ``initial`` (:func:`lora_init_snapshot`) converts a pissa/olora adapter into a plain LoRA of rank
+    2r (alpha 2 alpha, or sqrt(2) alpha with rsLoRA: same scaling) with ``init_lora_weights: true``,
+    as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does; loading it
+    never touches the base weights. ``raylora.json`` records the LoRA settings the run trained with.
+    """
+    from peft import LoraConfig
+
+    out = Path(out)
+    trained = model.peft_config[ADAPTER]
+    if init_mutates_base(trained.init_lora_weights) and initial is None:
+        raise ValueError(
+            f"init_lora_weights={trained.init_lora_weights!r} changed the base weights: pass the "
+            "initial adapter (lora_init_snapshot) to save an adapter usable on the original base"
+        )
+    if initial is not None:
+        state = plain_lora_state(state, initial)
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    record = {
+        "rank": trained.r,
+        "alpha": trained.lora_alpha,
+        "use_dora": trained.use_dora,
+        "use_rslora": trained.use_rslora,
+        "init": "default" if trained.init_lora_weights is True else str(trained.init_lora_weights),
+    }
+    if initial is not None:
+        saved = LoraConfig.from_pretrained(out)
+        saved.r = 2 * trained.r
+        saved.lora_alpha = trained.lora_alpha * (2**0.5 if trained.use_rslora else 2)
+        saved.init_lora_weights = True
+        saved.save_pretrained(out)
+        record["saved_as"] = (
+            f"plain LoRA of rank {saved.r} for the original base (initial components subtracted)"
+        )
+    path = out / RECORD
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**existing, "lora": record}, indent=2) + "\n")
 
 
 def count_trainable(model: Any) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,9 @@ from raylora import registry, tracking
 from raylora.config import DataConfig
 from raylora.data.settings import ImageSettings
 from raylora.files import cache_root, is_remote
-from raylora.model import LLM_FAMILIES, load_base_model, model_info, torch_dtype
+from raylora.model import LLM_FAMILIES, RECORD, init_mutates_base, load_base_model, model_info, torch_dtype
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
-RECORD = "raylora.json"  # template, system message, base model: what raylora needs beside the weights
 TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 INFERENCE_MAX_LENGTH = 1 << 20  # inference: never reject a prompt for its length
 
@@ -89,20 +89,21 @@ def read_record(model_dir: str | Path) -> dict[str, Any]:
 
 def complete_adapter_dir(adapter: Path, model_dir: Path, template: str, system_message: str | None) -> None:
     """Add to a saved PEFT adapter dir what loading it needs: the base's tokenizer and processor
-    files, and raylora.json (template, system message, base model dir)."""
+    files, and raylora.json (template, system message, base model dir; the LoRA settings that
+    :func:`raylora.model.save_adapter` recorded are kept)."""
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
     for name in ("preprocessor_config.json", "processor_config.json"):
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, adapter / name)
-    (adapter / RECORD).write_text(
-        json.dumps(
-            {"template": template, "system_message": system_message, "base_model": str(model_dir)},
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+    record = {
+        **read_record(adapter),
+        "template": template,
+        "system_message": system_message,
+        "base_model": str(model_dir),
+    }
+    (adapter / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
 
 
 def infer_template(model_dir: Path) -> str:
@@ -227,6 +228,36 @@ def _base_of_adapter(adapter_dir: Path, spec: str, base: str | None) -> Path:
     )
 
 
+def check_adapter_init(adapter_dir: Path, spec: str) -> None:
+    """Refuse or flag an adapter saved with a PiSSA/OLoRA init and not converted for the original base.
+
+    Loading such an adapter makes PEFT redo the decomposition on the base (subtracting the adapter's
+    initial components again): right only when that reproduces the training-time residual weights
+    exactly. Randomized SVD (pissa_niter_N) never does: that adapter would silently give wrong weights.
+    raylora's training saves converted adapters (``init_lora_weights: true``); see
+    :func:`raylora.model.save_adapter`.
+    """
+    init = _read_json(adapter_dir / "adapter_config.json").get("init_lora_weights", True)
+    if not init_mutates_base(init):
+        return
+    how = (
+        "save it for the original base (raylora.train does; with PEFT: "
+        "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before training>))"
+    )
+    if str(init).startswith("pissa_niter_"):
+        raise SourceError(
+            f"{spec}: the adapter {adapter_dir} was saved with init_lora_weights={init!r} and not converted: "
+            f"loading it re-runs a randomized SVD on the base, which does not reproduce the weights it was "
+            f"trained on; {how}"
+        )
+    warnings.warn(
+        f"{spec}: the adapter {adapter_dir} was saved with init_lora_weights={init!r} and not converted: "
+        f"PEFT re-runs the decomposition on the base while loading it, which reproduces the training-time "
+        f"weights only on the same base weights and numerics; {how}",
+        stacklevel=2,
+    )
+
+
 def _resolve_local(path: Path, spec: str, base: str | None) -> ModelSource:
     if (path / "adapter_config.json").is_file():
         adapter_dir = path
@@ -235,6 +266,7 @@ def _resolve_local(path: Path, spec: str, base: str | None) -> ModelSource:
     else:
         adapter_dir = None
     if adapter_dir is not None:
+        check_adapter_init(adapter_dir, spec)
         base_dir = _base_of_adapter(adapter_dir, spec, base)
     elif (path / "config.json").is_file():
         base_dir = resolve_model_dir(path)

@@ -69,6 +69,13 @@ def search_space(cfg: Config) -> dict[str, Any]:
     if s.per_device_batch_size:
         space["train.per_device_batch_size"] = tune.choice(s.per_device_batch_size)
     for key, choices in s.extra.items():
+        if not choices:
+            raise ConfigError(f"sweep.extra: {key} has no choices")
+        for choice in choices:  # a bad choice is an error now, not in a trial hours into the sweep
+            try:
+                trial_config(cfg, {key: choice})
+            except ConfigError as e:
+                raise ConfigError(f"sweep.extra: {key}={choice!r}: {e}") from None
         space[key] = tune.choice(choices)
     if not space:
         raise ConfigError("the sweep section defines no search space (sweep.rank, sweep.lr_min/lr_max, ...)")

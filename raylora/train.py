@@ -48,6 +48,9 @@ from raylora.model import (
     attn_implementation,
     count_trainable,
     load_base_model,
+    lora_init_snapshot,
+    lora_state_dict,
+    save_adapter,
     torch_dtype,
 )
 from raylora.sources import complete_adapter_dir, image_settings, resolve_model_dir
@@ -112,15 +115,6 @@ def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, bf16: bool) 
     return ds
 
 
-def lora_state_dict(module: Any) -> dict[str, Any]:
-    """Full (gathered) trainable tensors on every rank; with ZeRO-3 a collective call."""
-    import deepspeed
-
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-        return {n: p.detach().cpu().clone() for n, p in params}
-
-
 def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
     """``train_state.json`` of a checkpoint (step, loss, val CIDEr, ...); {} for None."""
     if checkpoint is None:
@@ -165,6 +159,9 @@ class LoRAFinetuneRecipe:
             self.print(f"[train] {notice}")
         model = load_base_model(self.job.model_dir, self.dtype, attn)
         model = apply_lora(model, cfg, model.config.text_config.model_type)
+        # pissa/olora moved the adapter's initial value out of the base weights: rank 0 keeps it to
+        # save adapters for the original base (recomputed identically on a resume: same weights, seed)
+        self.lora_init = lora_init_snapshot(model) if self.is_rank0 else None
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -316,7 +313,7 @@ class LoRAFinetuneRecipe:
             mine = mine + [val.items[-1]] * (per_rank - len(mine))
         if not hasattr(self, "eval_tokenizer"):
             self.eval_tokenizer = val.settings.conversation_tokenizer()
-        gen = GenerationSettings(e.prompt, e.min_new_tokens, e.max_new_tokens, e.batch_size)
+        gen = GenerationSettings.from_config(e)
         caps = generate_captions(
             self.engine.module, self.eval_tokenizer, val.settings, [it.image for it in mine], gen, self.synced
         )
@@ -329,20 +326,21 @@ class LoRAFinetuneRecipe:
         metrics = {"val_cider": float(cider(val.references, captions)), "val_images": len(captions)}
         if self.logger is not None:
             self.logger.log(metrics, self.step)
-        self.print(f"[eval] step {self.step}: val CIDEr {metrics['val_cider']:.3f} on {len(captions)} images")
+        self.print(
+            f"[eval] step {self.step}: val CIDEr {metrics['val_cider']:.3f} on {len(captions)} images ({gen.decoding})"
+        )
         return metrics
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        """DeepSpeed state (all ranks), the PEFT adapter and train_state.json, reported to Ray Train."""
+        """DeepSpeed state (all ranks), the PEFT adapter (for the original base, whatever
+        ``lora.init``) and train_state.json, reported to Ray Train."""
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="raylora-ckpt-") as d:
             self.engine.save_checkpoint(os.path.join(d, "ds"), tag="ds", exclude_frozen_parameters=True)
             state = lora_state_dict(self.engine.module)  # collective under ZeRO-3
             if self.is_rank0:
-                self.engine.module.save_pretrained(
-                    Path(d) / "adapter", state_dict=state, safe_serialization=True
-                )
+                save_adapter(self.engine.module, Path(d) / "adapter", state, self.lora_init)
                 Path(d, "train_state.json").write_text(json.dumps(metrics))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from raylora.cli import load
-from raylora.config import load_config
+from raylora.config import ConfigError, load_config
 from raylora.sweep import default_point, max_concurrent, search_space, trial_config, trial_resources
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +28,17 @@ def test_search_space_from_config():
     recipe = search_space(load_config("internvl2_2b_coco"))
     assert recipe["lora.rank"].categories == [16, 32, 64, 128, 256]
     assert recipe["train.global_batch_size"].categories == [128, 256, 512]
+
+
+def test_extra_choices_are_checked_up_front():
+    cfg = load_config("demo", ["sweep.extra={lora.use_dora: [false, true], lora.init: [default, pissa]}"])
+    space = search_space(cfg)
+    assert space["lora.use_dora"].categories == [False, True]
+    assert space["lora.init"].categories == ["default", "pissa"]
+    with pytest.raises(ConfigError, match="sweep.extra: lora.init='pisa'.*valid: default"):
+        search_space(load_config("demo", ["sweep.extra={lora.init: [default, pisa]}"]))
+    with pytest.raises(ConfigError, match="lora.use_dora has no choices"):
+        search_space(load_config("demo", ["sweep.extra={lora.use_dora: []}"]))
 
 
 def test_trial_config_applies_params_and_overrides():
