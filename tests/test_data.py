@@ -103,6 +103,72 @@ def test_pixels_match_transformers_on_synthetic(size):
     assert np.abs(ours - theirs).max() <= 1.0
 
 
+def _internvl_dynamic_preprocess(image: Image.Image, min_num=1, max_num=6, image_size=448) -> np.ndarray:
+    """InternVL's own ``dynamic_preprocess`` (use_thumbnail=True), written directly in PIL as in its
+    repository: the checkpoints were trained on these pixels. -> uint8 (N, 3, S, S)."""
+    orig_width, orig_height = image.size
+    aspect_ratio = orig_width / orig_height
+    target_ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    )
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    best_ratio_diff, best_ratio, area = float("inf"), (1, 1), orig_width * orig_height
+    for ratio in target_ratios:
+        ratio_diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff, best_ratio = ratio_diff, ratio
+        elif ratio_diff == best_ratio_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best_ratio = ratio
+    target_width, target_height = image_size * best_ratio[0], image_size * best_ratio[1]
+    blocks = best_ratio[0] * best_ratio[1]
+    resized_img = image.resize((target_width, target_height), Image.BICUBIC)
+    cols = target_width // image_size
+    processed = [
+        resized_img.crop(
+            (
+                (i % cols) * image_size,
+                (i // cols) * image_size,
+                (i % cols + 1) * image_size,
+                (i // cols + 1) * image_size,
+            )
+        )
+        for i in range(blocks)
+    ]
+    if len(processed) != 1:
+        processed.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return np.stack([np.asarray(t) for t in processed]).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(COCO.glob("*/*.jpg")), ids=lambda p: f"{p.parent.name[:3]}-{p.name[-10:-4]}"
+)
+def test_pixels_match_internvl_pil_reference_on_real_coco(path):
+    """Every fixture COCO image, as it is and turned to portrait (where recent Pillow resizes the
+    thumbnail vertical pass first): same tiles as InternVL's PIL code, within 1 grey level."""
+    assert tiling._pil_pass_order() is not None  # the PIL + torch path, not the all-PIL fallback
+    image = load_rgb(str(path))
+    for im in (image, image.transpose(Image.Transpose.TRANSPOSE)):
+        ours = tiling.tile_image(im, 448, 1, 6, True).astype(np.int16)
+        theirs = _internvl_dynamic_preprocess(im).astype(np.int16)
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() <= 1
+
+
+@pytest.mark.parametrize("size", [(1, 1), (50, 60), (447, 449), (2000, 1000), (16, 64), (40, 640)])
+def test_pixels_match_internvl_pil_reference_on_synthetic(size):
+    """Noise (every rounding and clipping case) at sizes that take one pass, two, upscale, downscale."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours = tiling.tile_image(image, 448, 1, 6, True).astype(np.int16)
+    theirs = _internvl_dynamic_preprocess(image).astype(np.int16)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1
+
+
 def test_normalize_imagenet():
     import torch
 
