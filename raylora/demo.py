@@ -308,8 +308,10 @@ def pretrain_base(model, data_root: Path, model_dir: Path, steps: int, log=print
         iter_microbatches(prepared.table, plan_microbatches(prepared.table, plan, seed=0), settings)
     )
     batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-3, weight_decay=0.0
+    )  # 2e-3 is fragile: it can stall at loss ~0.1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     model.train()
     start = time.time()
     loss = float("nan")
