@@ -389,7 +389,8 @@ def train_func(config: dict[str, Any]) -> None:
 def check_paths(cfg: Config) -> Path:
     """The model's native checkpoint dir; an error naming the key when model or data do not exist."""
     model_dir = resolve_model_dir(cfg.model.path)
-    for key in ("train", "val", "val_gt"):
+    keys = ("train", "val", "val_gt") if cfg.eval.every_n_steps >= 0 else ("train",)  # val: only if used
+    for key in keys:
         value = getattr(cfg.data, key)
         if value and not Path(value).exists():
             raise FileNotFoundError(f"data.{key} = {value!r} does not exist")

@@ -73,7 +73,7 @@ def test_generation_protocol_is_recorded(tmp_path, tracking_uri):
         "title",
         protocol=gen.describe(),
     )
-    assert "Captions: beam 5, 8-30 new tokens" in (tmp_path / "gallery.html").read_text()
+    assert "beam 5, 8-30 new tokens" in (tmp_path / "gallery.html").read_text()
     for name in ("results.json", "metrics.json"):
         (tmp_path / name).write_text("{}")
     cfg.tracking.uri = tracking_uri
@@ -146,7 +146,7 @@ def test_evaluate_coco_fixture_matches_pycocoevalcap(ray_cluster, tracking_uri, 
     assert [r["image_id"] for r in results] == [i["image_id"] for i in json.loads(items.read_text())]
     page = (out / "gallery.html").read_text()
     assert page.count("class='card'") == len(results) and "data:image/jpeg;base64" in page
-    assert "Captions: greedy, 8-30 new tokens" in page
+    assert "greedy, 8 to 30 new tokens" in page
     assert json.loads((out / "metrics.json").read_text())["generation"]["decoding"] == "greedy"
     from mlflow.tracking import MlflowClient
 

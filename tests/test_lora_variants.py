@@ -58,8 +58,8 @@ def train_and_save(base_dir: Path, overrides: list[str], batch, out: Path):
     """apply_lora, a few AdamW steps, then the recipe's save path: (trained model, adapter dir)."""
     import torch
 
-    from raylora.data.tiling import normalize
     from raylora.demo import SYSTEM_MESSAGE, TEMPLATE
+    from raylora.loss import forward_loss
     from raylora.model import apply_lora, load_base_model, lora_init_snapshot, lora_state_dict, save_adapter
     from raylora.sources import complete_adapter_dir
 
@@ -69,13 +69,8 @@ def train_and_save(base_dir: Path, overrides: list[str], batch, out: Path):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for _ in range(STEPS):
-        loss = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            pixel_values=normalize(batch["pixel_values"]),
-        ).loss
-        loss.backward()
+        loss_sum, tokens = forward_loss(model, batch, torch.float32)
+        (loss_sum / tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
@@ -198,6 +193,7 @@ import deepspeed, torch
 from peft import PeftModel
 from raylora.config import load_config
 from raylora.data.tiling import normalize
+from raylora.loss import forward_loss
 from raylora.model import apply_lora, load_base_model, lora_init_snapshot, lora_state_dict, save_adapter
 from raylora.train import deepspeed_config
 from raylora.demo import demo_image_settings
@@ -218,9 +214,8 @@ settings = demo_image_settings(base_dir)
 batch = demo_micro_batch(base_dir.parent, settings)
 engine.train()
 for _ in range(3):
-    loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                  pixel_values=normalize(batch["pixel_values"])).loss
-    engine.backward(loss)
+    loss_sum, tokens = forward_loss(engine, batch, torch.float32)
+    engine.backward(loss_sum / tokens)
     engine.step()
 partitioned = sum(p.numel() == 0 for p in engine.module.parameters())
 save_adapter(engine.module, out, lora_state_dict(engine.module), initial)

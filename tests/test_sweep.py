@@ -23,8 +23,8 @@ def test_search_space_from_config():
     space = search_space(cfg)
     assert set(space) == {"lora.rank", "train.lr", "train.global_batch_size"}
     assert space["lora.rank"].categories == [4, 8, 16, 32]
-    assert space["train.lr"].lower == pytest.approx(3e-4) and space["train.lr"].upper == pytest.approx(1e-2)
-    assert default_point(cfg, space) == {"lora.rank": 16, "train.lr": 3e-3, "train.global_batch_size": 32}
+    assert space["train.lr"].lower == pytest.approx(3e-4) and space["train.lr"].upper == pytest.approx(5e-3)
+    assert default_point(cfg, space) == {"lora.rank": 16, "train.lr": 1.5e-3, "train.global_batch_size": 8}
     recipe = search_space(load_config("internvl2_2b_coco"))
     assert recipe["lora.rank"].categories == [16, 32, 64, 128, 256]
     assert recipe["train.global_batch_size"].categories == [128, 256, 512]
@@ -164,7 +164,7 @@ def test_sweep_report_into_the_parent_run(tracking_uri, tmp_path):
     cfg = load("demo", [f"output_dir={tmp_path / 'out'}"])
     uri, exp_id = tracking.setup(cfg)
     parent = tracking.create_run(exp_id, "sweep-report-test", uri=uri)
-    sweep = Sweep(cfg, "demo_sweep", tmp_path, None, 0, None, str(tmp_path / "runs"), uri, exp_id, parent)
+    sweep = Sweep(cfg, "demo_sweep", tmp_path, None, None, str(tmp_path / "runs"), uri, exp_id, parent)
     row = {"steps": 20, "total_steps": 20, "state": "completed", "path": "/p"}
     rows = [
         {**row, "trial_id": f"t_0000{k}", "params": {"lora.rank": rank, "train.lr": lr}, "cider": cider}

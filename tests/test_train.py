@@ -227,7 +227,12 @@ def test_one_step_image_once_equals_tutorial_layout(ray_cluster, tracking_uri, t
     rows = (demo_root / "data/annotations/demo_train.jsonl").read_text().splitlines()[:20]
     annotation = tmp_path / "four_images.jsonl"
     annotation.write_text("\n".join(rows) + "\n")
-    common = [f"data.train={annotation}", "train.max_steps=1", "eval.every_n_steps=-1"]
+    common = [
+        f"data.train={annotation}",
+        f"data.root={demo_root / 'data'}",
+        "train.max_steps=1",
+        "eval.every_n_steps=-1",
+    ]
     grouped = run(
         _cfg(
             tmp_path / "grouped",
