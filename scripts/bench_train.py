@@ -6,8 +6,9 @@ single-process torch loop over the same model, micro-batches and optimizer, in o
 The plain loop is the floor of overhead: pre-built micro-batches, ``forward_loss`` / backward /
 clip / AdamW, nothing else. The Ray side is ``python -m raylora.train`` as users run it (its own
 Ray Data decode actor, DeepSpeed engine, MLflow logging, a checkpoint at the end); its samples/s is
-the mean of its logged windows after the first (start-up excluded). Both train the demo base with
-the demo's LoRA on the demo rows in the tutorial layout (16 rows a step) with the same torch threads.
+the mean of its logged windows in the second half of the run (start-up and the decode actor's
+initial burst excluded), and the plain loop's is timed over the same second half. Both train the demo base with
+the demo's LoRA on the demo rows in the tutorial layout (32 rows a step) with the same torch threads.
 The last line is one JSON object: ``zero1_vs_plain``, ``zero2_vs_plain`` and the raw samples/s.
 """
 
@@ -30,7 +31,7 @@ from raylora.demo import demo_image_settings, ensure_demo
 from raylora.loss import forward_loss
 from raylora.model import apply_lora, load_base_model
 
-ROWS = 16  # rows per step (and per micro-batch): one worker, no accumulation
+ROWS = 32  # rows per step (and per micro-batch: one worker, no accumulation), the demo's tutorial-layout batch
 
 
 def plain_loop(root: Path, steps: int, cfg) -> float:
@@ -51,7 +52,7 @@ def plain_loop(root: Path, steps: int, cfg) -> float:
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     start, done = None, 0
     for i, batch in enumerate(batches):
-        if i == 2:  # after two warm-up steps, as the Ray side drops its first window
+        if i == len(batches) // 2:  # the second half: steady state, as on the Ray side
             start, done = time.perf_counter(), 0
         loss_sum, tokens = forward_loss(model, batch, torch.float32)
         (loss_sum / tokens).backward()
@@ -91,13 +92,13 @@ def ray_run(stage: int, steps: int, threads: int, work: Path, tracking_uri: str)
     )
     summary = run(cfg)
     history = MlflowClient(tracking_uri).get_metric_history(summary["mlflow_run_id"], "samples_per_s")
-    rates = [m.value for m in sorted(history, key=lambda m: m.step)][1:]
+    rates = [m.value for m in sorted(history, key=lambda m: m.step) if m.step > steps // 2]  # steady state
     return sum(rates) / len(rates)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per side")
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps per side (the second half is timed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (= the worker's CPUs)")
     args = p.parse_args()
     import ray
