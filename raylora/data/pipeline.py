@@ -26,6 +26,7 @@ plan order (``preserve_order``); :func:`iter_rank_batches` reads them on the tra
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -233,10 +234,15 @@ def iter_rank_batches(dataset: Any, first_index: int, world_size: int) -> Iterat
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class OneMicroBatch(NumpyBatchCollateFn):
-        """A batch of one row (one micro-batch) -> its columns as tensors."""
+        """A batch of one row (one micro-batch) -> its columns as tensors, without copying: the
+        arrays are read-only views of the object store, and training never writes to its inputs."""
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return {k: torch.as_tensor(np.array(v[0])) for k, v in batch.items()}
+            return {k: torch.from_numpy(np.asarray(v[0])) for k, v in batch.items()}
+
+    # torch warns once about sharing a read-only array; these are never written (the collate runs in
+    # Ray's threads, so the filter is set for the process rather than around the call)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
     expected = first_index
     for batch in dataset.iter_torch_batches(batch_size=1, collate_fn=OneMicroBatch(), prefetch_batches=2):
