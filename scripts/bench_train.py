@@ -31,7 +31,9 @@ from raylora.demo import demo_image_settings, ensure_demo
 from raylora.loss import forward_loss
 from raylora.model import apply_lora, load_base_model
 
-ROWS = 32  # rows per step (and per micro-batch: one worker, no accumulation), the demo's tutorial-layout batch
+ROWS = (
+    32  # rows per step (and per micro-batch: one worker, no accumulation), the demo's tutorial-layout batch
+)
 
 
 def plain_loop(root: Path, steps: int, cfg) -> float:
@@ -98,7 +100,9 @@ def ray_run(stage: int, steps: int, threads: int, work: Path, tracking_uri: str)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per side (the second half is timed)")
+    p.add_argument(
+        "--steps", type=int, default=120, help="optimizer steps per side (the second half is timed)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (= the worker's CPUs)")
     args = p.parse_args()
     import ray

@@ -1,4 +1,4 @@
-"""scripts/download_internvl2_coco.sh, without network.
+"""The scripts: download_internvl2_coco.sh without network, and bench_gpu.py's GPU path on the CPU.
 
 Each run gets a PATH made of a temp bin folder holding only the tools the case wants. wget, curl and
 unzip there are stand-ins that log their calls: the dry run must never call them, and the real-mode
@@ -264,3 +264,24 @@ def test_real_mode_failures_say_what_and_how_to_retry(tmp_path: Path, work: Path
         "download of hub repo OpenGVLab/InternVL2-Missing into pretrained/InternVL2-Missing failed"
         in r.stderr
     )
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_its_gpu_code_on_the_cpu(demo_root):
+    """bench_gpu.py is the first thing run on a GPU: its whole path (exactness check, both layouts,
+    the JSON line) runs here on the CPU with a small model, so a mistake shows before a GPU is rented."""
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_gpu.py", "--cpu-dry-run", "--steps", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["exactness"]["sdpa"] <= 1e-4
+    assert result["tutorial"]["samples_per_s"] > 0 and result["image_once"]["samples_per_s"] > 0
+    no_gpu = subprocess.run(
+        [sys.executable, "scripts/bench_gpu.py"], cwd=REPO, capture_output=True, text=True
+    )
+    assert no_gpu.returncode == 0 and "no CUDA GPU here" in no_gpu.stdout
