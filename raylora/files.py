@@ -1,5 +1,6 @@
 """File-system helpers every stage shares: the cache root, atomic output folders, a cross-process
-lock, and telling local paths from remote URIs (``s3://``, ``gs://``, ...)."""
+lock, telling local paths from remote URIs (``s3://``, ``gs://``, ...), and hiding the credentials
+a URI may carry before it is printed or logged."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -32,6 +34,64 @@ def absolute(path: str | os.PathLike) -> str:
     if is_remote(text):
         return text
     return os.path.abspath(text[len("file://") :] if text.startswith("file://") else text)
+
+
+REDACTED = "***"
+# scheme://rest-of-the-URI (up to whitespace, quotes or angle brackets: a URI inside a longer text)
+_URI = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"<>]*)")
+# a query parameter whose value is a credential: access_token, api_key, password, X-Amz-Signature, sig, ...
+_SECRET_PARAM = re.compile(r"token|passw|pwd|secret|key|signature|credential|^sig$|^x-amz-", re.IGNORECASE)
+# NAME=value where NAME looks like a secret environment variable (AWS_SECRET_ACCESS_KEY=..., HF_TOKEN=...)
+_SECRET_NAME = r"(?:[A-Z0-9]+_)*(?:TOKEN|PASSWORD|PASSWD|SECRET|KEY|CREDENTIALS?|SIGNATURE)(?:_[A-Z0-9]+)*"
+_SECRET_ENV = re.compile(rf"\b(?P<name>{_SECRET_NAME})=(?P<value>[^\s&'\"]+)")
+_MIN_SECRET_LENGTH = 8  # shorter values of secret variables ("1", "true") are not hidden everywhere
+
+
+def _redact_userinfo(rest: str) -> str:
+    """``user:password@host...`` -> ``user:***@host...`` (``rest`` follows ``scheme://``)."""
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]  # RFC 3986: the authority ends at / ? #
+    if "@" in authority:
+        userinfo, _, _ = authority.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        return f"{user}:{REDACTED}" + rest[len(userinfo) :] if colon else rest
+    # a password with an unencoded "/" (e.g. an S3 secret key) ends the authority early; a port
+    # (digits) or an IPv6 host ("[") means there is no password here
+    user, colon, after = authority.partition(":")
+    if colon and after and not after.isdigit() and not authority.startswith("[") and "@" in rest:
+        return f"{user}:{REDACTED}" + rest[rest.index("@") :]
+    return rest
+
+
+def _redact_query(rest: str) -> str:
+    """Values of secret-looking query parameters -> ``***``."""
+    head, q, tail = rest.partition("?")
+    if not q:
+        return rest
+    query, hash_, fragment = tail.partition("#")
+    parts = []
+    for part in re.split(r"([&;])", query):
+        name, eq, _ = part.partition("=")
+        parts.append(f"{name}={REDACTED}" if eq and _SECRET_PARAM.search(name) else part)
+    return f"{head}?{''.join(parts)}{hash_}{fragment}"
+
+
+def redact(value: str) -> str:
+    """``value`` with its credentials replaced by ``***``, for printing and logging.
+
+    In every ``scheme://`` URI: the password of the userinfo (``https://alice:***@host``, the user
+    stays readable) and the values of query parameters whose names look secret (token, password,
+    secret, key, signature, credential, sig, X-Amz-*). Outside URIs: the values of secret-looking
+    environment variable assignments (``AWS_SECRET_ACCESS_KEY=***``), and wherever it appears, the
+    value of any such variable set in this process's environment (``HF_TOKEN``,
+    ``MLFLOW_TRACKING_PASSWORD``, ...; values of 8 characters or more). Paths, ``runs:/`` and
+    ``models:/`` URIs and everything else are unchanged.
+    """
+    text = _URI.sub(lambda m: m["scheme"] + _redact_query(_redact_userinfo(m["rest"])), str(value))
+    text = _SECRET_ENV.sub(lambda m: f"{m['name']}={REDACTED}", text)
+    for name, secret in os.environ.items():
+        if len(secret) >= _MIN_SECRET_LENGTH and secret in text and re.fullmatch(_SECRET_NAME, name):
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

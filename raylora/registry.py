@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raylora import tracking
+from raylora.files import redact
 
 # mlflow is imported inside the functions (through tracking): it costs seconds at start-up.
 
@@ -110,7 +111,7 @@ def register_version(
             raise ValueError(f"{source_uri!r}: expected runs:/RUN_ID/PATH")
         run_id = run_id or m.group(1)
         source_uri = tracking.artifact_uri(m.group(1), m.group(2), tracking_uri)
-    all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+    all_tags = {k: redact(str(v)) for k, v in (tags or {}).items() if v is not None}
     if metric_value is not None:
         all_tags[metric_key] = repr(float(metric_value))
     _ensure_registered_model(c, name)

@@ -31,7 +31,7 @@ from typing import Any
 from raylora import registry, tracking
 from raylora.config import DataConfig
 from raylora.data.settings import ImageSettings
-from raylora.files import cache_root, is_remote
+from raylora.files import cache_root, is_remote, redact
 from raylora.model import LLM_FAMILIES, RECORD, init_mutates_base, load_base_model, model_info, torch_dtype
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -310,7 +310,7 @@ def _resolve_mlflow(spec: str, base: str | None, cache_dir: Path | None) -> Mode
             target = root / "runs" / f"{run_id}-{store}" / artifact_path
         local = tracking.download(artifact, target, uri)
     except MlflowException as e:
-        raise SourceError(f"{spec}: {e.message} (tracking store {uri})") from None
+        raise SourceError(f"{spec}: {e.message} (tracking store {redact(uri)})") from None
     except ValueError as e:
         raise SourceError(f"{spec}: {e}") from None
     if not (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():

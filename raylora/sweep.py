@@ -32,7 +32,7 @@ from raylora.cli import config_from_args, config_parser
 from raylora.cluster import init_ray
 from raylora.config import Config, ConfigError, apply_override, validate
 from raylora.console import run_command
-from raylora.files import absolute, is_remote
+from raylora.files import absolute, is_remote, redact
 from raylora.pages import save_screenshot
 from raylora.sources import complete_adapter_dir
 from raylora.train import (
@@ -539,13 +539,13 @@ def open_parent_run(cfg: Config, storage: str, name: str, trials: int, resume: b
     state_file = Path(storage) / "raylora_sweep.json"
     if resume:
         if not state_file.is_file():
-            raise FileNotFoundError(f"no sweep to resume at {storage}; run without --resume first")
+            raise FileNotFoundError(f"no sweep to resume at {redact(storage)}; run without --resume first")
         parent_run_id = json.loads(state_file.read_text())["parent_run_id"]
         tracking.reopen_run(parent_run_id, uri)
         return uri, exp_id, parent_run_id
     if state_file.is_file():
         raise RuntimeError(
-            f"a sweep named {name!r} exists in {storage}: use --resume, or a new cluster.run_name"
+            f"a sweep named {name!r} exists in {redact(storage)}: use --resume, or a new cluster.run_name"
         )
     params = {
         f"sweep.{k}": v for k, v in cfg.flat().items() if k.startswith(("sweep.", "model.", "data.train"))
@@ -678,7 +678,9 @@ def finish_sweep(sweep: Sweep, rows: list[dict[str, Any]], output: Path, seconds
     if best is None:
         sweep_report(sweep, rows, output, None)
         tracking.end_run(parent, "FAILED", uri)
-        raise RuntimeError(f"no trial reported a validation CIDEr; see the trial logs under {sweep.storage}")
+        raise RuntimeError(
+            f"no trial reported a validation CIDEr; see the trial logs under {redact(sweep.storage)}"
+        )
     c = tracking.client(uri)
     c.log_metric(parent, "best_cider", best["cider"])
     c.set_tag(parent, "best_trial", best["trial_id"])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raylora.config import REPO_ROOT, Config
-from raylora.files import atomic_dir
+from raylora.files import atomic_dir, redact
 
 
 def store_dir() -> Path:
@@ -52,7 +52,7 @@ def check_tracking(uri: str) -> None:
                     raise RuntimeError(f"status {r.status}")
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             raise RuntimeError(
-                f"MLflow tracking server {uri} cannot be reached ({e}); start it "
+                f"MLflow tracking server {redact(uri)} cannot be reached ({redact(str(e))}); start it "
                 "(mlflow server --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1) "
                 "or unset MLFLOW_TRACKING_URI / tracking.uri to use the embedded store"
             ) from None
@@ -95,15 +95,19 @@ def create_run(
     parent_run_id: str | None = None,
     uri: str | None = None,
 ) -> str:
-    """A new RUNNING run with ``tags`` and ``params`` (values cut at MLflow's 6000 characters)."""
+    """A new RUNNING run with ``tags`` and ``params`` (values cut at MLflow's 6000 characters).
+
+    Every value goes through :func:`raylora.files.redact`: a URI's password and secret query
+    parameters (a tracking URI, a cluster address, a storage path) never reach the store.
+    """
     from mlflow.entities import Param
 
     c = client(uri)
-    all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+    all_tags = {k: redact(str(v)) for k, v in (tags or {}).items() if v is not None}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run_id = c.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
-    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    items = [Param(k, redact(str(v))[:6000]) for k, v in (params or {}).items()]
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i : i + 100])
     return run_id
@@ -209,15 +213,15 @@ def is_server(uri: str) -> bool:
 
 
 def run_web_url(uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page on an MLflow tracking server; None for a local store (nothing serves it)."""
+    """The run's page on an MLflow tracking server (credentials redacted); None for a local store."""
     if is_server(uri):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return None
 
 
 def ui_command(uri: str) -> str:
-    """The command that serves a local store's runs in a browser."""
-    return f"mlflow ui --backend-store-uri {uri}"
+    """The command that serves a local store's runs in a browser (credentials redacted)."""
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:

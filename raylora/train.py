@@ -38,7 +38,7 @@ from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_unit
 from raylora.data.prepare import Prepared, prepare
 from raylora.data.records import EvalItem, read_gt, read_karpathy
 from raylora.data.settings import ImageSettings
-from raylora.files import absolute, is_remote
+from raylora.files import absolute, is_remote, redact
 from raylora.generation import GenerationSettings, generate_captions
 from raylora.loss import forward_loss, to_device
 from raylora.metrics import cider
@@ -625,7 +625,10 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     job.tracking_uri, job.mlflow_run_id = uri, run_id
     print(f"[mlflow] {tracking.run_url(uri, exp_id, run_id)}", flush=True)
     if job.finished:
-        print(f"[train] {run_dir} already finished ({job.start_step} steps); writing its outputs", flush=True)
+        print(
+            f"[train] {redact(run_dir)} already finished ({job.start_step} steps); writing its outputs",
+            flush=True,
+        )
         return finish(job, ray.train.Checkpoint(job.resume_from), output_dir, prepared, exp_id, 0.0)
     plan = job.plan
     print(
@@ -642,7 +645,7 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
         raise
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED", uri)
-        raise RuntimeError(f"training ended without a checkpoint; see the logs under {run_dir}")
+        raise RuntimeError(f"training ended without a checkpoint; see the logs under {redact(run_dir)}")
     return finish(job, result.checkpoint, output_dir, prepared, exp_id, time.time() - t0)
 
 

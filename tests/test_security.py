@@ -1,0 +1,147 @@
+"""Security defaults: what raylora starts listens on localhost, Ray's token authentication stays on,
+no remote code runs, pickled weights load with ``weights_only=True`` only, and credentials in URIs
+never reach MLflow params, tags or the console."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from raylora.config import Config
+from raylora.files import redact
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE_DIRS = [REPO / "raylora", REPO / "scripts"]
+TEXT_SUFFIXES = {".py", ".sh", ".yaml", ".yml", ".json", ".toml", ".cfg", ".txt", ".md", ".jinja"}
+
+
+def _files(*suffixes: str) -> list[Path]:
+    wanted = set(suffixes) or TEXT_SUFFIXES
+    found = [p for d in SOURCE_DIRS for p in sorted(d.rglob("*")) if p.is_file() and p.suffix in wanted]
+    assert found, f"no {wanted} files under {SOURCE_DIRS}"
+    return found
+
+
+def _python_trees() -> list[tuple[Path, ast.Module]]:
+    return [(p, ast.parse(p.read_text(encoding="utf-8"), str(p))) for p in _files(".py")]
+
+
+def _where(path: Path, node: ast.AST) -> str:
+    return f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
+
+
+# --------------------------------------------------------------------------- credentials are redacted
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("http://mlflow.example.com:5000", "http://mlflow.example.com:5000"),  # no userinfo
+        ("https://alice@mlflow.example.com/x", "https://alice@mlflow.example.com/x"),  # user only
+        ("https://alice:s3cret@mlflow.example.com", "https://alice:***@mlflow.example.com"),
+        ("http://alice:s3cret@10.0.0.5:5000/api", "http://alice:***@10.0.0.5:5000/api"),  # with a port
+        ("http://host:5000/runs/a@b", "http://host:5000/runs/a@b"),  # a port, then '@' in the path
+        ("http://alice:s3cret@[fd00::2]:5000/x", "http://alice:***@[fd00::2]:5000/x"),  # IPv6 host
+        ("http://[fd00::2]:5000/a@b", "http://[fd00::2]:5000/a@b"),
+        ("s3://KEY:SECRET@bucket/x", "s3://KEY:***@bucket/x"),
+        ("s3://AKIA:ab/cd+ef@bucket/x", "s3://AKIA:***@bucket/x"),  # a secret with an unencoded '/'
+        ("http://u:p%40ss@h/x", "http://u:***@h/x"),
+        ("ray://alice:s3cret@head:10001", "ray://alice:***@head:10001"),
+        (
+            "postgresql://mlflow:pw@db/mlflow?sslmode=require",
+            "postgresql://mlflow:***@db/mlflow?sslmode=require",
+        ),
+        ("https://h/x?token=abc&lr=1", "https://h/x?token=***&lr=1"),  # query strings
+        ("https://h/x?api_key=abc;page=2#top", "https://h/x?api_key=***;page=2#top"),
+        (
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc&versionId=3",
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&versionId=3",
+        ),
+        (
+            "https://acct.blob.core.windows.net/c?sv=2022&sig=abc&Password=x",
+            "https://acct.blob.core.windows.net/c?sv=2022&sig=***&Password=***",
+        ),
+        ("/data/me@host/coco/train.jsonl", "/data/me@host/coco/train.jsonl"),  # a plain path with '@'
+        ("sqlite:////home/me/mlflow/mlflow.db", "sqlite:////home/me/mlflow/mlflow.db"),
+        ("models:/raylora-coco-lora@champion", "models:/raylora-coco-lora@champion"),
+        ("runs:/0123abcd/adapter", "runs:/0123abcd/adapter"),
+        ("['s3://k:v@b/x', 'http://u:p@h']", "['s3://k:***@b/x', 'http://u:***@h']"),  # URIs in a text
+        ("AWS_SECRET_ACCESS_KEY=abc HF_TOKEN=xyz", "AWS_SECRET_ACCESS_KEY=*** HF_TOKEN=***"),
+        ("data.max_packed_tokens=2048", "data.max_packed_tokens=2048"),
+        ("4e-05", "4e-05"),
+        ("", ""),
+    ],
+)
+def test_redact(value: str, expected: str) -> None:
+    assert redact(value) == expected
+
+
+def test_redact_hides_the_values_of_secret_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_0123456789abcdef")
+    monkeypatch.setenv("MONKEY_PATH", "/opt/monkey/path")  # not a secret's name
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "short")  # too short to hide everywhere
+    text = "pretrained/hf_0123456789abcdef/x /opt/monkey/path short"
+    assert redact(text) == "pretrained/***/x /opt/monkey/path short"
+
+
+CREDENTIALED = {
+    "tracking.uri": "https://alice:s3cret@mlflow.example.com:5000/?token=abc",
+    "cluster.address": "ray://alice:s3cret@head.example.com:10001?token=abc",
+    "cluster.storage_path": "s3://alice:s3cret@bucket.example.com/runs?token=abc",
+}
+
+
+def test_params_and_tags_in_the_store_carry_no_credentials(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from raylora import registry, tracking
+
+    cfg = Config()
+    cfg.tracking.uri = CREDENTIALED["tracking.uri"]
+    cfg.cluster.address = CREDENTIALED["cluster.address"]
+    cfg.cluster.storage_path = CREDENTIALED["cluster.storage_path"]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    experiment_id = client.create_experiment("security", artifact_location=(tmp_path / "a").as_uri())
+    run_dir = f"{cfg.cluster.storage_path}/demo"
+    tags = {"run_dir": run_dir, "tracking": cfg.tracking.uri, "base_model": "s3://KEY:s3cret@bucket/model"}
+    run_id = tracking.create_run(experiment_id, "demo", tags=tags, params=cfg.flat(), uri=store)
+    version, _ = registry.register_version(
+        "security-lora", (tmp_path / "a").as_uri(), run_id, tags=tags, metric_value=1.0, tracking_uri=store
+    )
+
+    run = client.get_run(run_id)
+    stored = {**run.data.params, **{f"tag:{k}": v for k, v in run.data.tags.items()}}
+    stored.update(
+        {f"version:{k}": v for k, v in client.get_model_version("security-lora", version).tags.items()}
+    )
+    assert set(cfg.flat()) <= set(run.data.params)
+    leaks = {k: v for k, v in stored.items() if "s3cret" in v or "abc" in v}
+    assert not leaks, leaks
+    # still readable: who and where
+    assert run.data.params["tracking.uri"] == "https://alice:***@mlflow.example.com:5000/?token=***"
+    assert run.data.params["cluster.address"] == "ray://alice:***@head.example.com:10001?token=***"
+    assert run.data.params["cluster.storage_path"] == "s3://alice:***@bucket.example.com/runs?token=***"
+    # a query value runs to the end of the URI (or a '#'): the run name after it goes with it
+    assert run.data.tags["run_dir"] == "s3://alice:***@bucket.example.com/runs?token=***"
+    assert stored["version:base_model"] == "s3://KEY:***@bucket/model"
+
+
+def test_printed_tracking_uris_carry_no_credentials() -> None:
+    from raylora import tracking
+
+    uri = CREDENTIALED["tracking.uri"]
+    shown = [
+        tracking.run_url(uri, "1", "r1"),
+        tracking.run_web_url("https://alice:s3cret@mlflow.example.com:5000", "1", "r1"),
+        tracking.ui_command("postgresql://mlflow:s3cret@db/mlflow?password=abc"),
+        tracking.run_url("postgresql://mlflow:s3cret@db/mlflow", "1", "r1"),
+    ]
+    assert shown[1] == "https://alice:***@mlflow.example.com:5000/#/experiments/1/runs/r1"
+    assert "mlflow ui --backend-store-uri postgresql://mlflow:***@db/mlflow?password=***" == shown[2]
+    assert not [s for s in shown if "s3cret" in s or "abc" in s], shown
+    with pytest.raises(RuntimeError) as e:
+        tracking.check_tracking("http://alice:s3cret@127.0.0.1:9/?token=abc")  # nothing listens on port 9
+    assert "alice:***@127.0.0.1:9" in str(e.value) and "s3cret" not in str(e.value)
