@@ -1,5 +1,9 @@
 """The Ray cluster a command runs on: connect to one (``cluster.address`` / ``RAY_ADDRESS``) or
-start a local one, with the environment every Ray process of raylora needs."""
+start a local one, with the environment every Ray process of raylora needs.
+
+A local cluster's dashboard listens on 127.0.0.1 only, and Ray's token authentication (on by
+default for a new local cluster since Ray 2.60) is left alone: raylora never sets ``RAY_AUTH_MODE``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from raylora.config import Config
+from raylora.files import redact
 
 # ray is imported inside the functions: it takes seconds, and config errors should not wait for it.
 
@@ -27,6 +32,16 @@ def runtime_env() -> dict[str, Any]:
     return {"env_vars": env}
 
 
+def local_cluster_options(cfg: Config) -> dict[str, Any]:
+    """``ray.init`` keywords for a new local cluster: its size and a dashboard on localhost only."""
+    return {
+        "num_cpus": cfg.cluster.num_cpus,
+        "object_store_memory": cfg.cluster.object_store_memory,
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",  # Ray's default too; written here so that it stays visible
+    }
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to ``cluster.address`` / RAY_ADDRESS, or start a local cluster; print the dashboard URL."""
     import ray
@@ -36,16 +51,14 @@ def init_ray(cfg: Config) -> None:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(), "log_to_driver": True}
     if address is None:
-        kwargs.update(
-            num_cpus=cfg.cluster.num_cpus,
-            object_store_memory=cfg.cluster.object_store_memory,
-            include_dashboard=True,
-        )
+        kwargs.update(local_cluster_options(cfg))
     ctx = ray.init(address=address, **kwargs)
     url = getattr(ctx, "dashboard_url", None)
     print(
-        f"[ray] cluster {'at ' + address if address else 'started locally'}; dashboard: http://{url}"
+        f"[ray] cluster {'at ' + redact(address) if address else 'started locally'}; dashboard: http://{url}"
         if url
         else "[ray] connected",
         flush=True,
     )
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        print("[ray] token authentication is off (RAY_AUTH_MODE=disabled in the environment)", flush=True)

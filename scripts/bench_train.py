@@ -112,7 +112,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = ensure_demo()
     cfg = load("demo")
-    ray.init(num_cpus=2, object_store_memory=1 << 30, runtime_env=runtime_env(), log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=1 << 30,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env(),
+        log_to_driver=False,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         uri = f"sqlite:///{work / 'mlflow.db'}"

@@ -5,7 +5,9 @@ never reach MLflow params, tags or the console."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,168 @@ def _python_trees() -> list[tuple[Path, ast.Module]]:
 
 def _where(path: Path, node: ast.AST) -> str:
     return f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
+
+
+# ------------------------------------------------------------------------ what listens where (Ray)
+
+
+def test_local_cluster_dashboard_listens_on_localhost_and_nothing_disables_auth() -> None:
+    from raylora.cluster import local_cluster_options
+
+    cfg = Config()
+    cfg.cluster.num_cpus, cfg.cluster.object_store_memory = 3, 1 << 29
+    options = local_cluster_options(cfg)
+    assert options["dashboard_host"] == "127.0.0.1"
+    assert options["include_dashboard"] is True
+    assert (options["num_cpus"], options["object_store_memory"]) == (3, 1 << 29)
+    # no Ray system config or environment that could turn token authentication off
+    assert not {k for k in options if "auth" in k.lower() or "system_config" in k or "env" in k}
+
+
+def _fake_ray_init(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Replace ``ray.init`` by a recorder (no cluster is started); returns the recorded calls."""
+    import ray
+
+    calls: list[dict[str, Any]] = []
+
+    class Context:
+        dashboard_url = "127.0.0.1:8265"
+
+    def init(address: str | None = None, **kwargs: Any) -> Context:
+        calls.append({"address": address, **kwargs})
+        return Context()
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    return calls
+
+
+def test_init_ray_starts_a_local_cluster_with_those_options_and_leaves_auth_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raylora.cluster import init_ray, local_cluster_options
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    calls = _fake_ray_init(monkeypatch)
+    cfg = Config()
+    init_ray(cfg)
+    (call,) = calls
+    assert call["address"] is None
+    assert {k: call[k] for k in local_cluster_options(cfg)} == local_cluster_options(cfg)
+    assert call["dashboard_host"] == "127.0.0.1"
+    assert "RAY_AUTH_MODE" not in call["runtime_env"]["env_vars"]
+    assert "_system_config" not in call
+    import os
+
+    assert "RAY_AUTH_MODE" not in os.environ  # raylora set nothing: Ray's default (token auth) applies
+    assert "dashboard: http://127.0.0.1:8265" in capsys.readouterr().out
+
+
+def test_init_ray_connecting_prints_the_address_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raylora.cluster import init_ray
+
+    calls = _fake_ray_init(monkeypatch)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's own choice: kept, and said
+    cfg = Config()
+    cfg.cluster.address = "ray://alice:s3cret@head.example.com:10001"
+    init_ray(cfg)
+    assert calls[0]["address"] == cfg.cluster.address and "dashboard_host" not in calls[0]
+    out = capsys.readouterr().out
+    assert "ray://alice:***@head.example.com:10001" in out and "s3cret" not in out
+    assert "token authentication is off" in out
+
+
+def test_runtime_env_never_carries_the_auth_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from raylora.cluster import runtime_env
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not any("AUTH" in k for k in runtime_env()["env_vars"])
+
+
+def test_nothing_binds_to_every_interface() -> None:
+    wildcard = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _files()
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if "0.0.0.0" in line
+    ]
+    assert not wildcard, wildcard
+    loopback = {"127.0.0.1", "localhost", "::1"}
+    bad = []
+    for path, tree in _python_trees():
+        for node in ast.walk(tree):
+            pairs: list[tuple[str, ast.AST]] = []
+            if isinstance(node, ast.keyword) and node.arg:
+                pairs.append((node.arg, node.value))
+            elif isinstance(node, ast.Dict):
+                pairs += [(k.value, v) for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant)]
+            for name, value in pairs:
+                if not (isinstance(name, str) and (name == "host" or name.endswith("_host"))):
+                    continue
+                if not (isinstance(value, ast.Constant) and value.value in loopback):
+                    bad.append(f"{_where(path, value)} {name}={ast.unparse(value)}")
+    assert not bad, bad
+
+
+def test_every_ray_init_keeps_the_dashboard_on_localhost() -> None:
+    """A ``ray.init`` that starts a cluster has no dashboard or one on 127.0.0.1 (``init_ray``'s own
+    call passes ``local_cluster_options``, checked above)."""
+    calls = [
+        (path, node)
+        for path, tree in _python_trees()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "ray.init"
+    ]
+    assert len(calls) >= 3  # raylora.cluster and the benchmarks
+    bad = []
+    for path, call in calls:
+        kw = {k.arg: k.value for k in call.keywords}
+        if None in kw:  # ray.init(**options): raylora.cluster.init_ray
+            continue
+        off = isinstance(kw.get("include_dashboard"), ast.Constant) and kw["include_dashboard"].value is False
+        local = (
+            isinstance(kw.get("dashboard_host"), ast.Constant) and kw["dashboard_host"].value == "127.0.0.1"
+        )
+        if not (off or local):
+            bad.append(_where(path, call))
+    assert not bad, bad
+
+
+def _auth_mode_writes(tree: ast.Module) -> list[ast.AST]:
+    """Places that set RAY_AUTH_MODE: environ[...] = ..., setdefault/putenv/update, env dict keys."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
+            key = node.slice
+            if isinstance(key, ast.Constant) and key.value == "RAY_AUTH_MODE":
+                found.append(node)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in {"setdefault", "putenv"}:
+            if node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "RAY_AUTH_MODE":
+                found.append(node)
+        elif isinstance(node, ast.Dict):
+            found += [k for k in node.keys if isinstance(k, ast.Constant) and k.value == "RAY_AUTH_MODE"]
+        elif isinstance(node, ast.keyword) and node.arg == "RAY_AUTH_MODE":  # dict(RAY_AUTH_MODE=...)
+            found.append(node)
+    return found
+
+
+def test_raylora_never_sets_ray_auth_mode() -> None:
+    probe = ast.parse(
+        "os.environ['RAY_AUTH_MODE'] = 'disabled'\nos.environ.setdefault('RAY_AUTH_MODE', 'disabled')\n"
+        "env = {'RAY_AUTH_MODE': 'disabled'}\nenv.update(RAY_AUTH_MODE='disabled')\n"
+    )
+    assert len(_auth_mode_writes(probe)) == 4  # the check sees each way of setting it
+    bad = [_where(p, n) for p, tree in _python_trees() for n in _auth_mode_writes(tree)]
+    bad += [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _files(".sh", ".yaml", ".yml", ".json", ".toml")
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"RAY_AUTH_MODE\s*[=:]", line)
+    ]
+    assert not bad, bad
 
 
 # --------------------------------------------------------------------------- credentials are redacted
