@@ -33,6 +33,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -535,6 +536,30 @@ def _weight_files(src: Path) -> list[Path]:
     raise ConversionError(f"no {SAFE_INDEX}, {SAFE_SINGLE}, {BIN_INDEX} or {BIN_SINGLE} in {src}")
 
 
+def load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``pytorch_model.bin`` file, unpickled with ``weights_only=True`` only.
+
+    A pickle that holds anything but tensors and plain containers (a class, a function: unpickling
+    it could run code) is refused with a :class:`ConversionError`; it is never retried unrestricted.
+    """
+    try:
+        try:  # mmap keeps only the tensors in use resident (zip-format .bin files)
+            state_dict = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+            state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        raise ConversionError(
+            f"{file}: refused to load: its pickle holds more than tensors ({what}), and unpickling it "
+            "could execute code. Use the checkpoint's safetensors files, or convert this file to "
+            "safetensors yourself only if you trust its source."
+        ) from None
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise ConversionError(f"{file}: expected a dict of tensors, found {type(state_dict).__name__}")
+    return state_dict
+
+
 def iter_checkpoint_tensors(src: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(name, tensor)`` from a checkpoint's safetensors or pytorch_model.bin shards, one at a time."""
     from safetensors import safe_open
@@ -545,10 +570,7 @@ def iter_checkpoint_tensors(src: str | os.PathLike) -> Iterator[tuple[str, torch
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         else:
-            try:  # mmap keeps only the tensors in use resident (zip-format .bin files)
-                state_dict = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-                state_dict = torch.load(file, map_location="cpu", weights_only=True)
+            state_dict = load_bin(file)
             names = list(state_dict)
             for name in names:
                 yield name, state_dict.pop(name)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from raylora.config import Config
 from raylora.files import redact
@@ -194,6 +195,117 @@ def test_raylora_never_sets_ray_auth_mode() -> None:
         if re.search(r"RAY_AUTH_MODE\s*[=:]", line)
     ]
     assert not bad, bad
+
+
+# ------------------------------------------------------------------------------------ no remote code
+
+
+def _truthy_remote_code(tree: ast.Module) -> list[ast.AST]:
+    """``trust_remote_code`` given anything but a literal False/None (keyword or dict entry)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
+            value = node.value
+        elif isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values):
+                if isinstance(k, ast.Constant) and k.value == "trust_remote_code":
+                    if not (isinstance(v, ast.Constant) and not v.value):
+                        found.append(v)
+            continue
+        elif isinstance(node, ast.Assign) and any(
+            getattr(t, "id", getattr(t, "attr", None)) == "trust_remote_code" for t in node.targets
+        ):
+            value = node.value
+        else:
+            continue
+        if not (isinstance(value, ast.Constant) and not value.value):
+            found.append(value)
+    return found
+
+
+REMOTE_CODE_TEXT = re.compile(r"trust[_-]remote[_-]code\s*[=:]?\s*(true|1|yes)\b|--trust-remote-code", re.I)
+
+
+def test_no_remote_code_anywhere() -> None:
+    probe = ast.parse(
+        "f(x, trust_remote_code=True)\nf(trust_remote_code = 1)\nf(**{'trust_remote_code': True})\n"
+        "trust_remote_code = True\nf(trust_remote_code=flag)\nf(trust_remote_code=False)\n"
+    )
+    assert len(_truthy_remote_code(probe)) == 5  # all but the literal False
+    assert REMOTE_CODE_TEXT.search("trust_remote_code: true") and REMOTE_CODE_TEXT.search(
+        "--trust-remote-code"
+    )
+    bad = [_where(p, n) for p, tree in _python_trees() for n in _truthy_remote_code(tree)]
+    bad += [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _files(*(TEXT_SUFFIXES - {".py"}))
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if REMOTE_CODE_TEXT.search(line)
+    ]
+    assert not bad, bad
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    calls = []
+    for path, tree in _python_trees():
+        for node in ast.walk(tree):
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and func.attr == "load" and "torch" in ast.unparse(func.value):
+                calls.append((path, node))
+    assert any(p.name == "convert.py" for p, _ in calls)  # the check sees the converter's loads
+    unsafe = [
+        _where(p, n)
+        for p, n in calls
+        if not any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in n.keywords
+        )
+    ]
+    assert not unsafe, unsafe
+
+
+# ---------------------------------------------------- a malicious pytorch_model.bin is refused
+
+
+def _plant_marker(path: str) -> None:
+    """What the malicious pickle calls when it is unpickled: it leaves a file behind."""
+    Path(path).write_text("this ran while unpickling a checkpoint")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_plant_marker, (self.marker,))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_malicious_bin_checkpoint_is_refused_before_any_code_runs(
+    tmp_path: Path, zip_format: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raylora import convert
+    from tests.test_convert import build_native, write_original_checkpoint
+
+    src, marker = tmp_path / "orig", tmp_path / "pwned"
+    write_original_checkpoint(src, build_native("qwen2", vit_6b=False, seed=3), "qwen2", False, "bin")
+    shard = src / "pytorch_model-00001-of-00002.bin"
+    weights = torch.load(shard, weights_only=True)
+    evil = {**weights, "language_model.model.norm.extra": _Payload(marker)}
+    torch.save(evil, shard, _use_new_zipfile_serialization=zip_format)
+
+    torch.load(shard, weights_only=False)  # the payload is real: an unrestricted load runs it
+    assert marker.is_file()
+    marker.unlink()
+
+    with pytest.raises(convert.ConversionError, match=r"refused to load: its pickle holds more than tensors"):
+        convert.convert_checkpoint(src, tmp_path / "native")
+    assert not marker.exists()
+    assert not (tmp_path / "native").exists()
+    assert convert.main([str(src), str(tmp_path / "native-cli")]) == 1
+    err = capsys.readouterr().err
+    assert "_plant_marker" in err and "safetensors" in err  # names what it found and what to use
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- credentials are redacted
