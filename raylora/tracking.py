@@ -8,12 +8,14 @@ functions: it costs seconds, and many commands (``--help``, ``data check``) neve
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -43,14 +45,27 @@ def current_uri() -> str:
     return mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else tracking_uri()
 
 
+def health_request(uri: str) -> urllib.request.Request:
+    """GET ``<server>/health``. A ``user:password@`` in ``uri`` (which MLflow's client accepts) becomes
+    a basic-auth header: urllib would take it for part of the host name."""
+    parts = urllib.parse.urlsplit(uri)
+    parts = parts._replace(path=parts.path.rstrip("/") + "/health")
+    headers = {}
+    if parts.username is not None:
+        user, password = (urllib.parse.unquote(v or "") for v in (parts.username, parts.password))
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    return urllib.request.Request(urllib.parse.urlunsplit(parts), headers=headers)
+
+
 def check_tracking(uri: str) -> None:
     """Fail fast (before training) when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+            with urllib.request.urlopen(health_request(uri), timeout=5) as r:
                 if r.status != 200:
                     raise RuntimeError(f"status {r.status}")
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
+        except (urllib.error.URLError, OSError, RuntimeError, ValueError) as e:
             raise RuntimeError(
                 f"MLflow tracking server {redact(uri)} cannot be reached ({redact(str(e))}); start it "
                 "(mlflow server --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1) "

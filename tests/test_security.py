@@ -421,3 +421,39 @@ def test_printed_tracking_uris_carry_no_credentials() -> None:
     with pytest.raises(RuntimeError) as e:
         tracking.check_tracking("http://alice:s3cret@127.0.0.1:9/?token=abc")  # nothing listens on port 9
     assert "alice:***@127.0.0.1:9" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_tracking_server_check_sends_the_uri_credentials_as_basic_auth() -> None:
+    """MLflow's client accepts ``https://user:password@host``; the pre-flight health check does too."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from raylora import tracking
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            ok = self.headers.get("Authorization") == "Basic " + base64.b64encode(b"alice:s3cret/+").decode()
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        tracking.check_tracking(f"http://alice:s3cret%2F%2B@127.0.0.1:{port}/")
+        assert seen[-1][0] == "/health"
+        with pytest.raises(RuntimeError, match="401") as e:
+            tracking.check_tracking(f"http://alice:wrong-pw@127.0.0.1:{port}")
+        assert "alice:***@127.0.0.1" in str(e.value) and "wrong-pw" not in str(e.value)
+        tracking.check_tracking(f"http://alice:s3cret%2F%2B@127.0.0.1:{port}/mlflow?x=1")
+        assert seen[-1][0] == "/mlflow/health?x=1"
+    finally:
+        server.shutdown()
+        server.server_close()
