@@ -1,18 +1,25 @@
 """The Ray cluster a command runs on: connect to one (``cluster.address`` / ``RAY_ADDRESS``) or
-start a local one, with the environment every Ray process of raylora needs.
+start a local one, with the environment every Ray process of raylora needs; and the preflight
+checks that answer in seconds, before any model loads, what would otherwise fail an hour in (or
+wait forever): a job larger than the cluster, storage the nodes do not share, an embedded MLflow
+store on a multi-node cluster.
 
-A local cluster's dashboard listens on 127.0.0.1 only, and Ray's token authentication (on by
-default for a new local cluster since Ray 2.60) is left alone: raylora never sets ``RAY_AUTH_MODE``.
+A local cluster's dashboard listens on 127.0.0.1 only. Ray's token authentication (on by default for
+a new local cluster since Ray 2.60) stays on: raylora never disables it, and when it connects to an
+existing cluster with a token at hand (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or
+``RAY_AUTH_TOKEN``) it sends it: importing this module sets ``RAY_AUTH_MODE=token`` unless the
+environment says otherwise (Ray reads it once, at its own import).
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from raylora.config import Config
-from raylora.files import redact
+from raylora.files import read_text, redact, remove_dir, write_text
 
 # ray is imported inside the functions: it takes seconds, and config errors should not wait for it.
 
@@ -42,6 +49,23 @@ def local_cluster_options(cfg: Config) -> dict[str, Any]:
     }
 
 
+def token_available() -> bool:
+    """A Ray authentication token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ~/.ray)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
+def use_token_auth() -> None:
+    """With a token at hand, turn Ray's token authentication on (unless the environment says
+    otherwise): connecting to an existing cluster does not, and Ray reads RAY_AUTH_MODE once, when it
+    is imported. Called when this module is imported, before raylora imports ray anywhere."""
+    if token_available():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+use_token_auth()
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to ``cluster.address`` / RAY_ADDRESS, or start a local cluster; print the dashboard URL."""
     import ray
@@ -50,9 +74,9 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(), "log_to_driver": True}
-    if address is None:
+    if address is None:  # "local": a new cluster, even when a `ray start` one runs on this machine
         kwargs.update(local_cluster_options(cfg))
-    ctx = ray.init(address=address, **kwargs)
+    ctx = ray.init(address=address or "local", **kwargs)
     url = getattr(ctx, "dashboard_url", None)
     print(
         f"[ray] cluster {'at ' + redact(address) if address else 'started locally'}; dashboard: http://{url}"
@@ -62,3 +86,108 @@ def init_ray(cfg: Config) -> None:
     )
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         print("[ray] token authentication is off (RAY_AUTH_MODE=disabled in the environment)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- preflight
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def job_resources(cfg: Config) -> tuple[dict[str, float], dict[str, float]]:
+    """(one training worker's bundle, the whole job's need): each worker with its decode actors."""
+    c = cfg.cluster
+    bundle = {"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker if c.use_gpu else 0.0}
+    per_worker_cpu = c.cpus_per_worker + cfg.data.decode_actors * cfg.data.decode_cpus
+    total = {"CPU": c.num_workers * per_worker_cpu, "GPU": c.num_workers * bundle["GPU"]}
+    return bundle, total
+
+
+def check_resources(cfg: Config, nodes: list[dict[str, Any]]) -> None:
+    """An error, now, when the cluster can never hold the job (Ray would wait forever); with
+    ``cluster.autoscale`` one line saying what it waits for instead."""
+    bundle, total = job_resources(cfg)
+    have = {k: sum(n["Resources"].get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    fits_a_node = any(all(n["Resources"].get(k, 0.0) >= v for k, v in bundle.items()) for n in nodes)
+    if fits_a_node and all(have[k] + 1e-9 >= v for k, v in total.items()):
+        return
+    c = cfg.cluster
+    gpu = f" + {bundle['GPU']:g} GPU" if bundle["GPU"] else ""
+    gpus = f", {total['GPU']:g} GPUs" if total["GPU"] else ""
+    need = (
+        f"{c.num_workers} workers x ({c.cpus_per_worker:g} CPU + {cfg.data.decode_actors} decode actor(s) x "
+        f"{cfg.data.decode_cpus:g} CPU{gpu}) = {total['CPU']:g} CPUs{gpus}"
+    )
+    cluster = f"{have['CPU']:g} CPUs, {have['GPU']:g} GPUs on {len(nodes)} node(s)"
+    if c.autoscale:
+        print(
+            f"[ray] the job needs {need}; the cluster has {cluster}: waiting for the autoscaler", flush=True
+        )
+        return
+    raise RuntimeError(
+        f"the job needs {need}, but the cluster has {cluster}"
+        + ("" if fits_a_node else f" and no node holds one worker ({bundle})")
+        + ": lower cluster.num_workers, cluster.cpus_per_worker / gpus_per_worker or data.decode_cpus, "
+        "add nodes, or set cluster.autoscale=true if an autoscaler can add them"
+    )
+
+
+def check_tracking_reachable_from_nodes(tracking_uri: str, nodes: list[dict[str, Any]]) -> None:
+    """A file-based MLflow store is on this machine only: workers on other nodes cannot log to it."""
+    if len(nodes) < 2 or tracking_uri.startswith(("http://", "https://", "databricks")):
+        return
+    raise RuntimeError(
+        f"MLflow tracking store {tracking_uri} is a file on this machine, but the cluster has "
+        f"{len(nodes)} nodes whose workers log to it: start an MLflow server (scripts/local_cluster.sh "
+        "up starts one for a rehearsal; mlflow server --backend-store-uri ... --host ...) and set "
+        "MLFLOW_TRACKING_URI=http://HOST:PORT"
+    )
+
+
+def _visit(probe: str, node_id: str) -> bool:
+    """On one node: can it read the driver's marker? Then leave its own."""
+    seen = read_text(f"{probe}/driver") == "raylora"
+    write_text(f"{probe}/{node_id}", "raylora")
+    return seen
+
+
+def check_shared_storage(storage: str, nodes: list[dict[str, Any]]) -> None:
+    """``cluster.storage_path`` must be one folder for every node: a task on each node reads the
+    driver's marker and writes its own, which the driver then reads back."""
+    if len(nodes) < 2:
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = f"{storage.rstrip('/')}/.raylora-shared-{uuid.uuid4().hex[:8]}"
+    write_text(f"{probe}/driver", "raylora")
+    visit = ray.remote(num_cpus=0, max_retries=0)(_visit)
+    try:
+        refs = {
+            n["NodeID"]: visit.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(probe, n["NodeID"])
+            for n in nodes
+        }
+        saw = dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
+        apart = [node for node, seen in saw.items() if not seen or read_text(f"{probe}/{node}") != "raylora"]
+    finally:
+        remove_dir(probe)
+    if apart:
+        where = ", ".join(f"{n[:12]}" for n in apart)
+        raise RuntimeError(
+            f"cluster.storage_path {storage} is not shared: node(s) {where} cannot see what this driver "
+            "writes there (or the other way round), so checkpoints would be lost or never found; use a "
+            "path every node mounts (NFS) or an object store URI (s3://..., gs://...)"
+        )
+
+
+def preflight(cfg: Config, storage: str, tracking_uri: str) -> None:
+    """Every check that needs the cluster, before any data or model work."""
+    nodes = alive_nodes()
+    check_resources(cfg, nodes)
+    check_tracking_reachable_from_nodes(tracking_uri, nodes)
+    check_shared_storage(storage, nodes)

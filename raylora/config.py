@@ -113,6 +113,7 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 100
     num_to_keep: int = 2
     group_by_length: bool = True
+    trace_data: bool = False  # record every micro-batch's record ids per rank in <run dir>/data_trace/
 
 
 @dataclass
@@ -125,6 +126,8 @@ class ClusterConfig:
     storage_path: str = "runs"  # local dir, NFS path or s3://bucket/prefix; shared by every node
     run_name: str | None = None  # default: derived from the config file name
     max_failures: int = 1
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray Train's workers)
+    autoscale: bool = False  # an autoscaler can add nodes: wait for resources instead of failing fast
     num_cpus: int | None = None  # only for a new local cluster
     object_store_memory: int | None = None  # bytes, only for a new local cluster
 
@@ -380,6 +383,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.cluster.num_workers < 1:
         raise ConfigError(f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
+    if cfg.cluster.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ConfigError(
+            f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+            f"got {cfg.cluster.placement_strategy!r}"
+        )
     if cfg.data.max_packed_tokens < 0:
         raise ConfigError(f"data.max_packed_tokens must be 0 (off) or > 0, got {cfg.data.max_packed_tokens}")
 

@@ -102,6 +102,36 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
+def read_text(uri: str) -> str | None:
+    """A small file's text (local path or URI such as ``s3://``), None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else absolute(uri))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small file (local path or URI), creating its folder."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else absolute(uri))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def remove_dir(uri: str) -> None:
+    """Delete a folder (local path or URI); nothing when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else absolute(uri))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Write a folder all at once: yields a temp folder next to ``target``, renamed to it on success.

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 
 from raylora import registry, tracking
 from raylora.cli import config_from_args, config_parser
-from raylora.cluster import init_ray
+from raylora.cluster import init_ray, preflight
 from raylora.config import Config, ConfigError, apply_override, validate
 from raylora.console import run_command
 from raylora.files import absolute, is_remote, redact
@@ -639,9 +639,10 @@ def start_sweep(cfg: Config, trials: int, resume: bool, output: Path) -> tuple[S
     tracking.check_tracking(tracking.tracking_uri(cfg))  # fails fast when the store is unreachable
     model_dir = check_paths(cfg)  # missing model or data: an error before the cluster starts
     init_ray(cfg)
-    concurrency = max_concurrent(cfg, _cluster_resources())
     name = cfg.cluster.run_name or f"{cfg.name}_sweep"
     storage = f"{absolute(cfg.cluster.storage_path).rstrip('/')}/{name}"
+    concurrency = max_concurrent(cfg, _cluster_resources())  # one trial must fit: before the checks below
+    preflight(trial_config(cfg, {}), absolute(cfg.cluster.storage_path), tracking.tracking_uri(cfg))
     prepared = prepare_data(cfg, model_dir, output)
     uri, exp_id, parent_run_id = open_parent_run(cfg, storage, name, trials, resume)
     records = ray.put(prepared.table)

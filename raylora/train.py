@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
-from raylora import tracking
+from raylora import runs, tracking
 from raylora.cli import config_from_args, config_parser
-from raylora.cluster import init_ray
+from raylora.cluster import init_ray, preflight
 from raylora.config import Config, save_config
 from raylora.console import run_command
 from raylora.data.pipeline import iter_rank_batches, rank_dataset
@@ -225,7 +223,32 @@ class LoRAFinetuneRecipe:
             cpus_per_actor=self.cfg.data.decode_cpus,
             max_packed_tokens=self.cfg.data.max_packed_tokens,
         )
-        return iter_rank_batches(dataset, first, self.world)
+        stream = iter_rank_batches(dataset, first, self.world)
+        return (
+            self.traced(stream) if self.cfg.train.trace_data and not is_remote(self.job.run_dir) else stream
+        )
+
+    def traced(self, stream):
+        """``train.trace_data``: every micro-batch's index, step, rank, node and record indices, appended
+        to ``<run dir>/data_trace/rank<r>.jsonl`` as it is consumed (restarts append their replay)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        path = Path(self.job.run_dir) / "data_trace" / f"rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for batch in stream:
+                index = int(batch["index"])
+                step = index // self.plan.microbatches_per_step + 1
+                records = batch["record_index"].tolist()
+                f.write(
+                    json.dumps(
+                        {"index": index, "step": step, "rank": self.rank, "node": node, "records": records}
+                    )
+                    + "\n"
+                )
+                f.flush()
+                yield batch
 
     def train(self) -> None:
         """The loop: an optimizer step every ``grad_accum`` micro-batches; log, evaluate, checkpoint."""
@@ -450,45 +473,6 @@ def validation_set(cfg: Config, model_dir: Path) -> ValidationSet | None:
     return ValidationSet(items, references, settings)
 
 
-def run_dir_of(cfg: Config) -> str:
-    """``<cluster.storage_path>/<cluster.run_name or config name>`` (a local path or a URI)."""
-    return f"{absolute(cfg.cluster.storage_path).rstrip('/')}/{cfg.cluster.run_name or cfg.name}"
-
-
-def latest_checkpoint(run_dir: str, world_size: int) -> tuple[int, str | None]:
-    """(step, uri) of the newest *complete* checkpoint under ``run_dir`` (local path or URI).
-
-    Complete means rank 0's train_state.json plus every rank's DeepSpeed shard, so a checkpoint
-    cut by a crash mid-upload, or one Ray had not registered yet when the driver died, is judged
-    by its files rather than by Ray's bookkeeping.
-    """
-    try:
-        fs, base = pafs.FileSystem.from_uri(run_dir)
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
-    except (OSError, ValueError):
-        return 0, None
-    best: tuple[int, str | None] = (0, None)
-    for info in infos:
-        if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith("checkpoint_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/train_state.json") as f:
-                step = int(json.loads(f.read())["step"])
-            files = [
-                i.base_name
-                for i in fs.get_file_info(pafs.FileSelector(f"{info.path}/ds/ds", allow_not_found=True))
-            ]
-        except (OSError, KeyError, ValueError):
-            continue
-        shards = [n for n in files if n.endswith("optim_states.pt")]
-        if len(shards) < world_size and "mp_rank_00_model_states.pt" not in files:
-            continue
-        if step > best[0]:
-            where = f"{run_dir.split('://')[0]}://{info.path}" if is_remote(run_dir) else info.path
-            best = (step, where)
-    return best
-
-
 def make_job(
     cfg: Config,
     model_dir: Path,
@@ -514,7 +498,7 @@ def make_job(
         cfg.train.max_steps,
     )
     planned = plan_microbatches(table, plan, cfg.train.seed, cfg.train.group_by_length, units=units)
-    start_step, resume_from = latest_checkpoint(run_dir, cfg.cluster.num_workers)
+    start_step, resume_from = runs.latest_checkpoint(run_dir, cfg.cluster.num_workers)
     fail_at = os.environ.get("RAYLORA_FAIL_AT_STEP")
     return TrainJob(
         cfg=cfg,
@@ -562,7 +546,10 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
         train_func,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=resources
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.cluster.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -577,11 +564,9 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
 def open_mlflow_run(cfg: Config, plan: BatchPlan, run_dir: str) -> tuple[str, str, str]:
     """(tracking uri, experiment id, run id): the run this run dir started before, or a new one."""
     uri, exp_id = tracking.setup(cfg)
-    marker = None if is_remote(run_dir) else Path(run_dir) / "mlflow_run_id"
-    if marker is not None and marker.is_file():
-        run_id = marker.read_text().strip()
-        if tracking.reopen_run(run_id, uri):
-            return uri, exp_id, run_id
+    known = runs.read_text(f"{run_dir}/mlflow_run_id")
+    if known and tracking.reopen_run(known.strip(), uri):
+        return uri, exp_id, known.strip()
     params = {
         **cfg.flat(),
         "trainable.grad_accum": plan.grad_accum,
@@ -601,9 +586,7 @@ def open_mlflow_run(cfg: Config, plan: BatchPlan, run_dir: str) -> tuple[str, st
         params=params,
         uri=uri,
     )
-    if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(run_id)
+    runs.write_text(f"{run_dir}/mlflow_run_id", run_id)
     return uri, exp_id, run_id
 
 
@@ -616,10 +599,13 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     tracking.check_tracking(tracking.tracking_uri(cfg))  # before any heavy work
     model_dir = check_paths(cfg)  # missing model or data: an error before the cluster starts
+    identity = runs.identity(cfg, model_dir)
+    run_dir = runs.run_dir(cfg, identity)
+    runs.claim(run_dir, identity)  # another config's run is never resumed
     init_ray(cfg)
+    preflight(cfg, absolute(cfg.cluster.storage_path), tracking.tracking_uri(cfg))
     prepared = prepare_data(cfg, model_dir, output_dir)
     validation = validation_set(cfg, model_dir)
-    run_dir = run_dir_of(cfg)
     job = make_job(cfg, model_dir, ray.put(prepared.table), run_dir, validation)
     uri, exp_id, run_id = open_mlflow_run(cfg, job.plan, run_dir)
     job.tracking_uri, job.mlflow_run_id = uri, run_id

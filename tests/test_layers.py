@@ -14,7 +14,7 @@ LAYERS = [
     ["data", "data.records", "data.tiling", "data.templates", "data.settings", "data.plan", "data.pipeline"],
     ["data.prepare"],
     ["model", "generation", "convert", "loss"],
-    ["tracking"],
+    ["tracking", "runs"],
     ["registry"],
     ["sources"],
     ["demo"],

@@ -80,14 +80,14 @@ def test_init_ray_starts_a_local_cluster_with_those_options_and_leaves_auth_on(
     cfg = Config()
     init_ray(cfg)
     (call,) = calls
-    assert call["address"] is None
+    assert call["address"] == "local"  # a new cluster, never a `ray start` one found on the machine
     assert {k: call[k] for k in local_cluster_options(cfg)} == local_cluster_options(cfg)
     assert call["dashboard_host"] == "127.0.0.1"
     assert "RAY_AUTH_MODE" not in call["runtime_env"]["env_vars"]
     assert "_system_config" not in call
     import os
 
-    assert "RAY_AUTH_MODE" not in os.environ  # raylora set nothing: Ray's default (token auth) applies
+    assert os.environ.get("RAY_AUTH_MODE", "token") == "token"  # never turned off by raylora
     assert "dashboard: http://127.0.0.1:8265" in capsys.readouterr().out
 
 
@@ -164,7 +164,8 @@ def test_every_ray_init_keeps_the_dashboard_on_localhost() -> None:
 
 
 def _auth_mode_writes(tree: ast.Module) -> list[ast.AST]:
-    """Places that set RAY_AUTH_MODE: environ[...] = ..., setdefault/putenv/update, env dict keys."""
+    """Places that set RAY_AUTH_MODE to anything but "token" (turning authentication on is fine):
+    environ[...] = ..., setdefault/putenv/update, env dict keys."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
@@ -172,8 +173,14 @@ def _auth_mode_writes(tree: ast.Module) -> list[ast.AST]:
             if isinstance(key, ast.Constant) and key.value == "RAY_AUTH_MODE":
                 found.append(node)
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in {"setdefault", "putenv"}:
+            token = (
+                len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value == "token"
+            )
             if node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "RAY_AUTH_MODE":
-                found.append(node)
+                if not token:
+                    found.append(node)
         elif isinstance(node, ast.Dict):
             found += [k for k in node.keys if isinstance(k, ast.Constant) and k.value == "RAY_AUTH_MODE"]
         elif isinstance(node, ast.keyword) and node.arg == "RAY_AUTH_MODE":  # dict(RAY_AUTH_MODE=...)
@@ -181,7 +188,7 @@ def _auth_mode_writes(tree: ast.Module) -> list[ast.AST]:
     return found
 
 
-def test_raylora_never_sets_ray_auth_mode() -> None:
+def test_raylora_never_turns_ray_auth_off() -> None:
     probe = ast.parse(
         "os.environ['RAY_AUTH_MODE'] = 'disabled'\nos.environ.setdefault('RAY_AUTH_MODE', 'disabled')\n"
         "env = {'RAY_AUTH_MODE': 'disabled'}\nenv.update(RAY_AUTH_MODE='disabled')\n"
@@ -192,7 +199,7 @@ def test_raylora_never_sets_ray_auth_mode() -> None:
         f"{p.relative_to(REPO)}:{i}"
         for p in _files(".sh", ".yaml", ".yml", ".json", ".toml")
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-        if re.search(r"RAY_AUTH_MODE\s*[=:]", line)
+        if re.search(r"RAY_AUTH_MODE\s*[=:]\s*(?!token\b)", line)
     ]
     assert not bad, bad
 

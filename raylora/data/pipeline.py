@@ -13,7 +13,8 @@ Columns:
 * ``logit_mask`` (the positions whose logits predict a label), ``target_logits`` (for each label
   token, the index of its predicting position among them) and ``target_ids``: the loss is the
   summed cross-entropy of ``logits[target_logits]`` against ``target_ids``;
-* ``samples``, ``label_tokens``, ``step_label_tokens`` (of the whole optimizer step, from the plan),
+* ``samples``, ``record_index`` (the records it holds: what a data trace records), ``label_tokens``,
+  ``step_label_tokens`` (of the whole optimizer step, from the plan),
   ``structured`` (1 when a row holds several units or a shared prefix: a 2D padding mask is not
   enough) and ``index`` (the micro-batch's global position in the plan).
 
@@ -53,6 +54,7 @@ class EncodedUnit:
     predictors: np.ndarray  # for each label token, the position whose logit predicts it
     targets: np.ndarray  # the label tokens
     samples: int
+    records: list[int]  # the records' indices in the validated records table
 
 
 class MicroBatchBuilder:
@@ -85,7 +87,16 @@ class MicroBatchBuilder:
             ids, labels = rows[0]
             supervised = np.nonzero(labels[1:] != IGNORE_INDEX)[0] + 1
             zeros = np.zeros(len(ids), np.int64)
-            return EncodedUnit(tiles, ids, np.arange(len(ids)), zeros, supervised - 1, labels[supervised], 1)
+            return EncodedUnit(
+                tiles,
+                ids,
+                np.arange(len(ids)),
+                zeros,
+                supervised - 1,
+                labels[supervised],
+                1,
+                [first["record"]],
+            )
         p = int(first["prefix_length"])
         prefix = rows[0][0][:p]
         ids, pos, branch, predictors, targets = [prefix], [np.arange(p)], [np.zeros(p, np.int64)], [], []
@@ -105,7 +116,10 @@ class MicroBatchBuilder:
             targets.append(labels[supervised])
             offset += len(answer)
         cat = np.concatenate
-        return EncodedUnit(tiles, cat(ids), cat(pos), cat(branch), cat(predictors), cat(targets), len(unit))
+        records = [s["record"] for s in unit]
+        return EncodedUnit(
+            tiles, cat(ids), cat(pos), cat(branch), cat(predictors), cat(targets), len(unit), records
+        )
 
     def pack(self, units: list[EncodedUnit]) -> list[list[int]]:
         """Rows of unit indices: one unit per row, or first-fit decreasing into ``max_packed_tokens``."""
@@ -172,6 +186,7 @@ class MicroBatchBuilder:
             "target_logits": np.searchsorted(kept, flat_predictors).astype(np.int64),
             "target_ids": target_ids.astype(np.int64),
             "samples": np.asarray(sum(u.samples for u in encoded), np.int64),
+            "record_index": np.asarray([r for u in encoded for r in u.records], np.int64),
             "label_tokens": np.asarray(len(target_ids), np.int64),
             "step_label_tokens": np.asarray(step_label_tokens or len(target_ids), np.int64),
             "structured": np.asarray(int(structured), np.int64),
@@ -246,7 +261,7 @@ def iter_rank_batches(dataset: Any, first_index: int, world_size: int) -> Iterat
 
     expected = first_index
     for batch in dataset.iter_torch_batches(batch_size=1, collate_fn=OneMicroBatch(), prefetch_batches=2):
-        index = int(batch.pop("index"))
+        index = int(batch["index"])
         if index != expected:
             raise RuntimeError(
                 f"micro-batch {index} arrived where the plan expects {expected}: the data stream is out "

@@ -162,7 +162,7 @@ def plan_microbatches(
     )
 
 
-SAMPLE_FIELDS = ("id", "source", "line", "images", "tiles", "conversations", "prefix_length")
+SAMPLE_FIELDS = ("id", "source", "line", "images", "tiles", "conversations", "prefix_length")  # + "record"
 
 
 def microbatch_records(
@@ -189,7 +189,8 @@ def microbatch_records(
     record_offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(units).to_numpy())])
     flat = pc.list_flatten(units)
     structs = pa.StructArray.from_arrays(
-        [records[f].combine_chunks().take(flat) for f in SAMPLE_FIELDS], names=list(SAMPLE_FIELDS)
+        [records[f].combine_chunks().take(flat) for f in SAMPLE_FIELDS] + [flat],
+        names=[*SAMPLE_FIELDS, "record"],  # the record's index in ``records``
     )
     per_unit = pa.ListArray.from_arrays(pa.array(record_offsets, pa.int32()), structs)
     per_mb = pa.ListArray.from_arrays(pa.array(unit_offsets, pa.int32()), per_unit)
