@@ -7,8 +7,7 @@ store on a multi-node cluster.
 A local cluster's dashboard listens on 127.0.0.1 only. Ray's token authentication (on by default for
 a new local cluster since Ray 2.60) stays on: raylora never disables it, and when it connects to an
 existing cluster with a token at hand (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or
-``RAY_AUTH_TOKEN``) it sends it: importing this module sets ``RAY_AUTH_MODE=token`` unless the
-environment says otherwise (Ray reads it once, at its own import).
+``RAY_AUTH_TOKEN``) it sends it, unless the environment sets ``RAY_AUTH_MODE`` itself.
 """
 
 from __future__ import annotations
@@ -56,14 +55,18 @@ def token_available() -> bool:
 
 
 def use_token_auth() -> None:
-    """With a token at hand, turn Ray's token authentication on (unless the environment says
-    otherwise): connecting to an existing cluster does not, and Ray reads RAY_AUTH_MODE once, when it
-    is imported. Called when this module is imported, before raylora imports ray anywhere."""
-    if token_available():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-use_token_auth()
+    """Connecting to an existing cluster, Ray turns token authentication on only for a cluster it
+    found by itself: with a token at hand (and RAY_AUTH_MODE unset), turn it on here too, the way
+    Ray does (it sets RAY_AUTH_MODE=token and refreshes its cached config)."""
+    if not token_available() or "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def init_ray(cfg: Config) -> None:
@@ -76,6 +79,8 @@ def init_ray(cfg: Config) -> None:
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(), "log_to_driver": True}
     if address is None:  # "local": a new cluster, even when a `ray start` one runs on this machine
         kwargs.update(local_cluster_options(cfg))
+    else:
+        use_token_auth()
     ctx = ray.init(address=address or "local", **kwargs)
     url = getattr(ctx, "dashboard_url", None)
     print(

@@ -596,7 +596,6 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     import ray.train
 
     output_dir = Path(output_dir or cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     tracking.check_tracking(tracking.tracking_uri(cfg))  # before any heavy work
     model_dir = check_paths(cfg)  # missing model or data: an error before the cluster starts
     identity = runs.identity(cfg, model_dir)
@@ -604,6 +603,7 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     runs.claim(run_dir, identity)  # another config's run is never resumed
     init_ray(cfg)
     preflight(cfg, absolute(cfg.cluster.storage_path), tracking.tracking_uri(cfg))
+    output_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run writes nothing there
     prepared = prepare_data(cfg, model_dir, output_dir)
     validation = validation_set(cfg, model_dir)
     job = make_job(cfg, model_dir, ray.put(prepared.table), run_dir, validation)

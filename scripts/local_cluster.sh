@@ -105,6 +105,11 @@ case $cmd in
             rm -f "$DIR/$name.pid"
         done
         if [ -n "$PRIVATE" ]; then umount "$PRIVATE" 2>/dev/null || true; fi
+        # ray start recorded this cluster as the machine's current one: forget it, as `ray stop` does
+        current=/tmp/ray/ray_current_cluster
+        if [ -f "$DIR/gcs.port" ] && [ -f "$current" ] && grep -q ":$(cat "$DIR/gcs.port")\$" "$current"; then
+            rm -f "$current"
+        fi
         echo "cluster down ($DIR)"
         ;;
     *)

@@ -50,6 +50,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a cluster of the session's own, whatever else runs on the machine
             num_cpus=2,
             object_store_memory=1 << 30,
             include_dashboard=True,
@@ -66,3 +67,16 @@ def tracking_uri(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(ray_cluster, tracking_uri, tmp_path_factory) -> Path:
+    """The short ZeRO-3 demo run (tests/test_restarts.py's SHORT) every restart drill is compared with."""
+    from raylora.cli import load
+    from raylora.train import run
+    from tests.test_restarts import overrides
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    summary = run(load("demo", overrides(root)))
+    assert summary["steps"] == 12
+    return root
