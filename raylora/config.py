@@ -84,6 +84,8 @@ class LoraConfig:
     init: str = "default"
 
 
+MERGE_RESOURCES = {"CPU": 1.0, "GPU": 0.0, "memory_gb": 0.0}  # sweep.merge_resources: keys, defaults
+
 # lora.init values (pissa_niter_<N> stands for pissa_niter_0, pissa_niter_4, ...)
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 
@@ -161,6 +163,15 @@ class SweepConfig:
     trials: int = 16
     alpha_ratio: float = 2.0  # lora.alpha = alpha_ratio * rank in every trial (0: keep lora.alpha)
     trial_overrides: dict[str, Any] = field(default_factory=dict)  # config keys set in every trial
+    # The final task, after the champion adapter is registered: merge it into a plain checkpoint on
+    # the cluster (a Ray task with these resources; memory_gb reserves that much of a node's RAM, so a
+    # large model lands on a node that can hold it) and register it as <name>-merged (servable).
+    merge: bool = True  # --no-merge: skip the final task
+    merge_resources: dict[str, float] = field(default_factory=lambda: dict(MERGE_RESOURCES))
+    merge_dtype: str = "fp32"  # fp32 | bf16: the merged weights
+    # Train the champion's configuration for the full schedule first (trials are truncated by
+    # trial_overrides), register that adapter, merge it instead of the trial's.
+    final_train: bool = False
 
 
 @dataclass
@@ -388,6 +399,15 @@ def validate(cfg: Config) -> None:
             f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
             f"got {cfg.cluster.placement_strategy!r}"
         )
+    s = cfg.sweep
+    unknown = sorted(set(s.merge_resources) - set(MERGE_RESOURCES))
+    if unknown or any(v < 0 for v in s.merge_resources.values()):
+        raise ConfigError(
+            f"sweep.merge_resources: keys among {', '.join(MERGE_RESOURCES)} with values >= 0, "
+            f"got {s.merge_resources}"
+        )
+    if s.merge_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"sweep.merge_dtype must be fp32 or bf16, got {s.merge_dtype!r}")
     if cfg.data.max_packed_tokens < 0:
         raise ConfigError(f"data.max_packed_tokens must be 0 (off) or > 0, got {cfg.data.max_packed_tokens}")
 

@@ -3,8 +3,9 @@ evaluation, training-time validation, sweeps and ``raylora.caption``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -60,9 +61,12 @@ class GenerationSettings:
 
 
 def prompt_batch(
-    conv_tok: ConversationTokenizer, settings: ImageSettings, paths: list[str], prompt: str
+    conv_tok: ConversationTokenizer,
+    settings: ImageSettings,
+    paths: Sequence[str | BinaryIO],
+    prompt: str,
 ) -> dict[str, np.ndarray]:
-    """Tiles + left-padded prompt ids for a list of image paths."""
+    """Tiles + left-padded prompt ids for a list of images (paths or binary file objects, each read once)."""
     tiles = [settings.tile(p) for p in paths]
     ids = [conv_tok.encode_prompt(prompt, [len(t)]) for t in tiles]
     pad = conv_tok.tokenizer.pad_token_id or 0
@@ -115,12 +119,12 @@ def generate_captions(
     model: Any,
     conv_tok: ConversationTokenizer,
     settings: ImageSettings,
-    paths: list[str],
+    paths: Sequence[str | BinaryIO],
     gen: GenerationSettings,
     synced_gpus: bool = False,
     progress: Any = None,
 ) -> list[str]:
-    """Captions for ``paths`` in order, ``gen.batch_size`` images at a time."""
+    """Captions for ``paths`` (image paths or binary file objects) in order, ``gen.batch_size`` at a time."""
     was_training = model.training
     model.eval()
     captions: list[str] = []

@@ -28,9 +28,11 @@ base weights would be off by that much. Then the reloaded model captions one ima
 Everything is written into a temp dir next to ``--output`` and renamed at the end: the output
 either does not exist or is complete. A non-empty output is refused without ``--overwrite``.
 
-``--register`` logs the merged dir as artifacts (``model/``) of a new MLflow run, tagged with the
+``--register`` logs the merged dir as an MLflow Model that captions images (a pyfunc model with the
+weights as its artifact ``model``, see :mod:`raylora.serving`) in a new MLflow run, tagged with the
 adapter's registry name, version and run, and registers it as ``<name>-merged``; its ``champion``
 alias moves when the merged adapter is the adapter champion (else by the adapter's ``cider`` tag).
+``mlflow.pyfunc.load_model`` and ``mlflow models serve`` take ``models:/<name>-merged@champion``.
 
 Exit codes: 0 done, 1 verification failed (nothing published), 2 bad arguments, source or output,
 3 published but not registered.
@@ -465,6 +467,40 @@ def adapter_lineage(source: ModelSource, name: str, uri: str) -> dict[str, Any]:
     return lineage
 
 
+def example_image(report: dict[str, Any], scratch: Path) -> str:
+    """The caption model's input example: the first verification image still on disk, else a demo one."""
+    for path in report.get("verify_images") or []:
+        if Path(path).is_file():
+            return str(path)
+    return verification_images(None, scratch, count=1)[0]
+
+
+def log_merged_model(
+    output: Path, run_id: str, uri: str, report: dict[str, Any], link: dict[str, Any]
+) -> Any:
+    """``output`` as the run's caption model (:func:`raylora.serving.log_caption_model`) and the merge's
+    numbers as its metrics; the run FINISHED, or FAILED (and the error raised)."""
+    from raylora.serving import log_caption_model  # imports mlflow: only when registering
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="raylora-example-") as scratch:
+            info = log_caption_model(
+                output,
+                run_id,
+                uri,
+                example_image(report, Path(scratch)),
+                metadata={"template": report.get("template"), **{k: v for k, v in link.items() if v}},
+            )
+        keys = ("max_abs_diff", "adapter_effect", "tolerance")
+        metrics = {f"merge_{k}": float(report[k]) for k in keys if report.get(k) is not None}
+        tracking.MetricLogger(uri, run_id).log(metrics, 0)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri)
+        raise
+    tracking.end_run(run_id, "FINISHED", uri)
+    return info
+
+
 def register_merged(
     output: Path,
     source: ModelSource,
@@ -473,7 +509,8 @@ def register_merged(
     experiment: str | None = None,
     metric_key: str = "cider",
 ) -> dict[str, Any]:
-    """Log ``output`` as artifacts of a new run and register it as ``<adapter name>-merged``.
+    """Log ``output`` as an MLflow Model that captions images (pyfunc, :mod:`raylora.serving`) in a new
+    run and register it as ``<adapter name>-merged``.
 
     The alias ``champion`` moves to it when its adapter holds the adapter's champion alias, else by
     ``metric_key`` (copied from the adapter's version tags) like any adapter registration.
@@ -499,27 +536,26 @@ def register_merged(
     }
     run_name = f"merge-{adapter_name}" + (f"-v{adapter['version']}" if adapter["version"] else "")
     run_id = tracking.create_run(experiment_id, run_name, tags={k: v for k, v in link.items() if v}, uri=uri)
-    try:
-        tracking.log_artifacts(run_id, output, "model", uri)
-        keys = ("max_abs_diff", "adapter_effect", "tolerance")
-        metrics = {f"merge_{k}": float(report[k]) for k in keys if report.get(k) is not None}
-        tracking.MetricLogger(uri, run_id).log(metrics, 0)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri)
-        raise
-    tracking.end_run(run_id, "FINISHED", uri)
+    info = log_merged_model(output, run_id, uri, report, link)
     metric = registry.metric_tag(adapter["tags"], metric_key)
     version, moved = registry.register_version(
         f"{adapter_name}-merged",
-        tracking.artifact_uri(run_id, "model", uri),
+        info.model_uri,
         run_id,
         tags={**link, "max_abs_diff": report.get("max_abs_diff")},
         metric_key=metric_key,
         metric_value=metric,
         force_alias=adapter["is_champion"] or metric is None,
         tracking_uri=uri,
+        model_id=info.model_id,
     )
-    return {"name": f"{adapter_name}-merged", "version": version, "alias_moved": moved, "run_id": run_id}
+    return {
+        "name": f"{adapter_name}-merged",
+        "version": version,
+        "alias_moved": moved,
+        "run_id": run_id,
+        "model_uri": info.model_uri,
+    }
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -2,7 +2,9 @@
 
 Adapters are registered as plain artifact folders: ``mlflow.register_model`` refuses those ("Unable
 to find a logged_model"), so :func:`register_version` creates the model version from the folder's
-artifact URI. The ``champion`` alias only moves to a version whose metric beats the current one.
+artifact URI. Merged models are logged MLflow Models (:mod:`raylora.serving`): their versions point
+at the logged model (``models:/<model id>``), as ``mlflow.register_model`` would. The ``champion``
+alias only moves to a version whose metric beats the current one.
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ def register_version(
     alias: str = "champion",
     force_alias: bool = False,
     tracking_uri: str | None = None,
+    model_id: str | None = None,
 ) -> tuple[int, bool]:
     """Register the artifact folder ``source_uri`` as a new version of ``name``; maybe move ``alias``.
 
-    ``source_uri`` is the folder's artifact URI or ``runs:/RUN_ID/PATH`` (resolved to it). The
+    ``source_uri`` is the folder's artifact URI or ``runs:/RUN_ID/PATH`` (resolved to it), or with
+    ``model_id`` (a model logged with ``mlflow.<flavour>.log_model``) ``models:/<model_id>``. The
     version gets ``tags`` plus ``metric_key`` = ``metric_value``. ``alias`` moves to it when there is
     no current holder, when the holder has no parsable ``metric_key`` tag, when ``metric_value`` is
     higher, or with ``force_alias``; a version without a metric never displaces a scored holder.
@@ -115,7 +119,8 @@ def register_version(
     if metric_value is not None:
         all_tags[metric_key] = repr(float(metric_value))
     _ensure_registered_model(c, name)
-    version = int(c.create_model_version(name, source=source_uri, run_id=run_id, tags=all_tags).version)
+    mv = c.create_model_version(name, source=source_uri, run_id=run_id, tags=all_tags, model_id=model_id)
+    version = int(mv.version)
     holder = version_by_alias(name, alias, tracking_uri)
     if force_alias or holder is None:
         move = True

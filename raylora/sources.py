@@ -9,7 +9,9 @@ optional PEFT adapter on top, and the chat template (plus system message) it was
 * a PEFT adapter dir with ``adapter_config.json`` (its base: ``raylora.json`` ``base_model``, else
   ``adapter_config.json`` ``base_model_name_or_path``), or a training output dir holding ``adapter/``;
 * an MLflow URI: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/PATH``, downloaded
-  once into ``<raylora cache>/mlflow/``.
+  once into ``<raylora cache>/mlflow/``;
+* an MLflow Model folder (``MLmodel``) whose pyfunc artifact ``model`` (or ``adapter``) holds one of
+  the above: the merged models that ``raylora.merge --register`` logs (:mod:`raylora.serving`).
 
 ``raylora.json`` next to the weights records the template, the system message and (for adapters)
 the base checkpoint. :func:`image_settings` is the one place that turns a model (tile size and
@@ -35,6 +37,8 @@ from raylora.files import cache_root, is_remote, redact
 from raylora.model import LLM_FAMILIES, RECORD, init_mutates_base, load_base_model, model_info, torch_dtype
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
+MLMODEL = "MLmodel"
+PYFUNC_WEIGHT_ARTIFACTS = ("model", "adapter")  # pyfunc artifacts that hold a checkpoint or an adapter
 TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 INFERENCE_MAX_LENGTH = 1 << 20  # inference: never reject a prompt for its length
 
@@ -258,7 +262,28 @@ def check_adapter_init(adapter_dir: Path, spec: str) -> None:
     )
 
 
+def pyfunc_weights(model_dir: Path) -> Path | None:
+    """The checkpoint or adapter folder inside an MLflow Model folder: its python_function flavour's
+    artifact ``model`` (or ``adapter``); None when ``model_dir`` is not such a folder."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((model_dir / MLMODEL).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    flavor = ((meta or {}).get("flavors") or {}).get("python_function") or {}
+    artifacts = flavor.get("artifacts") or {}
+    for name in PYFUNC_WEIGHT_ARTIFACTS:
+        rel = (artifacts.get(name) or {}).get("path")
+        target = (model_dir / rel).resolve() if rel else None
+        if target is not None and target.is_dir() and target.is_relative_to(model_dir.resolve()):
+            return target
+    return None
+
+
 def _resolve_local(path: Path, spec: str, base: str | None) -> ModelSource:
+    if (path / MLMODEL).is_file() and not (path / "config.json").is_file():
+        path = pyfunc_weights(path) or path
     if (path / "adapter_config.json").is_file():
         adapter_dir = path
     elif (path / "adapter" / "adapter_config.json").is_file():  # a training output dir
@@ -313,10 +338,11 @@ def _resolve_mlflow(spec: str, base: str | None, cache_dir: Path | None) -> Mode
         raise SourceError(f"{spec}: {e.message} (tracking store {redact(uri)})") from None
     except ValueError as e:
         raise SourceError(f"{spec}: {e}") from None
-    if not (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+    markers = ("adapter_config.json", "config.json", MLMODEL)
+    if not any((local / m).is_file() for m in markers):
         raise SourceError(
-            f"{spec}: the downloaded folder {local} holds neither an adapter (adapter_config.json) "
-            "nor a checkpoint (config.json)"
+            f"{spec}: the downloaded folder {local} holds neither an adapter (adapter_config.json), "
+            "a checkpoint (config.json) nor an MLflow Model (MLmodel)"
         )
     src = _resolve_local(local, spec, base)
     src.origin = origin

@@ -9,6 +9,12 @@ validation CIDEr it reports reaches Tune through Ray's TuneReportCallback, and A
 trials at its rungs. The search space is the config's ``sweep`` section. MLflow gets a parent run
 for the sweep and a child run per trial; the best trial's adapter is registered as a new version of
 the registered model, and its ``champion`` alias moves only if it beats the current champion.
+
+The final task (unless ``--no-merge``): the champion adapter is merged into a plain checkpoint by a
+Ray task with ``sweep.merge_resources`` (``raylora.merge``: verified, then registered as
+``<name>-merged``, an MLflow Model that ``mlflow models serve`` takes). With ``sweep.final_train``
+the champion's configuration is first trained for the full schedule (the trial overrides that
+truncate a trial dropped, :func:`final_config`), that adapter registered and merged instead.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import pyarrow.fs as pafs
 from raylora import registry, tracking
 from raylora.cli import config_from_args, config_parser
 from raylora.cluster import init_ray, preflight
-from raylora.config import Config, ConfigError, apply_override, validate
+from raylora.config import MERGE_RESOURCES, Config, ConfigError, apply_override, validate
 from raylora.console import run_command
 from raylora.files import absolute, is_remote, redact
+from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
 from raylora.sources import complete_adapter_dir
 from raylora.train import (
@@ -44,11 +51,25 @@ from raylora.train import (
     prepare_data,
     validation_set,
 )
+from raylora.train import run as train_run
 
 # ray (Tune) and mlflow are imported inside the functions that use them: --help and config errors stay fast.
 
 METRIC = "val_cider"
 TRIAL_FN_CPUS = 0.01  # the trial function itself (Tune + Train V2 need a non-zero reservation)
+# sweep.trial_overrides that shape a trial rather than the model it trains; the final training
+# (sweep.final_train) goes back to the base config's values for these, keeps the other overrides.
+TRIAL_ONLY_KEYS = (
+    "train.max_steps",  # the truncated schedule (the learning-rate schedule follows it)
+    "train.epochs",
+    "eval.every_n_steps",  # the ASHA rungs of the truncated schedule, and the cadences tied to them
+    "train.checkpoint_every_n_steps",
+    "train.log_every_n_steps",
+    "train.per_device_batch_size",  # a trial's share of the cluster (the global batch is kept)
+    "data.decode_actors",
+    "data.decode_cpus",
+)
+TRIAL_ONLY_SECTIONS = ("cluster",)
 
 
 # ------------------------------------------------------------------------------------ the space
@@ -82,15 +103,41 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
-def trial_config(base: Config, params: dict[str, Any]) -> Config:
-    """The base config with a trial's parameters and the sweep's per-trial overrides applied."""
+def with_params(base: Config, params: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    """The base config with ``overrides``, then a trial's parameters (lora.alpha from the rank)."""
     cfg = copy.deepcopy(base)
-    for key, value in {**cfg.sweep.trial_overrides, **params}.items():
+    for key, value in {**overrides, **params}.items():
         apply_override(cfg, key, value, "sweep")
     if cfg.sweep.alpha_ratio > 0:
         cfg.lora.alpha = int(round(cfg.sweep.alpha_ratio * cfg.lora.rank))
+    return cfg
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    """The base config with a trial's parameters and the sweep's per-trial overrides applied."""
+    cfg = with_params(base, params, base.sweep.trial_overrides)
     if cfg.eval.every_n_steps > 0:  # every report carries the objective (ASHA and the searcher need it)
         cfg.train.checkpoint_every_n_steps = cfg.eval.every_n_steps
+    validate(cfg)
+    return cfg
+
+
+def _trial_only(key: str) -> bool:
+    return key in TRIAL_ONLY_KEYS or key.split(".", 1)[0] in TRIAL_ONLY_SECTIONS
+
+
+def final_config(base: Config, params: dict[str, Any], run_name: str) -> Config:
+    """The champion's configuration for the full schedule (``sweep.final_train``): its trial config
+    with the overrides that truncate a trial or size it to share the cluster back at the base
+    config's values (TRIAL_ONLY_KEYS, ``cluster.*``). The other overrides stay, since the champion
+    was selected with them (e.g. the validation set, tiling, the caption protocol), and so do the
+    searched parameters. Its own ``cluster.run_name``: a run dir of its own, resumable."""
+    overrides: dict[str, Any] = {}
+    for key, value in base.sweep.trial_overrides.items():  # a whole section maps to its dotted keys
+        section = "." not in key and isinstance(value, dict)
+        overrides.update({f"{key}.{k}": v for k, v in value.items()} if section else {key: value})
+    cfg = with_params(base, params, {k: v for k, v in overrides.items() if not _trial_only(k)})
+    cfg.cluster.run_name = run_name
     validate(cfg)
     return cfg
 
@@ -124,6 +171,24 @@ def max_concurrent(cfg: Config, cluster: dict[str, float]) -> int:
             "lower cluster.num_workers / cpus_per_worker / gpus_per_worker in sweep.trial_overrides, or add nodes"
         )
     return min(fits, cfg.sweep.max_concurrent) if cfg.sweep.max_concurrent > 0 else fits
+
+
+def merge_need(cfg: Config) -> dict[str, float]:
+    """Ray resources of the final merge task (``sweep.merge_resources``; memory in bytes)."""
+    r = {**MERGE_RESOURCES, **cfg.sweep.merge_resources}
+    return {"CPU": r["CPU"], "GPU": r["GPU"], "memory": r["memory_gb"] * 2**30}
+
+
+def check_merge_fits(cfg: Config, nodes: list[dict[str, float]]) -> None:
+    """An error before the sweep starts when no node has what the final merge task asks for."""
+    need = {k: v for k, v in merge_need(cfg).items() if v > 0}
+    if not cfg.sweep.merge or any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for n in nodes):
+        return
+    have = [{k: round(n.get(k, 0.0) / (2**30 if k == "memory" else 1), 1) for k in need} for n in nodes]
+    raise RuntimeError(
+        f"the final merge needs {cfg.sweep.merge_resources} on one node but the nodes have {have} "
+        "(memory in GB): lower sweep.merge_resources, add a node, or skip the merge with --no-merge"
+    )
 
 
 # ------------------------------------------------------------------------------------- a trial
@@ -610,10 +675,103 @@ def register_champion(sweep: Sweep, best: dict[str, Any], output: Path) -> tuple
     return model_name, version, moved
 
 
+# ------------------------------------------------------------------------------ the final task
+
+
+def merge_task(
+    spec: str, output: str, name: str, tracking_uri: str, dtype: str, verify_images: list[str] | None
+) -> dict[str, Any]:
+    """(A Ray task.) ``raylora.merge`` of the adapter ``spec``: merged, verified, registered as
+    ``<name>-merged`` with the caption pyfunc flavour; returns merge_adapter's report."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return merge_adapter(
+        spec, output, dtype, overwrite=True, verify_images=verify_images, register=True, name=name
+    )
+
+
+def merge_on_cluster(sweep: Sweep, spec: str, name: str, output: Path) -> dict[str, Any]:
+    """:func:`merge_task` on a node with ``sweep.merge_resources`` (a new worker process, which exits
+    after it: a large model's memory goes back to the node); verified on two validation images."""
+    import ray
+
+    need = merge_need(sweep.cfg)
+    options: dict[str, Any] = {"num_cpus": need["CPU"], "num_gpus": need["GPU"], "max_calls": 1}
+    if need["memory"] > 0:
+        options["memory"] = int(need["memory"])
+    images = [item.image for item in sweep.validation.items[:2]] if sweep.validation else None
+    print(f"[sweep] merging {spec} into {output} (a Ray task: {sweep.cfg.sweep.merge_resources})", flush=True)
+    task = ray.remote(merge_task).options(**options)
+    dtype = sweep.cfg.sweep.merge_dtype
+    return ray.get(task.remote(spec, str(output), name, sweep.tracking_uri, dtype, images))
+
+
+def train_final(sweep: Sweep, summary: dict[str, Any], output: Path) -> dict[str, Any]:
+    """``sweep.final_train``: the champion's configuration for the full schedule (:func:`final_config`,
+    ``raylora.train``), its adapter registered as a new version (tags as the champion's, plus
+    ``final_train``); the run's numbers and that version."""
+    cfg = final_config(sweep.cfg, summary["best_params"], f"{sweep.name}_final")
+    print(f"[sweep] training the champion's configuration for the full schedule ({cfg.cluster.run_name})")
+    result = train_run(cfg, output / "final")
+    run_id = result["mlflow_run_id"]
+    version, moved = registry.register_version(
+        summary["registered_model"],
+        tracking.artifact_uri(run_id, "adapter", sweep.tracking_uri),
+        run_id,
+        tags={
+            "trial_id": summary["best_trial"],
+            "base_model": cfg.model.path,
+            "config_hash": cfg.fingerprint(),
+            "sweep": sweep.name,
+            "final_train": "true",
+        },
+        metric_key="cider",
+        metric_value=result.get("val_cider"),
+        tracking_uri=sweep.tracking_uri,
+    )
+    keys = ("steps", "val_cider", "mlflow_run_id")
+    return {**{k: result.get(k) for k in keys}, "version": version, "champion_moved": moved}
+
+
+def final_task(sweep: Sweep, summary: dict[str, Any], output: Path) -> dict[str, Any]:
+    """The sweep's last task (``sweep.merge``): the champion adapter, or with ``sweep.final_train``
+    the adapter of its configuration trained for the full schedule, merged on the cluster and
+    registered as ``<name>-merged``, a servable MLflow Model. Returns the summary's additions."""
+    name, version = summary["registered_model"], summary["version"]
+    added: dict[str, Any] = {}
+    if sweep.cfg.sweep.final_train:
+        added["final_train"] = train_final(sweep, summary, output)
+        version = added["final_train"]["version"]
+    report = merge_on_cluster(sweep, f"models:/{name}/{version}", name, output / "merged")
+    reg = report["registered"]
+    tracking.client(sweep.tracking_uri).set_tag(
+        sweep.parent_run_id, "merged_model", f"{reg['name']}/{reg['version']}"
+    )
+    print(
+        f"[sweep] merged {name} v{version} into {output / 'merged'}; registered {reg['name']} "
+        f"v{reg['version']}"
+        + (" as champion" if reg["alias_moved"] else " (champion kept: it scores higher)"),
+        flush=True,
+    )
+    return {
+        **added,
+        "merged_model": reg["name"],
+        "merged_version": reg["version"],
+        "merged_champion_moved": reg["alias_moved"],
+        "merged_from_version": version,
+        "merged_dir": str(output / "merged"),
+    }
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
 def run_sweep(
     cfg: Config, trials: int | None = None, resume: bool = False, output_dir: str | Path | None = None
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns the summary (best trial, registry version)."""
+    """Run (or resume) a sweep, then its final task (:func:`final_task`, unless ``sweep.merge`` is
+    off); returns the summary (best trial, registry versions), also in ``summary.json``."""
     trials = trials or cfg.sweep.trials
     output = Path(output_dir or Path(cfg.output_dir).parent / f"{cfg.name}_sweep")
     output.mkdir(parents=True, exist_ok=True)
@@ -629,7 +787,11 @@ def run_sweep(
     except BaseException:
         tracking.end_run(sweep.parent_run_id, "FAILED", sweep.tracking_uri)
         raise
-    return finish_sweep(sweep, trial_rows(results), output, time.time() - t0)
+    summary = finish_sweep(sweep, trial_rows(results), output, time.time() - t0)
+    if cfg.sweep.merge:
+        summary.update(final_task(sweep, summary, output))
+        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def start_sweep(cfg: Config, trials: int, resume: bool, output: Path) -> tuple[Sweep, int]:
@@ -642,6 +804,7 @@ def start_sweep(cfg: Config, trials: int, resume: bool, output: Path) -> tuple[S
     name = cfg.cluster.run_name or f"{cfg.name}_sweep"
     storage = f"{absolute(cfg.cluster.storage_path).rstrip('/')}/{name}"
     concurrency = max_concurrent(cfg, _cluster_resources())  # one trial must fit: before the checks below
+    check_merge_fits(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     preflight(trial_config(cfg, {}), absolute(cfg.cluster.storage_path), tracking.tracking_uri(cfg))
     prepared = prepare_data(cfg, model_dir, output)
     uri, exp_id, parent_run_id = open_parent_run(cfg, storage, name, trials, resume)
@@ -737,8 +900,14 @@ def main(argv: list[str] | None = None) -> int:
         "--searcher", choices=["optuna", "random"], help="search algorithm (default: sweep.searcher)"
     )
     parser.add_argument("--output", help="report directory (default: outputs/<config>_sweep)")
+    parser.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="skip the final task: merging the champion and registering it as <name>-merged (sweep.merge)",
+    )
     args = parser.parse_args(argv)
     extra = [f"sweep.searcher={args.searcher}"] if args.searcher else []
+    extra += ["sweep.merge=false"] if args.no_merge else []
     return run_command(
         lambda: run_sweep(config_from_args(args, extra), args.trials, args.resume, args.output)
     )

@@ -17,6 +17,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,17 @@ def reopen_run(run_id: str, uri: str | None = None) -> bool:
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     """FINISHED, FAILED or KILLED (runs opened by workers or trials would stay RUNNING otherwise)."""
     client(uri).set_terminated(run_id, status)
+
+
+@contextmanager
+def active_run(run_id: str, uri: str) -> Iterator[None]:
+    """``run_id`` as mlflow's active run in this process, for the fluent APIs that log into the active
+    run (``mlflow.pyfunc.log_model``); the run is FINISHED on exit, FAILED on an exception."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        yield
 
 
 class MetricLogger:

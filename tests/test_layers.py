@@ -17,6 +17,7 @@ LAYERS = [
     ["tracking", "runs"],
     ["registry"],
     ["sources"],
+    ["serving", "serving_model"],
     ["demo"],
     ["cli"],
     ["train", "evaluate", "sweep", "merge", "caption", "data.__main__", "__init__"],

@@ -13,7 +13,16 @@ import pytest
 
 from raylora.cli import load
 from raylora.config import ConfigError, load_config
-from raylora.sweep import default_point, max_concurrent, search_space, trial_config, trial_resources
+from raylora.sweep import (
+    check_merge_fits,
+    default_point,
+    final_config,
+    max_concurrent,
+    merge_need,
+    search_space,
+    trial_config,
+    trial_resources,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +72,56 @@ def test_concurrency_from_cluster_and_unfit_trials():
         max_concurrent(gpu, {"CPU": 64.0, "GPU": 4.0})
 
 
+def test_final_config_drops_the_overrides_that_shape_trials():
+    overrides = (
+        "sweep.trial_overrides={cluster: {num_workers: 1, cpus_per_worker: 0.5}, data.decode_cpus: 0.45, "
+        "train.max_steps: 20, eval.every_n_steps: 10, train.log_every_n_steps: 5, data.max_num: 4}"
+    )
+    cfg = load_config("demo", [overrides])
+    params = {"lora.rank": 8, "train.lr": 1e-3, "train.global_batch_size": 16}
+    trial = trial_config(cfg, params)
+    assert (trial.train.max_steps, trial.eval.every_n_steps, trial.cluster.num_workers) == (20, 10, 1)
+    final = final_config(cfg, params, "demo_sweep_final")
+    # the schedule, the rung cadence and the trial's share of the cluster: the base config's
+    assert (final.train.max_steps, final.eval.every_n_steps, final.train.checkpoint_every_n_steps) == (
+        150,
+        50,
+        50,
+    )
+    assert final.train.log_every_n_steps == 10
+    assert (final.cluster.num_workers, final.cluster.cpus_per_worker, final.data.decode_cpus) == (2, 0.5, 0.5)
+    # what the champion was selected with stays: its parameters and the other overrides
+    assert (final.lora.rank, final.lora.alpha, final.train.lr, final.train.global_batch_size) == (
+        8,
+        16,
+        1e-3,
+        16,
+    )
+    assert final.data.max_num == trial.data.max_num == 4 and final.data.val_size == trial.data.val_size
+    assert final.cluster.run_name == "demo_sweep_final" and cfg.cluster.run_name is None
+    recipe = load_config("internvl2_2b_coco")
+    full = final_config(recipe, {"lora.rank": 64, "train.lr": 1e-4}, "x")
+    assert trial_config(recipe, {}).train.max_steps == 400 and full.train.max_steps == -1  # the whole epoch
+    assert full.eval.every_n_steps == 200 and (full.lora.rank, full.lora.alpha) == (64, 128)
+
+
+def test_merge_resources_must_fit_one_node():
+    cfg = load_config("demo")
+    assert cfg.sweep.merge and merge_need(cfg) == {"CPU": 1.0, "GPU": 0.0, "memory": 0.0}
+    check_merge_fits(cfg, [{"CPU": 2.0}])
+    big = load_config("demo", ["sweep.merge_resources={CPU: 4, memory_gb: 200}"])
+    assert merge_need(big) == {"CPU": 4.0, "GPU": 0.0, "memory": 200 * 2**30}
+    nodes = [{"CPU": 8.0, "memory": 64 * 2**30}, {"CPU": 2.0, "memory": 512 * 2**30}]
+    with pytest.raises(RuntimeError, match="final merge needs .* --no-merge"):
+        check_merge_fits(big, nodes)
+    check_merge_fits(big, [*nodes, {"CPU": 16.0, "GPU": 8.0, "memory": 1024 * 2**30}])
+    check_merge_fits(load_config("demo", ["sweep.merge_resources={CPU: 64}", "sweep.merge=false"]), nodes)
+    with pytest.raises(ConfigError, match="sweep.merge_resources: keys among CPU, GPU, memory_gb"):
+        load_config("demo", ["sweep.merge_resources={cpus: 2}"])
+    with pytest.raises(ConfigError, match="merge_dtype"):
+        load_config("demo", ["sweep.merge_dtype=fp16"])
+
+
 def _sweep_overrides(tmp_path: Path) -> list[str]:
     return [
         f"cluster.storage_path={tmp_path / 'runs'}",
@@ -82,11 +141,12 @@ def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path, dem
 
     from raylora.sweep import run_sweep
 
-    cfg = load("demo", _sweep_overrides(tmp_path))
+    # base schedule 30 steps, trials truncated to 20 (trial_overrides); final training + merge at the end
+    cfg = load("demo", [*_sweep_overrides(tmp_path), "train.max_steps=30", "sweep.final_train=true"])
     summary = run_sweep(cfg, trials=4)
     assert summary["trials"] == 4 and summary["best_cider"] > 0
     client = MlflowClient(tracking_uri)
-    mv = client.get_model_version_by_alias("raylora-test-lora", "champion")
+    mv = client.get_model_version("raylora-test-lora", str(summary["version"]))  # the best trial's adapter
     assert float(mv.tags["cider"]) == pytest.approx(summary["best_cider"])
     assert (
         mv.tags["trial_id"] == summary["best_trial"]
@@ -110,13 +170,57 @@ def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path, dem
     assert report.is_file() and (report.parent / "cider_vs_lr.png").is_file()
     rows = json.loads((report.parent / "trials.json").read_text())
     assert max(r["cider"] or 0 for r in rows) == pytest.approx(summary["best_cider"])
+    _check_final_task(summary, client, demo_root)
+
+
+def _check_final_task(summary: dict, client, demo_root: Path) -> None:
+    """sweep.final_train: the champion's config for the base schedule, registered; then merged in a
+    Ray task and registered as <name>-merged with the caption pyfunc flavour."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from raylora.caption import caption_images
+
+    final = summary["final_train"]
+    assert final["steps"] == 30 and final["val_cider"] is not None  # the trial truncation (20) is gone
+    assert final["version"] == summary["version"] + 1 == summary["merged_from_version"]
+    fv = client.get_model_version("raylora-test-lora", str(final["version"]))
+    assert fv.tags["final_train"] == "true" and fv.tags["trial_id"] == summary["best_trial"]
+    assert fv.run_id == final["mlflow_run_id"]
+    assert summary["merged_model"] == "raylora-test-lora-merged"
+    merged = client.get_model_version("raylora-test-lora-merged", str(summary["merged_version"]))
+    assert merged.tags["adapter_version"] == str(final["version"])
+    assert merged.tags["adapter_run_id"] == final["mlflow_run_id"]
+    saved = json.loads((Path(summary["report"]).parent / "summary.json").read_text())
+    assert saved["merged_version"] == summary["merged_version"] and saved["final_train"] == final
+    uri = f"models:/raylora-test-lora-merged/{summary['merged_version']}"
+    assert (
+        mlflow.models.get_model_info(uri).flavors["python_function"]["loader_module"].endswith("code_model")
+    )
+    image = str(sorted((demo_root / "data" / "val").glob("*.jpg"))[0])
+    data = pd.DataFrame({"image": [base64.b64encode(Path(image).read_bytes()).decode()]})
+    caption = mlflow.pyfunc.load_model(uri).predict(data)
+    print(f"merged champion's caption of {Path(image).name}: {caption}")
+    assert caption == caption_images(summary["merged_dir"], [image])
 
 
 @pytest.mark.slow
 def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path):
     """Kill the sweep driver once a trial has finished; --resume completes without re-running it."""
     overrides = _sweep_overrides(tmp_path) + ["sweep.max_concurrent=1"]
-    cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "2", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raylora.sweep",
+        "--config",
+        "demo",
+        "--trials",
+        "2",
+        "--no-merge",
+        *overrides,
+    ]
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
@@ -153,7 +257,7 @@ def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path)
     for name, ckpts in done_before.items():
         assert sorted(p.name for p in (trials / name).glob("checkpoint_*")) == ckpts  # not run again
     summary = json.loads((tmp_path / "out" / "demo_sweep" / "summary.json").read_text())
-    assert summary["trials"] == 2
+    assert summary["trials"] == 2 and "merged_model" not in summary  # --no-merge
 
 
 def test_sweep_report_into_the_parent_run(tracking_uri, tmp_path):

@@ -35,7 +35,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, ImageFile
 
@@ -428,8 +428,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (grayscale, CMYK, palette and RGBA converted; alpha over white)."""
+def load_rgb(path: str | BinaryIO) -> Image.Image:
+    """Open an image (a path or a binary file object) as RGB (grayscale, CMYK, palette and RGBA
+    converted; alpha over white)."""
     return to_rgb(Image.open(path))
 
 

@@ -5,6 +5,7 @@ validation, evaluation and captioning (built from a model and a config by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -32,7 +33,8 @@ class ImageSettings:
     def tiles_for(self, width: int, height: int) -> int:
         return num_tiles(width, height, self.image_size, self.min_num, self.max_num, self.use_thumbnail)
 
-    def tile(self, path: str) -> np.ndarray:
+    def tile(self, path: str | BinaryIO) -> np.ndarray:
+        """uint8 tiles of an image file (a path, or a binary file object such as ``io.BytesIO``)."""
         return tile_image(load_rgb(path), self.image_size, self.min_num, self.max_num, self.use_thumbnail)
 
     def conversation_tokenizer(self) -> ConversationTokenizer:
