@@ -16,15 +16,28 @@ RECIPE_CONFIG = "internvl2_2b_coco"
 RECIPE_PATHS = ("pretrained/InternVL2-2B", "data/coco")  # the tutorial's layout
 
 
-def default_config_name() -> str:
-    """The recipe when its model and data are present in the working directory, else the demo."""
-    if all(Path(p).exists() for p in RECIPE_PATHS):
+def default_config_name(overrides: list[str] | None = None) -> str:
+    """The recipe when its model and data are present in the working directory, else the demo
+    (with a line saying which parts of the run are the demo's and which are the command line's)."""
+    missing = [p for p in RECIPE_PATHS if not Path(p).exists()]
+    if not missing:
         return RECIPE_CONFIG
-    print(
-        f"[raylora] {RECIPE_PATHS[0]} and {RECIPE_PATHS[1]} not found: running the built-in demo (tune_configs/demo.yaml)",
-        flush=True,
-    )
+    print(demo_notice(missing, load_config(DEMO, overrides)), flush=True)
     return DEMO
+
+
+def demo_notice(missing: list[str], cfg: Config) -> str:
+    """The line that says why the demo config runs (the recipe paths ``missing``) and, for the model
+    and the data, whether they are the demo's or the user's (``model.path`` / ``data.train`` given)."""
+    model = "the demo's model" if cfg.model.path == DEMO else f"your model (model.path={cfg.model.path})"
+    data = "the demo's data" if cfg.data.train == DEMO else f"your data (data.train={cfg.data.train})"
+    why = " and ".join(missing) + " not found"
+    if len(missing) < len(RECIPE_PATHS):
+        present = next(p for p in RECIPE_PATHS if p not in missing)
+        why += f" ({present} is there, but the recipe needs both)"
+    return (
+        f"[raylora] {why}: running the built-in demo config (tune_configs/demo.yaml) with {model} and {data}"
+    )
 
 
 def config_parser(prog: str, doc: str | None, overrides_example: str) -> argparse.ArgumentParser:
@@ -70,4 +83,5 @@ def load(name: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
-    return load(args.config or default_config_name(), list(args.overrides) + (extra or []))
+    overrides = list(args.overrides) + (extra or [])
+    return load(args.config or default_config_name(overrides), overrides)

@@ -99,3 +99,64 @@ def test_round_trip():
     cfg = load_config("internvl2_2b_coco", ["train.lr=2e-5"])
     assert config_from_dict(cfg.to_dict()) == cfg
     assert cfg.fingerprint() != load_config("internvl2_2b_coco").fingerprint()
+
+
+# ------------------------------------------------------------------- the recipe-or-demo default
+
+NOTICE = "running the built-in demo config (tune_configs/demo.yaml) with"
+
+
+@pytest.mark.parametrize(
+    "present, why",
+    [
+        ((), "pretrained/InternVL2-2B and data/coco not found:"),
+        (
+            ("data/coco",),
+            "pretrained/InternVL2-2B not found (data/coco is there, but the recipe needs both):",
+        ),
+        (
+            ("pretrained/InternVL2-2B",),
+            "data/coco not found (pretrained/InternVL2-2B is there, but the recipe needs both):",
+        ),
+    ],
+    ids=["both missing", "model missing", "data missing"],
+)
+@pytest.mark.parametrize(
+    "overrides, parts",
+    [
+        ([], "the demo's model and the demo's data"),
+        (
+            ["data.train=/d/train.jsonl", "data.root=/d"],
+            "the demo's model and your data (data.train=/d/train.jsonl)",
+        ),
+        (["model.path=/m/InternVL2-1B"], "your model (model.path=/m/InternVL2-1B) and the demo's data"),
+        (
+            ["model={path: /m/x}", "data.train=/d/t.jsonl"],
+            "your model (model.path=/m/x) and your data (data.train=/d/t.jsonl)",
+        ),
+    ],
+    ids=["nothing given", "data given", "model given", "both given"],
+)
+def test_demo_default_says_whose_model_and_data(
+    tmp_path, monkeypatch, capsys, present, why, overrides, parts
+):
+    """Without the recipe's model and data in the working directory the demo config runs: the line
+    says which of the recipe paths are missing and whether model and data are the demo's or the user's."""
+    from raylora.cli import default_config_name
+
+    monkeypatch.chdir(tmp_path)
+    for path in present:
+        (tmp_path / path).mkdir(parents=True)
+    assert default_config_name(overrides) == "demo"
+    out = capsys.readouterr().out.strip()
+    assert out == f"[raylora] {why} {NOTICE} {parts}"
+
+
+def test_recipe_default_when_its_model_and_data_are_there(tmp_path, monkeypatch, capsys):
+    from raylora.cli import default_config_name
+
+    monkeypatch.chdir(tmp_path)
+    for path in ("pretrained/InternVL2-2B", "data/coco"):
+        (tmp_path / path).mkdir(parents=True)
+    assert default_config_name(["data.train=/d/train.jsonl"]) == "internvl2_2b_coco"
+    assert capsys.readouterr().out == ""
