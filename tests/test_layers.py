@@ -20,7 +20,7 @@ LAYERS = [
     ["serving", "serving_model"],
     ["demo"],
     ["cli"],
-    ["train", "evaluate", "sweep", "merge", "caption", "data.__main__", "__init__"],
+    ["train", "evaluate", "sweep", "merge", "caption", "data.__main__", "__init__", "__main__"],
 ]
 LAYER = {f"raylora.{m}" if m != "__init__" else "raylora": i for i, ms in enumerate(LAYERS) for m in ms}
 
