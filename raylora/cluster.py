@@ -19,18 +19,21 @@ from typing import Any
 
 from raylora.config import Config
 from raylora.files import read_text, redact, remove_dir, write_text
+from raylora.monitoring import state_tracking_env
 
 # ray is imported inside the functions: it takes seconds, and config errors should not wait for it.
 
 
 def runtime_env() -> dict[str, Any]:
-    """Environment for every Ray process: a persistent DeepSpeed op cache, quiet tokenizers."""
+    """Environment for every Ray process: a persistent DeepSpeed op cache, quiet tokenizers, Ray
+    Train's state tracking (the dashboard's Train view; also for a sweep trial's trainer)."""
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 would tee every worker print through its logger (shown twice)
     env = {
         "TORCH_EXTENSIONS_DIR": extensions,
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        **state_tracking_env(),
     }
     for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME"):
         if os.environ.get(key):
@@ -54,6 +57,25 @@ def token_available() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
 
 
+def token_auth_on() -> bool:
+    """This process talks to Ray with token authentication (``RAY_AUTH_MODE``, else Ray's own mode)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:  # a Ray without token authentication
+        return False
+    return is_token_auth_enabled()
+
+
+def dashboard_line(url: str, address: str | None) -> str:
+    """The line that names the cluster and its dashboard, and how to get in (never the token)."""
+    where = "at " + redact(address) if address else "started locally"
+    login = " (it asks for a token: paste what `ray get-auth-token` prints)" if token_auth_on() else ""
+    return f"[ray] cluster {where}; dashboard: http://{url}{login}"
+
+
 def use_token_auth() -> None:
     """Connecting to an existing cluster, Ray turns token authentication on only for a cluster it
     found by itself: with a token at hand (and RAY_AUTH_MODE unset), turn it on here too, the way
@@ -70,7 +92,8 @@ def use_token_auth() -> None:
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to ``cluster.address`` / RAY_ADDRESS, or start a local cluster; print the dashboard URL."""
+    """Connect to ``cluster.address`` / RAY_ADDRESS, or start a local cluster; print the dashboard URL
+    and how to authenticate there."""
     import ray
 
     if ray.is_initialized():
@@ -83,12 +106,7 @@ def init_ray(cfg: Config) -> None:
         use_token_auth()
     ctx = ray.init(address=address or "local", **kwargs)
     url = getattr(ctx, "dashboard_url", None)
-    print(
-        f"[ray] cluster {'at ' + redact(address) if address else 'started locally'}; dashboard: http://{url}"
-        if url
-        else "[ray] connected",
-        flush=True,
-    )
+    print(dashboard_line(url, address) if url else "[ray] connected", flush=True)
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         print("[ray] token authentication is off (RAY_AUTH_MODE=disabled in the environment)", flush=True)
 

@@ -51,6 +51,7 @@ from raylora.model import (
     save_adapter,
     torch_dtype,
 )
+from raylora.monitoring import TrainMetrics, enable_train_state_tracking
 from raylora.sources import complete_adapter_dir, image_settings, resolve_model_dir
 
 # torch, deepspeed, ray and transformers are imported inside the functions that run on the workers
@@ -92,6 +93,19 @@ class TrainJob:
     @property
     def finished(self) -> bool:
         return self.resume_from is not None and self.start_step >= self.plan.total_steps
+
+    @property
+    def run_name(self) -> str:
+        """The Ray Train run's name (the dashboard's): the run folder's."""
+        return self.run_dir.rstrip("/").rsplit("/", 1)[1]
+
+    def __str__(self) -> str:
+        """What Ray Train's state tracking shows of the job (the dashboard's run settings): a summary,
+        never the whole config or the tracking URI (which may carry credentials)."""
+        return (
+            f"TrainJob(run_dir={redact(self.run_dir)}, model_dir={redact(self.model_dir)}, "
+            f"steps={self.plan.total_steps}, start_step={self.start_step})"
+        )
 
 
 # ====================================================================================== the recipe
@@ -138,6 +152,7 @@ class LoRAFinetuneRecipe:
             if self.is_rank0 and job.mlflow_run_id and job.tracking_uri
             else None
         )
+        self.ray_metrics = TrainMetrics(job.run_name) if self.is_rank0 else None  # Prometheus, Grafana
 
     def setup(self) -> None:
         """Model, LoRA, optimizer, scheduler and the DeepSpeed engine."""
@@ -317,6 +332,8 @@ class LoRAFinetuneRecipe:
             metrics["grad_norm"] = float(grad_norm)
         if self.logger is not None:
             self.logger.log(metrics, self.step)
+        if self.ray_metrics is not None:
+            self.ray_metrics.record({**metrics, "step": self.step})
         rate = (self.step - self.started[0]) / max(time.time() - self.started[1], 1e-9)
         eta = (self.plan.total_steps - self.step) / rate if rate > 0 else float("inf")
         self.print(
@@ -349,6 +366,8 @@ class LoRAFinetuneRecipe:
         metrics = {"val_cider": float(cider(val.references, captions)), "val_images": len(captions)}
         if self.logger is not None:
             self.logger.log(metrics, self.step)
+        if self.ray_metrics is not None:
+            self.ray_metrics.record(metrics)
         self.print(
             f"[eval] step {self.step}: val CIDEr {metrics['val_cider']:.3f} on {len(captions)} images ({gen.decoding})"
         )
@@ -538,10 +557,11 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
     from ray.train.torch import TorchTrainer
 
     cfg = job.cfg
+    enable_train_state_tracking()  # the dashboard's Train view: read when the trainer is built
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
-    storage, run_name = job.run_dir.rstrip("/").rsplit("/", 1)
+    storage = job.run_dir.rstrip("/").rsplit("/", 1)[0]
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job},
@@ -552,7 +572,7 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
             placement_strategy=cfg.cluster.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=run_name,
+            name=job.run_name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
