@@ -302,6 +302,9 @@ def build_tuner(sweep: Sweep, trials: int, concurrency: int, restore: bool) -> A
         max_t=max(trial_defaults.train.max_steps, 1),
         grace_period=cfg.sweep.grace_period * max(trial_defaults.eval.every_n_steps, 1),
         reduction_factor=cfg.sweep.reduction_factor,
+        # a trial at max_t is at its last step and ends by itself: Tune does not kill it there, so
+        # its Train run ends FINISHED on the dashboard (a trial a rung stops shows ABORTED)
+        stop_last_trials=False,
     )
     return tune.Tuner(
         trainable,
