@@ -700,12 +700,12 @@ def merge_on_cluster(sweep: Sweep, spec: str, name: str, output: Path) -> dict[s
     import ray
 
     need = merge_need(sweep.cfg)
-    options: dict[str, Any] = {"num_cpus": need["CPU"], "num_gpus": need["GPU"], "max_calls": 1}
+    options: dict[str, Any] = {"num_cpus": need["CPU"], "num_gpus": need["GPU"]}
     if need["memory"] > 0:
         options["memory"] = int(need["memory"])
     images = [item.image for item in sweep.validation.items[:2]] if sweep.validation else None
     print(f"[sweep] merging {spec} into {output} (a Ray task: {sweep.cfg.sweep.merge_resources})", flush=True)
-    task = ray.remote(merge_task).options(**options)
+    task = ray.remote(max_calls=1)(merge_task).options(**options)  # a fresh process, exits after
     dtype = sweep.cfg.sweep.merge_dtype
     return ray.get(task.remote(spec, str(output), name, sweep.tracking_uri, dtype, images))
 

@@ -36,7 +36,7 @@ from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_unit
 from raylora.data.prepare import Prepared, prepare
 from raylora.data.records import EvalItem, read_gt, read_karpathy
 from raylora.data.settings import ImageSettings
-from raylora.files import absolute, is_remote, redact
+from raylora.files import absolute, atomic_dir, is_remote, redact
 from raylora.generation import GenerationSettings, generate_captions
 from raylora.loss import forward_loss, to_device
 from raylora.metrics import cider
@@ -657,12 +657,10 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
 
 def write_outputs(job: TrainJob, checkpoint_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
     """<output>/adapter (PEFT + tokenizer + processor files), config.yaml, metrics.json."""
-    adapter = output_dir / "adapter"
-    if adapter.exists():
-        shutil.rmtree(adapter)
-    shutil.copytree(checkpoint_dir / "adapter", adapter)
     cfg = job.cfg
-    complete_adapter_dir(adapter, Path(job.model_dir), cfg.model.template, cfg.model.system_message)
+    with atomic_dir(output_dir / "adapter", overwrite=True) as adapter:  # a crash leaves the old one whole
+        shutil.copytree(checkpoint_dir / "adapter", adapter, dirs_exist_ok=True)
+        complete_adapter_dir(adapter, Path(job.model_dir), cfg.model.template, cfg.model.system_message)
     save_config(cfg, output_dir / "config.yaml")
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
 

@@ -80,6 +80,7 @@ def test_train_on_both_nodes_through_the_tracking_server(cluster, tmp_path):
         "eval.every_n_steps=3",
         "data.val_size=16",
         "train.trace_data=true",
+        "train.log_every_n_steps=1",
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nodes = {

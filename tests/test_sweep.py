@@ -207,20 +207,13 @@ def _check_final_task(summary: dict, client, demo_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path):
-    """Kill the sweep driver once a trial has finished; --resume completes without re-running it."""
+def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri, tmp_path):
+    """Kill the sweep driver mid-trial (one trial finished, the next past its first checkpoint);
+    --resume does not rerun the finished trial, restarts the interrupted one from its checkpoint, in
+    the same MLflow parent and child runs."""
     overrides = _sweep_overrides(tmp_path) + ["sweep.max_concurrent=1"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "raylora.sweep",
-        "--config",
-        "demo",
-        "--trials",
-        "2",
-        "--no-merge",
-        *overrides,
-    ]
+    cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "2", "--no-merge"]
+    cmd += overrides
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
@@ -242,22 +235,46 @@ def test_sweep_resume_skips_finished_trials(ray_cluster, tracking_uri, tmp_path)
                 done.append(trials / results[-1]["trial_id"])
         return done
 
-    deadline = time.time() + 400
-    while time.time() < deadline and not finished():
+    def interrupted() -> list[Path]:
+        """Trials with a checkpoint that have not finished."""
+        done = set(finished())
+        return [
+            d for d in trials.glob("*") if d not in done and list(d.glob("checkpoint_*/train_state.json"))
+        ]
+
+    deadline = time.time() + 600
+    while not (finished() and interrupted()):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(1)
+        assert time.time() < deadline, "no trial finished with another one past its checkpoint"
+        time.sleep(0.3)
     proc.kill()
     proc.wait()
     done_before = {d.name: sorted(p.name for p in d.glob("checkpoint_*")) for d in finished()}
-    assert done_before
+    (cut,) = interrupted()
+    cut_steps = sorted(json.loads(p.read_text())["step"] for p in cut.glob("checkpoint_*/train_state.json"))
+    cut_run = (cut / "mlflow_run_id").read_text()
+    parent = json.loads((sweep_dir / "raylora_sweep.json").read_text())["parent_run_id"]
     resumed = subprocess.run(
         [*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-4000:]
     for name, ckpts in done_before.items():
         assert sorted(p.name for p in (trials / name).glob("checkpoint_*")) == ckpts  # not run again
+    assert f"resumed from the checkpoint at step {cut_steps[-1]}/" in log  # not from step 0
+    assert (cut / "mlflow_run_id").read_text() == cut_run
     summary = json.loads((tmp_path / "out" / "demo_sweep" / "summary.json").read_text())
     assert summary["trials"] == 2 and "merged_model" not in summary  # --no-merge
+    assert summary["parent_run_id"] == parent
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert len(children) == 2 and cut_run in {r.info.run_id for r in children}
+    steps = [m.step for m in client.get_metric_history(cut_run, "val_cider")]
+    assert sorted(steps) == [10, 20]  # each rung once: the resumed part continued the same run
 
 
 def test_sweep_report_into_the_parent_run(tracking_uri, tmp_path):
