@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,24 @@ def runtime_env() -> dict[str, Any]:
     for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME"):
         if os.environ.get(key):
             env[key] = os.environ[key]
-    return {"env_vars": env}
+    # Every Ray process connects its own subprocesses and Ray's state API calls to this cluster, not
+    # to whichever one it finds (Ray Train's placement-group cleaner otherwise stops on "Found
+    # multiple active Ray instances" when two clusters run on one machine, and leaks the group).
+    return {"env_vars": env, "worker_process_setup_hook": _pin_ray_address()}
+
+
+def _pin_ray_address() -> Callable[[], None]:
+    """Ray's ``worker_process_setup_hook``: ``RAY_ADDRESS`` is the cluster this worker belongs to.
+    A closure, so Ray ships it by value: it runs before a worker can import raylora."""
+
+    def pin_ray_address() -> None:
+        import os
+
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+    return pin_ray_address
 
 
 def local_cluster_options(cfg: Config) -> dict[str, Any]:

@@ -174,3 +174,24 @@ def test_a_changed_config_never_reuses_another_run(ray_cluster, tracking_uri, tm
     err = capsys.readouterr().err
     assert "holds a run of another config" in err and "lora.rank: 16 then, 8 now" in err
     assert not (tmp_path / "r8").exists()
+
+
+def test_workers_use_their_own_cluster(ray_cluster):
+    """Every Ray process has RAY_ADDRESS = its own cluster (the setup hook of raylora's runtime env):
+    Ray's state API calls from workers (Ray Train's placement-group cleaner after a trial is stopped)
+    must not stop on "Found multiple active Ray instances" when another cluster runs on the machine."""
+    import os
+
+    @ray_cluster.remote(num_cpus=0)
+    def address() -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    @ray_cluster.remote(num_cpus=0)
+    class Probe:
+        def address(self) -> str | None:
+            return os.environ.get("RAY_ADDRESS")
+
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    probe = Probe.remote()
+    assert ray_cluster.get([address.remote(), probe.address.remote()]) == [gcs, gcs]
+    ray_cluster.kill(probe)
