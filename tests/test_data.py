@@ -721,7 +721,8 @@ def test_ray_pipeline_end_to_end(ray_cluster, demo_settings, demo_base_model):
     for rank, batches in enumerate(per_rank):
         for k, batch in enumerate(batches):
             expected = local[first + rank + 2 * k]
-            assert set(batch) == set(expected)
+            assert int(batch["index"]) == first + rank + 2 * k  # the plan's index, checked on arrival too
+            assert set(batch) - {"index"} == set(expected)
             assert all(np.array_equal(batch[c], expected[c]) for c in expected)
     batch = per_rank[0][0]
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == batch["num_tiles"].sum()

@@ -225,22 +225,23 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     sweep_dir = tmp_path / "runs" / "demo_sweep"
     trials = sweep_dir / "trials"
 
+    def steps(trial: Path) -> list[int]:
+        """The steps of the trial's checkpoints (each complete once its train_state.json is there)."""
+        found = []
+        for path in trial.glob("checkpoint_*/train_state.json"):
+            try:
+                found.append(json.loads(path.read_text())["step"])
+            except (OSError, ValueError):  # being copied in right now
+                pass
+        return sorted(found)
+
     def finished() -> list[Path]:
-        """Trials Tune has recorded as done (their last result has done=true)."""
-        done = []
-        for d in sweep_dir.glob("run_trial_*"):
-            lines = (d / "result.json").read_text().splitlines() if (d / "result.json").is_file() else []
-            results = [json.loads(x) for x in lines if x.strip()]
-            if any(r.get("done") for r in results):
-                done.append(trials / results[-1]["trial_id"])
-        return done
+        """Trials whose last step (20, sweep.trial_overrides) is checkpointed."""
+        return [d for d in trials.glob("*") if 20 in steps(d)]
 
     def interrupted() -> list[Path]:
-        """Trials with a checkpoint that have not finished."""
-        done = set(finished())
-        return [
-            d for d in trials.glob("*") if d not in done and list(d.glob("checkpoint_*/train_state.json"))
-        ]
+        """Trials past a checkpoint, not finished."""
+        return [d for d in trials.glob("*") if steps(d) and 20 not in steps(d)]
 
     deadline = time.time() + 600
     while not (finished() and interrupted()):
@@ -251,7 +252,7 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     proc.wait()
     done_before = {d.name: sorted(p.name for p in d.glob("checkpoint_*")) for d in finished()}
     (cut,) = interrupted()
-    cut_steps = sorted(json.loads(p.read_text())["step"] for p in cut.glob("checkpoint_*/train_state.json"))
+    cut_steps = steps(cut)
     cut_run = (cut / "mlflow_run_id").read_text()
     parent = json.loads((sweep_dir / "raylora_sweep.json").read_text())["parent_run_id"]
     resumed = subprocess.run(
