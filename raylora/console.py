@@ -370,34 +370,3 @@ def step_progress(total: int, start: int = 0) -> Iterator[ProgressChannel]:
         yield channel
     finally:
         channel.close()
-
-
-class LiveBlock:
-    """Lines redrawn in place on a terminal (e.g. the sweep's trial table); nothing otherwise. It
-    holds no stream until used (it may be pickled, as part of a Tune callback)."""
-
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
-        self._stream, self._tty = stream, tty
-        self.height = 0
-
-    @property
-    def stream(self) -> TextIO:
-        return self._stream or sys.stdout
-
-    @property
-    def tty(self) -> bool:
-        return is_terminal(self.stream) if self._tty is None else self._tty
-
-    def update(self, lines: list[str]) -> None:
-        if not self.tty:
-            return
-        erase = f"\x1b[{self.height}A\r\x1b[J" if self.height else ""
-        self.stream.write(erase + "".join(f"{line}\n" for line in lines))
-        self.stream.flush()
-        self.height = len(lines)
-
-    def clear(self) -> None:
-        if self.tty and self.height:
-            self.stream.write(f"\x1b[{self.height}A\r\x1b[J")
-            self.stream.flush()
-        self.height = 0

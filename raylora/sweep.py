@@ -37,7 +37,7 @@ from raylora import console, registry, tracking
 from raylora.cli import config_from_args, config_parser
 from raylora.cluster import init_ray, preflight
 from raylora.config import MERGE_RESOURCES, Config, ConfigError, apply_override, validate
-from raylora.console import LiveBlock, run_command
+from raylora.console import run_command
 from raylora.files import absolute, is_remote, redact
 from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
@@ -319,13 +319,12 @@ def build_tuner(sweep: Sweep, trials: int, concurrency: int, restore: bool) -> A
 
 class TrialBoard:
     """The trials as the console shows them, in place of Tune's status tables and per-trial boxes:
-    on a terminal one live table (state, step, val CIDEr, parameters) redrawn at every event;
-    otherwise one line per trial event (started, scored, stopped early, completed, failed).
-    ``finish_sweep`` prints the final table."""
+    one line per trial event (started, scored, stopped early, completed, failed); ``finish_sweep``
+    prints the one table, at the end. Lines rather than a table redrawn in place: they stay readable
+    in a log, and other output (a Ray warning) cannot garble them."""
 
-    def __init__(self, block: LiveBlock | None = None, echo: Any = print) -> None:
+    def __init__(self, echo: Any = print) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
-        self.block = block or LiveBlock()
         self.echo = echo
 
     def event(self, trial_id: str, params: dict[str, Any], update: dict[str, Any], text: str | None) -> None:
@@ -334,19 +333,8 @@ class TrialBoard:
             trial_id, {"params": dict(params), "state": "pending", "step": 0, "total": None, "cider": None}
         )
         row.update({k: v for k, v in update.items() if v is not None})
-        if text is None:
-            return
-        if not self.block.tty:
+        if text is not None:
             self.echo(f"[sweep] trial {trial_id} {text}", flush=True)
-            return
-        lines = ["[sweep] trial         state          step      val CIDEr  parameters"]
-        for tid, r in self.rows.items():
-            step = f"{r['step']}/{r['total']}" if r["total"] else "-"
-            cider = f"{r['cider']:.3f}" if r["cider"] is not None else "-"
-            lines.append(
-                f"        {tid:<13} {r['state']:<14} {step:<9} {cider:<10} {_short_params(r['params'])}"
-            )
-        self.block.update(lines)
 
     def started(self, trial_id: str, params: dict[str, Any]) -> None:
         self.event(trial_id, params, {"state": "running"}, f"started: {_short_params(params)}")
@@ -392,9 +380,6 @@ def trial_board() -> Any:
             except Exception:
                 why = f"see {trial.error_file}"
             self.board.failed(trial.trial_id, trial.config, why)
-
-        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-            self.board.block.clear()
 
     return TrialBoardCallback()
 
