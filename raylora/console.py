@@ -4,9 +4,10 @@ By default a command shows its own lines: where things are (dashboard, MLflow ru
 the data report, one progress bar, the validation scores and the summary. The libraries' notices and
 warnings that do not concern the user are switched off where they start: Python warnings filters and
 logger levels here (:func:`quiet_libraries`), Ray's ``log_to_driver`` and logging level
-(``raylora.cluster``), Ray Train's and Tune's verbosity, Ray Data's console handler. Worker processes
-keep their full logs in the Ray session's log folder. ``--verbose`` (or ``RAYLORA_VERBOSE=1``) leaves
-every library at its defaults, for debugging.
+(``raylora.cluster``), Tune's verbosity, Ray Data's console handler. The Ray processes get the same
+environment and write their output to the Ray session's log folder, not to the console.
+``--verbose`` (or ``RAYLORA_VERBOSE=1``) leaves every library at its defaults and streams every Ray
+process's output to the console, for debugging.
 
 Errors: one readable ``error: ...`` line on stderr, and the traceback in a log file under the output
 folder (:func:`run_command`).
