@@ -249,8 +249,8 @@ class StepProgress:
     any of ``metrics`` (a logged step) and ``line`` (a line to print: validation CIDEr, notices).
     """
 
-    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, tty: bool | None = None):
-        self.total, self.start = total, start
+    def __init__(self, total: int, stream: TextIO | None = None, tty: bool | None = None):
+        self.total = total
         self.stream = stream or sys.stdout
         self.tty = is_terminal(self.stream) if tty is None else tty
         self.bar: Any = None
@@ -363,10 +363,11 @@ def send(queue: Any, event: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def step_progress(total: int, start: int = 0) -> Iterator[ProgressChannel]:
-    """A :class:`ProgressChannel` to a :class:`StepProgress` on stdout, closed (bar finished, every
-    event shown) on exit."""
-    channel = ProgressChannel(StepProgress(total, start))
+def step_progress(total: int) -> Iterator[ProgressChannel]:
+    """A :class:`ProgressChannel` to a :class:`StepProgress` of ``total`` steps on stdout, closed (bar
+    finished, every event shown) on exit. The bar starts at the first step rank 0 reports (a resumed
+    run's, after its checkpoint)."""
+    channel = ProgressChannel(StepProgress(total))
     try:
         yield channel
     finally:

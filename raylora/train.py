@@ -667,7 +667,7 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     )
     t0 = time.time()
     try:
-        with console.step_progress(plan.total_steps, job.start_step) as channel:
+        with console.step_progress(plan.total_steps) as channel:
             job.progress = channel.queue
             notice = worker_failure_notice(channel.queue, cfg.cluster.max_failures)
             result = build_trainer(job, callbacks=[notice]).fit()
