@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from raylora.cli import model_spec
-from raylora.console import run_command
+from raylora.console import add_verbose_flag, run_command
 from raylora.generation import GenerationSettings, generate_captions
 from raylora.sources import load_model, resolve_source
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--base", metavar="DIR", help="base checkpoint of an adapter (default: the one it records)"
     )
+    add_verbose_flag(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_num < 1 or args.num_beams < 1:
         p.error("--batch-size, --max-num and --num-beams must be at least 1")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}\t{caption}", flush=True)
         print(f"[caption] {len(captions)} images in {time.time() - t0:.1f}s", file=sys.stderr)
 
-    return run_command(body)
+    return run_command(body, command="caption", verbose_flag=args.verbose)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from raylora import demo
 from raylora.config import Config, ConfigError, load_config
+from raylora.console import add_verbose_flag
 from raylora.data.templates import TEMPLATES
 
 DEMO = "demo"  # model.path / data.train / --model value that selects the built-in demo assets
@@ -51,6 +52,7 @@ def config_parser(prog: str, doc: str | None, overrides_example: str) -> argpars
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}"
     )
+    add_verbose_flag(parser)
     return parser
 
 

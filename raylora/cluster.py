@@ -12,6 +12,7 @@ existing cluster with a token at hand (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_P
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raylora.config import Config
+from raylora.console import quiet_env, verbose
 from raylora.files import read_text, redact, remove_dir, write_text
 from raylora.monitoring import state_tracking_env
 
@@ -27,7 +29,8 @@ from raylora.monitoring import state_tracking_env
 
 def runtime_env() -> dict[str, Any]:
     """Environment for every Ray process: a persistent DeepSpeed op cache, quiet tokenizers, Ray
-    Train's state tracking (the dashboard's Train view; also for a sweep trial's trainer)."""
+    Train's state tracking (the dashboard's Train view; also for a sweep trial's trainer), the
+    console's verbosity (raylora.console)."""
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 would tee every worker print through its logger (shown twice)
     env = {
@@ -35,6 +38,7 @@ def runtime_env() -> dict[str, Any]:
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         **state_tracking_env(),
+        **quiet_env(),
     }
     for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME"):
         if os.environ.get(key):
@@ -109,6 +113,16 @@ def use_token_auth() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def console_options() -> dict[str, Any]:
+    """``ray.init`` keywords for the console: by default the workers' output stays in their log files
+    (the Ray session's ``logs/`` folder; training progress reaches the driver through its own channel,
+    errors as exceptions) and Ray's driver-side logging shows warnings and errors only; ``--verbose``
+    streams every worker's output to the console, Ray's defaults."""
+    if verbose():
+        return {"log_to_driver": True}
+    return {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to ``cluster.address`` / RAY_ADDRESS, or start a local cluster; print the dashboard URL
     and how to authenticate there."""
@@ -117,7 +131,7 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env(), "log_to_driver": True}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env(), **console_options()}
     if address is None:  # "local": a new cluster, even when a `ray start` one runs on this machine
         kwargs.update(local_cluster_options(cfg))
     else:

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from raylora.console import add_verbose_flag, run_command, verbose
 from raylora.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 from raylora.files import atomic_dir, cache_root, file_lock
 from raylora.model import LLM_FAMILIES
@@ -979,6 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         help="maximum size of one safetensors file, e.g. 5GB or 500MB (default: %(default)s)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     if _is_nonempty_dir(args.dst) and not args.overwrite:
@@ -987,12 +989,20 @@ def main(argv: list[str] | None = None) -> int:
         parse_size(args.max_shard_size)
     except ValueError as e:
         parser.error(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = _convert(args.src, args.dst, args.max_shard_size, args.overwrite)
-    except (ConversionError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_command(
+        lambda: _report(args),
+        codes=[((ConversionError, FileExistsError, FileNotFoundError), 1)],
+        command="convert",
+        verbose_flag=args.verbose,
+    )
+
+
+def _report(args: argparse.Namespace) -> None:
+    # the conversion's own progress lines (INFO); other libraries' INFO records only with --verbose
+    level = logging.INFO if verbose() else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    summary = _convert(args.src, args.dst, args.max_shard_size, args.overwrite)
     size = summary.total_bytes
     shown = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
     print(
@@ -1000,7 +1010,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(summary.weight_files)} file(s)); LLM family {summary.llm_family} -> native "
         f"{summary.text_model_type}; wrote {summary.path}"
     )
-    return 0
 
 
 if __name__ == "__main__":

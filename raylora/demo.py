@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from raylora.console import run_command
+from raylora.console import add_verbose_flag, run_command
 from raylora.data.pipeline import iter_microbatches
 from raylora.data.plan import make_plan, plan_microbatches
 from raylora.data.prepare import prepare
@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rebuild", action="store_true", help="delete the cached demo assets and build them again"
     )
+    add_verbose_flag(p)
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(demo_dir(), ignore_errors=True)
         print(ensure_demo())
 
-    return run_command(body)
+    return run_command(body, command="demo", verbose_flag=args.verbose)
 
 
 if __name__ == "__main__":

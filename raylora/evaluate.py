@@ -33,7 +33,7 @@ from raylora import tracking
 from raylora.cli import config_from_args, config_parser, model_spec
 from raylora.cluster import init_ray
 from raylora.config import Config, ConfigError
-from raylora.console import run_command
+from raylora.console import log_errors_to, run_command
 from raylora.data.pipeline import quiet_progress
 from raylora.data.records import load_rgb, read_gt, read_karpathy
 from raylora.data.settings import ImageSettings
@@ -347,12 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in (items, gt):
             if not Path(p).is_file():
                 raise FileNotFoundError(f"evaluation file not found: {p}")
+        output = Path(args.output or Path(cfg.output_dir) / f"eval_{args.split}")
+        log_errors_to(output)
         spec = model_spec(args.model) if args.model else default_model(cfg)
         init_ray(cfg)
-        output = Path(args.output or Path(cfg.output_dir) / f"eval_{args.split}")
         evaluate(spec, cfg, items, gt, root, output, args.limit, log_mlflow=not args.no_mlflow)
 
-    return run_command(body)
+    return run_command(body, command="evaluate", verbose_flag=args.verbose)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from typing import Any
 
 from raylora import registry, tracking
 from raylora.config import Config
-from raylora.console import run_command
+from raylora.console import add_verbose_flag, run_command
 from raylora.data.templates import ConversationTokenizer, get_template
 from raylora.data.tiling import normalize
 from raylora.demo import demo_dir, draw_scenes
@@ -594,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "--name", help="registry name of the adapter (default: NAME of --model-uri models:/NAME...)"
     )
     p.add_argument("--experiment", help="MLflow experiment of the merge run when the adapter has no run")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
     return run_command(
         lambda: merge_adapter(
@@ -610,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             experiment=args.experiment,
         ),
         codes=[(MergeError, 1), (RegistrationError, 3)],
+        command="merge",
+        verbose_flag=args.verbose,
     )
 
 

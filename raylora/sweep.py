@@ -33,7 +33,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raylora import registry, tracking
+from raylora import console, registry, tracking
 from raylora.cli import config_from_args, config_parser
 from raylora.cluster import init_ray, preflight
 from raylora.config import MERGE_RESOURCES, Config, ConfigError, apply_override, validate
@@ -306,14 +306,85 @@ def build_tuner(sweep: Sweep, trials: int, concurrency: int, restore: bool) -> A
         # its Train run ends FINISHED on the dashboard (a trial a rung stops shows ABORTED)
         stop_last_trials=False,
     )
+    # the searcher limits concurrency itself (Tune would warn that max_concurrent_trials is ignored)
     return tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(
-            num_samples=trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency
+        tune_config=tune.TuneConfig(num_samples=trials, search_alg=searcher, scheduler=scheduler),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=tune_storage,
+            verbose=1 if console.verbose() else 0,
+            callbacks=[trial_board()],
         ),
-        run_config=ray.tune.RunConfig(name=name, storage_path=tune_storage, verbose=1),
     )
+
+
+class TrialBoard:
+    """The trials as the console shows them, in place of Tune's status tables and per-trial boxes:
+    one line per trial event (started, scored, stopped early, completed, failed); ``finish_sweep``
+    prints the one table, at the end. Lines rather than a table redrawn in place: they stay readable
+    in a log, and other output (a Ray warning) cannot garble them."""
+
+    def __init__(self, echo: Any = print) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.echo = echo
+
+    def event(self, trial_id: str, params: dict[str, Any], update: dict[str, Any], text: str | None) -> None:
+        """A trial's new state (``update``: state, step, total, cider) and what happened, if worth a line."""
+        row = self.rows.setdefault(
+            trial_id, {"params": dict(params), "state": "pending", "step": 0, "total": None, "cider": None}
+        )
+        row.update({k: v for k, v in update.items() if v is not None})
+        if text is not None:
+            self.echo(f"[sweep] trial {trial_id} {text}", flush=True)
+
+    def started(self, trial_id: str, params: dict[str, Any]) -> None:
+        self.event(trial_id, params, {"state": "running"}, f"started: {_short_params(params)}")
+
+    def result(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        update = {"step": result.get("step"), "total": result.get("total_steps"), "cider": result.get(METRIC)}
+        scored = update["cider"] is not None
+        text = f"step {update['step']}/{update['total']}: val CIDEr {update['cider']:.3f}" if scored else None
+        self.event(trial_id, params, update, text)
+
+    def complete(self, trial_id: str, params: dict[str, Any]) -> None:
+        row = self.rows.get(trial_id, {"step": 0, "total": None})
+        state = "completed" if row["total"] is not None and row["step"] >= row["total"] else "stopped early"
+        self.event(trial_id, params, {"state": state}, f"{state} at step {row['step']}")
+
+    def failed(self, trial_id: str, params: dict[str, Any], why: str) -> None:
+        self.event(trial_id, params, {"state": "failed"}, f"failed: {why}")
+
+
+def trial_board() -> Any:
+    """A Tune callback (on the driver) feeding a :class:`TrialBoard`."""
+    from ray.tune import Callback
+
+    class TrialBoardCallback(Callback):
+        def __init__(self) -> None:
+            self.board = TrialBoard()
+
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self.board.started(trial.trial_id, trial.config)
+
+        def on_trial_result(
+            self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
+        ) -> None:
+            self.board.result(trial.trial_id, trial.config, result)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self.board.complete(trial.trial_id, trial.config)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            try:
+                error = trial.get_pickled_error()
+                why = console.headline(error, typed=True) if error is not None else f"see {trial.error_file}"
+            except Exception:
+                why = f"see {trial.error_file}"
+            self.board.failed(trial.trial_id, trial.config, why)
+
+    return TrialBoardCallback()
 
 
 def trial_rows(results: Any) -> list[dict[str, Any]]:
@@ -770,13 +841,18 @@ def final_task(sweep: Sweep, summary: dict[str, Any], output: Path) -> dict[str,
 # ------------------------------------------------------------------------------------- the run
 
 
+def sweep_output(cfg: Config, output_dir: str | Path | None = None) -> Path:
+    """The sweep's report folder: ``--output``, else ``<output_dir's parent>/<config name>_sweep``."""
+    return Path(output_dir or Path(cfg.output_dir).parent / f"{cfg.name}_sweep")
+
+
 def run_sweep(
     cfg: Config, trials: int | None = None, resume: bool = False, output_dir: str | Path | None = None
 ) -> dict[str, Any]:
     """Run (or resume) a sweep, then its final task (:func:`final_task`, unless ``sweep.merge`` is
     off); returns the summary (best trial, registry versions), also in ``summary.json``."""
     trials = trials or cfg.sweep.trials
-    output = Path(output_dir or Path(cfg.output_dir).parent / f"{cfg.name}_sweep")
+    output = sweep_output(cfg, output_dir)
     output.mkdir(parents=True, exist_ok=True)
     sweep, concurrency = start_sweep(cfg, trials, resume, output)
     print(
@@ -911,9 +987,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = [f"sweep.searcher={args.searcher}"] if args.searcher else []
     extra += ["sweep.merge=false"] if args.no_merge else []
-    return run_command(
-        lambda: run_sweep(config_from_args(args, extra), args.trials, args.resume, args.output)
-    )
+
+    def body() -> dict[str, Any]:
+        cfg = config_from_args(args, extra)
+        console.log_errors_to(sweep_output(cfg, args.output))
+        return run_sweep(cfg, args.trials, args.resume, args.output)
+
+    return run_command(body, command="sweep", verbose_flag=args.verbose)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylora import runs, tracking
+from raylora import console, runs, tracking
 from raylora.cli import config_from_args, config_parser
 from raylora.cluster import init_ray, preflight
 from raylora.config import Config, save_config
-from raylora.console import run_command
+from raylora.console import run_command, send, step_line
 from raylora.data.pipeline import iter_rank_batches, rank_dataset
 from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_units, unit_lengths
 from raylora.data.prepare import Prepared, prepare
@@ -89,6 +89,7 @@ class TrainJob:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     fail_at_step: int | None = None  # RAYLORA_FAIL_AT_STEP: crash one worker once (the fault drill)
+    progress: Any = None  # the driver's progress queue (raylora.console); None: rank 0 prints its lines
 
     @property
     def finished(self) -> bool:
@@ -147,6 +148,8 @@ class LoRAFinetuneRecipe:
         self.is_rank0 = self.rank == 0
         self.device = ray.train.torch.get_device()
         self.step = 0
+        self.progress = job.progress if self.is_rank0 else None
+        self.last_tick = 0.0
         self.logger = (
             tracking.MetricLogger(job.tracking_uri, job.mlflow_run_id)
             if self.is_rank0 and job.mlflow_run_id and job.tracking_uri
@@ -276,6 +279,7 @@ class LoRAFinetuneRecipe:
             if micro % accum:
                 continue
             self.step += 1
+            self.tick()
             self.fault_drill()
             done = self.step >= total
             if done or self.step % cfg.train.log_every_n_steps == 0:
@@ -336,10 +340,11 @@ class LoRAFinetuneRecipe:
             self.ray_metrics.record({**metrics, "step": self.step})
         rate = (self.step - self.started[0]) / max(time.time() - self.started[1], 1e-9)
         eta = (self.plan.total_steps - self.step) / rate if rate > 0 else float("inf")
-        self.print(
-            f"[train] step {self.step}/{self.plan.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-            f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s"
-        )
+        shown = {**metrics, "eta": eta}
+        if self.progress is not None:
+            self.send({"step": self.step, "metrics": shown})
+        elif self.is_rank0:
+            print(step_line(self.step, self.plan.total_steps, shown), flush=True)
         return metrics["loss"]
 
     def evaluate(self) -> dict[str, float]:
@@ -397,8 +402,23 @@ class LoRAFinetuneRecipe:
             raise RuntimeError(f"RAYLORA_FAIL_AT_STEP: simulated worker crash at step {self.step}")
 
     def print(self, text: str) -> None:
-        if self.is_rank0:
+        """A line for the user: through the driver's progress display, or printed by rank 0."""
+        if self.progress is not None:
+            self.send({"step": self.step, "line": text})
+        elif self.is_rank0:
             print(text, flush=True)
+
+    def tick(self) -> None:
+        """The step, to the driver's progress bar, at most once a second."""
+        if self.progress is not None and time.time() - self.last_tick >= 1.0:
+            self.last_tick = time.time()
+            self.send({"step": self.step})
+
+    def send(self, event: dict[str, Any]) -> None:
+        if not send(self.progress, event):  # the driver is gone: training goes on, printing its lines
+            self.progress = None
+            if "line" in event:
+                print(event["line"], flush=True)
 
 
 class StepWindow:
@@ -551,6 +571,27 @@ def check_packing(cfg: Config, records: Any, units: list[list[int]]) -> None:
         )
 
 
+def worker_failure_notice(queue: Any, max_failures: int) -> Any:
+    """A Ray Train callback (on the controller) that tells the driver's console which worker failed
+    and why when FailureConfig restarts the workers from the latest checkpoint (a failure past
+    ``cluster.max_failures`` fails the run: the driver's error line says it)."""
+    from ray.train import UserCallback
+
+    class WorkerFailureNotice(UserCallback):
+        failures = 0
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            self.failures += 1
+            if 0 <= max_failures < self.failures:
+                return
+            for rank, error in sorted(worker_exceptions.items()):
+                why = console.headline(error, typed=True)
+                line = f"[train] worker rank {rank} failed ({why}): restarting from the latest checkpoint"
+                send(queue, {"line": line})
+
+    return WorkerFailureNotice()
+
+
 def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
     """The TorchTrainer of a job: scaling, storage, checkpoints and failure handling."""
     import ray.train
@@ -640,12 +681,16 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     print(
         f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
         f"({cfg.cluster.num_workers} workers x {cfg.train.per_device_batch_size} x {plan.grad_accum} accumulation)"
-        + (f", resuming at step {job.start_step}" if job.start_step else ""),
+        + (f", resuming at step {job.start_step}" if job.start_step else "")
+        + f"; outputs: {output_dir}",
         flush=True,
     )
     t0 = time.time()
     try:
-        result = build_trainer(job).fit()
+        with console.step_progress(plan.total_steps) as channel:
+            job.progress = channel.queue
+            notice = worker_failure_notice(channel.queue, cfg.cluster.max_failures)
+            result = build_trainer(job, callbacks=[notice]).fit()
     except BaseException:
         tracking.end_run(run_id, "FAILED", uri)
         raise
@@ -713,7 +758,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser("python -m raylora.train", __doc__, "train.lr=1e-4 lora.rank=16")
     parser.add_argument("--output", help="output directory (default: the config's output_dir)")
     args = parser.parse_args(argv)
-    return run_command(lambda: run(config_from_args(args), args.output))
+
+    def body() -> dict[str, Any]:
+        cfg = config_from_args(args)
+        output = Path(args.output or cfg.output_dir)
+        console.log_errors_to(output)
+        return run(cfg, output)
+
+    return run_command(body, command="train", verbose_flag=args.verbose)
 
 
 if __name__ == "__main__":

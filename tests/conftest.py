@@ -14,6 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+@pytest.fixture(autouse=True)
+def error_logs_in_tmp(tmp_path_factory, monkeypatch):
+    """Commands run in-process log their errors under the session's temporary folder, not under
+    ~/.cache/raylora/logs (a command that knows its output folder still logs there)."""
+    from raylora import console
+
+    monkeypatch.setattr(console, "_log_dir", tmp_path_factory.getbasetemp() / "error-logs")
+
+
 @pytest.fixture(scope="session")
 def demo_root() -> Path:
     """The cached demo assets (built on first use, ~2 minutes, then reused)."""

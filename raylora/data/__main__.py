@@ -16,7 +16,7 @@ from pathlib import Path
 
 from raylora.cli import DEMO, RECIPE_PATHS, model_spec
 from raylora.config import DataConfig, ModelConfig
-from raylora.console import run_command
+from raylora.console import add_verbose_flag, run_command
 from raylora.data.prepare import prepare
 from raylora.data.records import DataError
 from raylora.model import model_info
@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         help="stop at the first bad row (exit 1), naming file, line and reason",
     )
     c.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    add_verbose_flag(c)
     args = parser.parse_args(argv)
-    return run_command(lambda: check(args))
+    return run_command(lambda: check(args), command="data-check", verbose_flag=args.verbose)
 
 
 if __name__ == "__main__":

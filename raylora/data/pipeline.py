@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raylora.console import verbose
 from raylora.data.plan import microbatch_records
 from raylora.data.records import DataError
 from raylora.data.settings import ImageSettings
@@ -279,9 +280,18 @@ def to_torch(batch: dict[str, np.ndarray], device: Any = "cpu") -> dict[str, Any
 
 
 def quiet_progress() -> None:
-    """Ray Data's per-operator progress bars flood non-interactive logs; training prints its own."""
+    """Ray Data's per-operator progress bars flood non-interactive logs; training prints its own.
+    Without ``--verbose`` its console notices go too ("Progress bars disabled", "execution finished
+    in ..."): warnings and errors of the ``ray.data`` logger below ERROR stay in its log file."""
+    import logging
+
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:  # Ray Data's console handler; its file stays
+        if getattr(handler, "name", None) == "console":
+            handler.setLevel(logging.ERROR)
