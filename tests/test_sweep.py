@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -211,7 +212,7 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     """Kill the sweep driver mid-trial (one trial finished, the next past its first checkpoint);
     --resume does not rerun the finished trial, restarts the interrupted one from its checkpoint, in
     the same MLflow parent and child runs."""
-    overrides = _sweep_overrides(tmp_path) + ["sweep.max_concurrent=1"]
+    overrides = _sweep_overrides(tmp_path) + ["sweep.max_concurrent=1", "train.trace_data=true"]
     cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "2", "--no-merge"]
     cmd += overrides
     env = {
@@ -262,7 +263,15 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     assert resumed.returncode == 0, log[-4000:]
     for name, ckpts in done_before.items():
         assert sorted(p.name for p in (trials / name).glob("checkpoint_*")) == ckpts  # not run again
-    assert f"resumed from the checkpoint at step {cut_steps[-1]}/" in log  # not from step 0
+    # from its checkpoint, not from step 0: micro-batches before it were consumed once, all were consumed
+    consumed = Counter(
+        json.loads(line)["index"]
+        for f in cut.glob("data_trace/rank*.jsonl")
+        for line in f.read_text().splitlines()
+    )
+    per_step = len(consumed) // 20
+    assert sorted(consumed) == list(range(20 * per_step))
+    assert all(consumed[i] == 1 for i in range(cut_steps[-1] * per_step))
     assert (cut / "mlflow_run_id").read_text() == cut_run
     summary = json.loads((tmp_path / "out" / "demo_sweep" / "summary.json").read_text())
     assert summary["trials"] == 2 and "merged_model" not in summary  # --no-merge
