@@ -326,9 +326,10 @@ class TrialBoard:
     prints the one table, at the end. Lines rather than a table redrawn in place: they stay readable
     in a log, and other output (a Ray warning) cannot garble them."""
 
-    def __init__(self, echo: Any = print) -> None:
+    def __init__(self, echo: Any = None) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
-        self.echo = echo
+        self.echo = echo  # None: print, looked up when called (Tune pickles the board with its config,
+        # and Ray's progress bars may have replaced builtins.print by then)
 
     def event(self, trial_id: str, params: dict[str, Any], update: dict[str, Any], text: str | None) -> None:
         """A trial's new state (``update``: state, step, total, cider) and what happened, if worth a line."""
@@ -337,7 +338,7 @@ class TrialBoard:
         )
         row.update({k: v for k, v in update.items() if v is not None})
         if text is not None:
-            self.echo(f"[sweep] trial {trial_id} {text}", flush=True)
+            (self.echo or print)(f"[sweep] trial {trial_id} {text}", flush=True)
 
     def started(self, trial_id: str, params: dict[str, Any]) -> None:
         self.event(trial_id, params, {"state": "running"}, f"started: {_short_params(params)}")

@@ -273,3 +273,17 @@ def test_demo_train_console_is_raylora_lines_only(tmp_path, demo_root):
     ours = ("[ray] ", "[data] ", "[mlflow] ", "[train] ", "[eval] ", "[done] ")
     others = [line for line in out.splitlines() if not line.startswith(ours) and "(raylet)" not in line]
     assert not others, out
+
+
+def test_the_trial_board_pickles_after_print_is_replaced(monkeypatch):
+    """Tune pickles its callbacks with the sweep's state; Ray's progress bars may have replaced
+    builtins.print by then (the board must not hold the original)."""
+    import builtins
+
+    import ray.cloudpickle
+
+    from raylora.sweep import trial_board
+
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: None)
+    board = ray.cloudpickle.loads(ray.cloudpickle.dumps(trial_board()))
+    assert board.board.rows == {}
