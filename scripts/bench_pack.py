@@ -28,8 +28,8 @@ import pyarrow as pa
 import torch
 
 from raylora.cli import load
-from raylora.data.pipeline import MicroBatchBuilder
-from raylora.data.plan import microbatch_records, plan_units
+from raylora.data.pipeline import build_microbatch
+from raylora.data.plan import plan_units
 from raylora.data.prepare import prepare
 from raylora.demo import SYSTEM_MESSAGE, TEMPLATE, demo_image_settings, ensure_demo
 from raylora.loss import forward_loss
@@ -41,17 +41,7 @@ COCO = REPO / "tests" / "fixtures" / "coco"
 
 
 def microbatch(records: pa.Table, settings, units: list[list[int]], budget: int) -> dict[str, torch.Tensor]:
-    planned = pa.table(
-        {
-            "index": [0],
-            "epoch": [0],
-            "rows": pa.array([units], pa.list_(pa.list_(pa.int64()))),
-            "label_tokens": [0],
-            "step_label_tokens": [0],
-        }
-    )
-    row = microbatch_records(records, planned).to_pylist()[0]
-    return {k: torch.as_tensor(v) for k, v in MicroBatchBuilder(settings, budget).build(row["units"]).items()}
+    return {k: torch.as_tensor(v) for k, v in build_microbatch(records, units, settings, budget).items()}
 
 
 def step_seconds(model, batches: list[dict[str, torch.Tensor]], steps: int) -> float:

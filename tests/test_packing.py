@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from raylora.data.pipeline import MicroBatchBuilder
-from raylora.data.plan import make_plan, microbatch_records, plan_microbatches, plan_units, unit_lengths
+from raylora.data.pipeline import build_microbatch
+from raylora.data.plan import make_plan, plan_microbatches, plan_units, unit_lengths
 from raylora.data.prepare import prepare
 from raylora.loss import allowed_attention, forward_loss
 
@@ -50,18 +50,7 @@ def lora_model(demo_base_model):
 
 
 def build(records: pa.Table, settings, units: list[list[int]], budget: int = 0) -> dict[str, torch.Tensor]:
-    planned = pa.table(
-        {
-            "index": [0],
-            "epoch": [0],
-            "rows": pa.array([units], pa.list_(pa.list_(pa.int64()))),
-            "label_tokens": [0],
-            "step_label_tokens": [0],
-        }
-    )
-    row = microbatch_records(records, planned).to_pylist()[0]
-    built = MicroBatchBuilder(settings, budget).build(row["units"])
-    return {k: torch.as_tensor(v) for k, v in built.items()}
+    return {k: torch.as_tensor(v) for k, v in build_microbatch(records, units, settings, budget).items()}
 
 
 def loss_and_grads(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:

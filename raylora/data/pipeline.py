@@ -210,6 +210,23 @@ def iter_microbatches(
         yield builder.build(row["units"], row["step_label_tokens"])
 
 
+def build_microbatch(
+    records: pa.Table, units: list[list[int]], settings: ImageSettings, max_packed_tokens: int = 0
+) -> dict[str, np.ndarray]:
+    """One micro-batch of the given units (each a list of record indices), outside any plan: what
+    benchmarks and tests build to compare layouts of the same records."""
+    planned = pa.table(
+        {
+            "index": [0],
+            "epoch": [0],
+            "rows": pa.array([units], pa.list_(pa.list_(pa.int64()))),
+            "label_tokens": [0],
+            "step_label_tokens": [0],
+        }
+    )
+    return next(iter_microbatches(records, planned, settings, max_packed_tokens))
+
+
 def rank_dataset(
     records: pa.Table,
     planned: pa.Table,
