@@ -278,17 +278,22 @@ def count_trainable(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def internvl_image_processor(image_size: int, max_patches: int) -> Any:
-    """transformers' image processor for InternVL tiling (GotOcr2 with crop_to_patches, ImageNet stats)."""
-    from transformers import GotOcr2ImageProcessor
+def internvl_image_processor(
+    image_size: int, max_patches: int, cls: type | None = None, **options: Any
+) -> Any:
+    """transformers' image processor for InternVL tiling (GotOcr2 with crop_to_patches, ImageNet stats);
+    ``cls`` another GotOcr2 processor class, ``options`` more of its keywords (the data benchmark's)."""
+    if cls is None:
+        from transformers import GotOcr2ImageProcessor as cls
 
-    return GotOcr2ImageProcessor(
+    return cls(
         size={"height": image_size, "width": image_size},
         crop_to_patches=True,
         min_patches=1,
         max_patches=max_patches,
         image_mean=list(IMAGENET_MEAN),
         image_std=list(IMAGENET_STD),
+        **options,
     )
 
 

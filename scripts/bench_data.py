@@ -85,19 +85,10 @@ def hf_processor_classes() -> tuple[type, type]:
 
 
 def hf_processor(cls: type, normalise: bool = True) -> Any:
-    """InternVL's configuration (as :func:`raylora.model.internvl_image_processor` builds it)."""
-    from raylora.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+    """InternVL's configuration (:func:`raylora.model.internvl_image_processor`) in processor ``cls``."""
+    from raylora.model import internvl_image_processor
 
-    return cls(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        crop_to_patches=True,
-        min_patches=1,
-        max_patches=MAX_TILES,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_rescale=normalise,
-        do_normalize=normalise,
-    )
+    return internvl_image_processor(IMAGE_SIZE, MAX_TILES, cls, do_rescale=normalise, do_normalize=normalise)
 
 
 def sides(settings: Any) -> dict[str, Callable[[str], Any]]:
