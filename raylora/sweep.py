@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 
 from raylora import console, registry, tracking
 from raylora.cli import config_from_args, config_parser
-from raylora.cluster import init_ray, preflight
+from raylora.cluster import alive_nodes, init_ray, preflight
 from raylora.config import MERGE_RESOURCES, Config, ConfigError, apply_override, validate
 from raylora.console import run_command
 from raylora.files import absolute, is_remote, redact
@@ -884,7 +884,7 @@ def start_sweep(cfg: Config, trials: int, resume: bool, output: Path) -> tuple[S
     name = cfg.cluster.run_name or f"{cfg.name}_sweep"
     storage = f"{absolute(cfg.cluster.storage_path).rstrip('/')}/{name}"
     concurrency = max_concurrent(cfg, _cluster_resources())  # one trial must fit: before the checks below
-    check_merge_fits(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    check_merge_fits(cfg, [n["Resources"] for n in alive_nodes()])
     preflight(trial_config(cfg, {}), absolute(cfg.cluster.storage_path), tracking.tracking_uri(cfg))
     prepared = prepare_data(cfg, model_dir, output)
     uri, exp_id, parent_run_id = open_parent_run(cfg, storage, name, trials, resume)
