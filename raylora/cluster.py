@@ -23,6 +23,7 @@ from raylora.config import Config
 from raylora.console import quiet_env, verbose
 from raylora.files import read_text, redact, remove_dir, write_text
 from raylora.monitoring import state_tracking_env
+from raylora.telemetry import telemetry_env
 
 # ray is imported inside the functions: it takes seconds, and config errors should not wait for it.
 
@@ -39,6 +40,7 @@ def runtime_env() -> dict[str, Any]:
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         **state_tracking_env(),
         **quiet_env(),
+        **telemetry_env(),  # nothing sent home from the workers either (raylora.telemetry)
     }
     for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME"):
         if os.environ.get(key):

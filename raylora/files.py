@@ -88,10 +88,29 @@ def redact(value: str) -> str:
     """
     text = _URI.sub(lambda m: m["scheme"] + _redact_query(_redact_userinfo(m["rest"])), str(value))
     text = _SECRET_ENV.sub(lambda m: f"{m['name']}={REDACTED}", text)
-    for name, secret in os.environ.items():
+    for name, secret in environ_snapshot().items():
         if len(secret) >= _MIN_SECRET_LENGTH and secret in text and re.fullmatch(_SECRET_NAME, name):
             text = text.replace(secret, REDACTED)
     return text
+
+
+def environ_snapshot() -> dict[str, str]:
+    """A copy of ``os.environ`` that library threads cannot change under the caller.
+
+    Iterating ``os.environ`` while another thread sets or unsets a variable (MLflow's telemetry
+    thread did, raylora switches it off) raises KeyError or RuntimeError; copying the underlying
+    dict is one step under the GIL.
+    """
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        raw = data.copy()
+        return {os.fsdecode(k): os.fsdecode(v) for k, v in raw.items()}
+    for _ in range(100):  # another Mapping implementation: retry a torn read
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return {}
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

@@ -5,7 +5,11 @@ never reach MLflow params, tags or the console."""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +468,57 @@ def test_tracking_server_check_sends_the_uri_credentials_as_basic_auth() -> None
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_redact_survives_a_thread_changing_the_environment() -> None:
+    """MLflow's telemetry thread set and unset a variable while redact iterated os.environ
+    (KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'): redaction reads a snapshot."""
+    import threading
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            name = f"RAYLORA_TEST_CHURN_{i % 50}"
+            os.environ[name] = "x" * 16
+            os.environ.pop(name, None)
+            i += 1
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(20000):
+            assert redact("https://alice:pw@host/x") == "https://alice:***@host/x"
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_telemetry_is_off_unless_the_user_opts_in() -> None:
+    """MLflow's telemetry, Ray's usage stats and the hub's telemetry are switched off, through each
+    library's own switch, in raylora's processes and its Ray processes; RAYLORA_TELEMETRY=1 opts in,
+    DO_NOT_TRACK always wins, a value the user set stays."""
+    code = (
+        "import json, os, raylora\n"
+        "from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY\n"
+        "from raylora.cluster import runtime_env\n"
+        "print(json.dumps({'mlflow': MLFLOW_DISABLE_TELEMETRY.get(),"
+        " 'ray': os.environ.get('RAY_USAGE_STATS_ENABLED'), 'hub': os.environ.get('HF_HUB_DISABLE_TELEMETRY'),"
+        " 'workers': runtime_env()['env_vars'].get('MLFLOW_DISABLE_TELEMETRY')}))"
+    )
+    switches = ("MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED", "HF_HUB_DISABLE_TELEMETRY")
+
+    def probe(**env: str) -> dict:
+        base = {
+            k: v for k, v in os.environ.items() if k not in (*switches, "DO_NOT_TRACK", "RAYLORA_TELEMETRY")
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert probe() == {"mlflow": True, "ray": "0", "hub": "1", "workers": "true"}
+    assert probe(RAYLORA_TELEMETRY="1") == {"mlflow": False, "ray": None, "hub": None, "workers": None}
+    assert probe(RAYLORA_TELEMETRY="1", DO_NOT_TRACK="1")["workers"] == "true"
+    assert probe(MLFLOW_DISABLE_TELEMETRY="false")["workers"] == "false"
