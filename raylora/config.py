@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -308,6 +309,7 @@ def apply_override(cfg: Config, key: str, value: Any, origin: str = "override") 
         setattr(section, parts[1], _coerce(value, hint, key))
     except ConfigError as e:
         raise ConfigError(f"{origin}: {e}") from None
+    _record_origin(cfg, key, origin)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], Path]]:
@@ -373,32 +375,101 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (shipped configs: {known})")
 
 
+def origin_of(cfg: Config, key: str) -> str | None:
+    """Where ``key``'s value was set (a config file or "command line"), None for a default."""
+    return cfg.__dict__.get("_origins", {}).get(key)
+
+
+def _record_origin(cfg: Config, key: str, origin: str) -> None:
+    cfg.__dict__.setdefault("_origins", {})[key] = origin
+
+
+class _Checker:
+    """Collects value checks; raises one ConfigError naming the key, its value, where it was set
+    and what it must be (the first failed check)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def __call__(self, ok: bool, key: str, requirement: str) -> None:
+        if ok:
+            return
+        section, _, name = key.partition(".")
+        value = getattr(getattr(self.cfg, section), name) if name else getattr(self.cfg, section)
+        where = origin_of(self.cfg, key)
+        raise ConfigError(
+            f"{key} must be {requirement}, got {value!r}" + (f" (set in {where})" if where else "")
+        )
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type check cannot make."""
-    t = cfg.train
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
-    if t.per_device_batch_size < 1 or t.global_batch_size < 1:
-        raise ConfigError("train.per_device_batch_size and train.global_batch_size must be >= 1")
-    if cfg.data.min_num < 1 or cfg.data.max_num < cfg.data.min_num:
-        raise ConfigError(
-            f"data.min_num/max_num must satisfy 1 <= min <= max, got {cfg.data.min_num}/{cfg.data.max_num}"
-        )
-    if cfg.lora.rank < 1:
-        raise ConfigError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
-    if not valid_lora_init(cfg.lora.init):
-        raise ConfigError(f"lora.init {cfg.lora.init!r} unknown; valid: {', '.join(LORA_INITS)}")
-    if cfg.eval.num_beams < 1 or cfg.eval.batch_size < 1:
-        raise ConfigError(
-            f"eval.num_beams and eval.batch_size must be >= 1, got {cfg.eval.num_beams}, {cfg.eval.batch_size}"
-        )
-    if cfg.cluster.num_workers < 1:
-        raise ConfigError(f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
-    if cfg.cluster.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ConfigError(
-            f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-            f"got {cfg.cluster.placement_strategy!r}"
-        )
+    """Every value a config can get wrong, checked where the config is parsed (before any cluster,
+    data or model work): ranges, cross-field rules and the batch arithmetic."""
+    check = _Checker(cfg)
+    t, d, lo, c, e, m = cfg.train, cfg.data, cfg.lora, cfg.cluster, cfg.eval, cfg.model
+    check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3")
+    check(_finite(t.lr) and t.lr > 0, "train.lr", "a positive number")
+    check(0 <= t.adam_beta1 < 1, "train.adam_beta1", "in [0, 1)")
+    check(0 <= t.adam_beta2 < 1, "train.adam_beta2", "in [0, 1)")
+    check(_finite(t.adam_eps) and t.adam_eps > 0, "train.adam_eps", "a positive number")
+    check(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", "in [0, 1] (a fraction of the steps)")
+    check(_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", ">= 0")
+    check(_finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", ">= 0 (0: no clipping)")
+    check(t.epochs >= 0, "train.epochs", ">= 0")
+    check(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", "-1 (no cap) or > 0")
+    check(t.epochs > 0 or t.max_steps > 0, "train.epochs", "> 0 unless train.max_steps > 0")
+    check(t.per_device_batch_size >= 1, "train.per_device_batch_size", ">= 1")
+    check(t.global_batch_size >= 1, "train.global_batch_size", ">= 1")
+    check(c.num_workers >= 1, "cluster.num_workers", ">= 1")
+    per_step = t.per_device_batch_size * c.num_workers
+    check(
+        t.global_batch_size % per_step == 0,
+        "train.global_batch_size",
+        f"a multiple of train.per_device_batch_size {t.per_device_batch_size} x cluster.num_workers "
+        f"{c.num_workers} = {per_step} (e.g. {max(per_step, t.global_batch_size // per_step * per_step)}), "
+        "or change the per-device batch",
+    )
+    check(t.log_every_n_steps >= 1, "train.log_every_n_steps", ">= 1")
+    check(t.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", ">= 1")
+    check(t.num_to_keep >= 1, "train.num_to_keep", ">= 1")
+    check(lo.rank >= 1, "lora.rank", ">= 1")
+    check(_finite(lo.alpha) and lo.alpha > 0, "lora.alpha", "> 0")
+    check(0 <= lo.dropout < 1, "lora.dropout", "in [0, 1)")
+    if not valid_lora_init(lo.init):
+        raise ConfigError(f"lora.init {lo.init!r} unknown; valid: {', '.join(LORA_INITS)}")
+    check(m.max_seq_length >= 16, "model.max_seq_length", ">= 16 tokens")
+    check(m.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "auto, bf16, fp16 or fp32")
+    check(d.image_size >= 14, "data.image_size", ">= 14 pixels")
+    check(d.min_num >= 1, "data.min_num", ">= 1 tile")
+    check(d.max_num >= d.min_num, "data.max_num", f">= data.min_num ({d.min_num})")
+    check(d.max_packed_tokens >= 0, "data.max_packed_tokens", "0 (off) or > 0")
+    check(d.val_size >= 1, "data.val_size", ">= 1 image")
+    check(d.decode_actors >= 1, "data.decode_actors", ">= 1")
+    check(d.decode_cpus >= 0, "data.decode_cpus", ">= 0")
+    check(e.num_beams >= 1, "eval.num_beams", ">= 1")
+    check(e.batch_size >= 1, "eval.batch_size", ">= 1")
+    check(e.every_n_steps >= -1, "eval.every_n_steps", "-1 (never), 0 (at the end only) or > 0")
+    check(e.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")
+    check(0 <= e.min_new_tokens <= e.max_new_tokens, "eval.min_new_tokens", "in [0, eval.max_new_tokens]")
+    check(e.max_num >= 1, "eval.max_num", ">= 1 tile")
+    check(e.workers >= 1, "eval.workers", ">= 1")
+    check(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "> 0")
+    check(c.gpus_per_worker >= 0, "cluster.gpus_per_worker", ">= 0")
+    check(c.max_failures >= -1, "cluster.max_failures", "-1 (no limit) or >= 0")
+    check(
+        c.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        "cluster.placement_strategy",
+        "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD",
+    )
+    check(c.num_cpus is None or c.num_cpus >= 1, "cluster.num_cpus", "null or >= 1")
+    _validate_sweep(cfg, check)
+
+
+def _validate_sweep(cfg: Config, check: _Checker) -> None:
     s = cfg.sweep
     unknown = sorted(set(s.merge_resources) - set(MERGE_RESOURCES))
     if unknown or any(v < 0 for v in s.merge_resources.values()):
@@ -406,10 +477,21 @@ def validate(cfg: Config) -> None:
             f"sweep.merge_resources: keys among {', '.join(MERGE_RESOURCES)} with values >= 0, "
             f"got {s.merge_resources}"
         )
-    if s.merge_dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"sweep.merge_dtype must be fp32 or bf16, got {s.merge_dtype!r}")
-    if cfg.data.max_packed_tokens < 0:
-        raise ConfigError(f"data.max_packed_tokens must be 0 (off) or > 0, got {cfg.data.max_packed_tokens}")
+    check(s.merge_dtype in ("fp32", "bf16"), "sweep.merge_dtype", "fp32 or bf16")
+    check(all(r >= 1 for r in s.rank), "sweep.rank", "a list of ranks >= 1")
+    check(all(b >= 1 for b in s.global_batch_size), "sweep.global_batch_size", "a list of batch sizes >= 1")
+    check(
+        all(b >= 1 for b in s.per_device_batch_size),
+        "sweep.per_device_batch_size",
+        "a list of batch sizes >= 1",
+    )
+    check(s.lr_min >= 0 and _finite(s.lr_min), "sweep.lr_min", ">= 0")
+    check(s.lr_max >= 0 and _finite(s.lr_max), "sweep.lr_max", ">= 0")
+    check(s.trials >= 1, "sweep.trials", ">= 1")
+    check(s.grace_period >= 1, "sweep.grace_period", ">= 1 evaluation")
+    check(s.reduction_factor >= 2, "sweep.reduction_factor", ">= 2")
+    check(s.max_concurrent >= 0, "sweep.max_concurrent", "0 (derived) or >= 1")
+    check(s.alpha_ratio >= 0, "sweep.alpha_ratio", ">= 0 (0: keep lora.alpha)")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -16,10 +16,13 @@ folder (:func:`run_command`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -29,12 +32,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from raylora.files import cache_root
+from raylora.files import NoSpaceError, cache_root
 
 VERBOSE_ENV = "RAYLORA_VERBOSE"
 
 # Errors a user can act on (bad config, path, data, source, cluster): exit 2 unless ``codes`` says otherwise.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+# Errors whose message is the whole story (shown without their type), whatever their exit code.
+READABLE_ERRORS: tuple[type[BaseException], ...] = (*USER_ERRORS, NoSpaceError)
 
 # Library loggers whose INFO/WARNING records are notices for library developers or operators, not for
 # someone running raylora: (logger, level it is set to by default).
@@ -164,27 +169,44 @@ def headline(error: BaseException, typed: bool = False) -> str:
     type in front in any case."""
     root = root_cause(error)
     text = str(root).strip()
-    if root is error and isinstance(error, USER_ERRORS) and text and not typed:
+    if root is error and isinstance(error, READABLE_ERRORS) and text and not typed:
         return text
     first = text.splitlines()[0].strip() if text else ""
     return f"{type(root).__name__}: {first}" if first else type(root).__name__
 
 
 def write_error_log(command: str, error: BaseException) -> Path | None:
-    """The command line, the time and the full traceback in ``<log dir>/<command>-<time>.log``."""
-    folder = error_log_dir()
-    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    """The command line, the time and the full traceback in ``<log dir>/<command>-<time>.log``.
+
+    A folder that cannot take it (a full disk, no permission) is skipped for the next one: the
+    command's log folder, then the raylora cache's, then the system's temporary folder. None when
+    none can (the caller says the log is lost); a partly written file is removed."""
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     text = (
         f"command: {shlex.join(getattr(sys, 'orig_argv', sys.argv))}\n"
         f"time: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
         f"error: {headline(error)}\n\n" + "".join(traceback.format_exception(error))
     )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError:
-        return None
-    return path
+    folders = [error_log_dir(), cache_root() / "logs", Path(tempfile.gettempdir()) / "raylora-logs"]
+    for folder in dict.fromkeys(folders):
+        path = folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+    return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a command cleans up as on Ctrl-C (its MLflow run
+    ends KILLED, temporary folders are removed)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def run_command(
@@ -199,25 +221,36 @@ def run_command(
     starts; otherwise the libraries are quieted first. An exception becomes one ``error: ...`` line on
     stderr naming the log file that holds its traceback (printed too with ``--verbose``). ``codes``
     maps exception types to exit codes, first match wins; other user errors exit 2, anything else
-    (a failed worker, a bug) 1. Ctrl-C exits 130.
+    (a failed worker, a bug) 1. Ctrl-C exits 130, SIGTERM 143 (both unwind the command first).
     """
     if verbose_flag:
         os.environ[VERBOSE_ENV] = "1"
     quiet_libraries()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         result = body()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("\nterminated" if terminated else "\ninterrupted", file=sys.stderr, flush=True)
+        return 143 if terminated else 130
     except Exception as e:
         code = next((c for types, c in codes if isinstance(e, types)), None)
         expected = code is not None or isinstance(e, USER_ERRORS)
         log = write_error_log(command, e)
-        if verbose() or log is None:
+        if verbose():
             traceback.print_exception(e, file=sys.stderr)
-        where = f"traceback: {log}" if log else "traceback above"
+        where = (
+            f"traceback: {log}"
+            if log
+            else "traceback not saved: no log folder could take it; rerun with --verbose to see it"
+        )
         print(f"error: {headline(e)} ({where})", file=sys.stderr, flush=True)
         return code if code is not None else 2 if expected else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

@@ -5,6 +5,7 @@ a URI may carry before it is printed or logged."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -149,6 +150,64 @@ def remove_dir(uri: str) -> None:
     fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else absolute(uri))
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
+
+
+class NoSpaceError(OSError):
+    """A write that ran out of disk space, in one readable line: the path, what it needs, what is free."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "no space left on device"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _free_bytes(path: Path) -> int:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return 0
+
+
+def tree_size(path: str | os.PathLike) -> int:
+    """Bytes of the files under ``path`` (a file: its size)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _out_of_space(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    if isinstance(error, shutil.Error):  # copytree: a list of (src, dst, reason) for every failed file
+        return any("No space left" in str(part) or "Errno 28" in str(part) for part in error.args[0])
+    return False
+
+
+@contextlib.contextmanager
+def writes_to(path: str | os.PathLike, needed_bytes: int) -> Iterator[None]:
+    """Writing about ``needed_bytes`` under ``path``: refused up front when the device has less free,
+    and a full disk on the way (ENOSPC, or copytree's list of them) becomes one NoSpaceError line
+    naming the path, what it needs and what is free."""
+    target = Path(path)
+
+    def error() -> NoSpaceError:
+        return NoSpaceError(
+            errno.ENOSPC,
+            f"no space left on the device of {target}: writing it needs about {_mib(needed_bytes)}, "
+            f"{_mib(_free_bytes(target))} free there; free some space or write elsewhere",
+        )
+
+    if _free_bytes(target) < needed_bytes:
+        raise error()
+    try:
+        yield
+    except (OSError, shutil.Error) as e:
+        if _out_of_space(e):
+            raise error() from None
+        raise
 
 
 @contextlib.contextmanager

@@ -75,11 +75,11 @@ def run_dir(cfg: Config, values: dict[str, Any]) -> str:
     return f"{absolute(cfg.cluster.storage_path).rstrip('/')}/{name}"
 
 
-def claim(directory: str, values: dict[str, Any]) -> None:
-    """Record the run's identity in its folder, or check it against the one recorded there."""
+def check_claim(directory: str, values: dict[str, Any]) -> None:
+    """An error when ``directory`` records a run of another config; writes nothing (a run's folder
+    is claimed by :func:`claim` only once its first step has run)."""
     recorded = read_text(f"{directory}/{RECORD}")
     if recorded is None:
-        write_text(f"{directory}/{RECORD}", json.dumps({"identity": values}, indent=2, default=str))
         return
     before = json.loads(recorded)["identity"]
     now = json.loads(json.dumps(values, default=str))
@@ -90,6 +90,13 @@ def claim(directory: str, values: dict[str, Any]) -> None:
             f"{directory} holds a run of another config ({shown}); resume it with its own config, or "
             "start a new run: another cluster.run_name, or none (runs are then named after their config)"
         )
+
+
+def claim(directory: str, values: dict[str, Any]) -> None:
+    """Record the run's identity in its folder (checked against the one recorded there, if any)."""
+    check_claim(directory, values)
+    if read_text(f"{directory}/{RECORD}") is None:
+        write_text(f"{directory}/{RECORD}", json.dumps({"identity": values}, indent=2, default=str))
 
 
 def latest_checkpoint(directory: str, world_size: int) -> tuple[int, str | None]:

@@ -149,6 +149,22 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
 
 
 @contextmanager
+def ends_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
+    """The run ends KILLED when the body is interrupted (Ctrl-C, SIGTERM: raylora.console turns it
+    into KeyboardInterrupt) and FAILED on any other exception, which is re-raised; a run still
+    RUNNING after an error would look alive forever."""
+    try:
+        yield
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
+        try:
+            end_run(run_id, status, uri)
+        except Exception:  # the store is gone too: the original error is what the user needs
+            pass
+        raise
+
+
+@contextmanager
 def active_run(run_id: str, uri: str) -> Iterator[None]:
     """``run_id`` as mlflow's active run in this process, for the fluent APIs that log into the active
     run (``mlflow.pyfunc.log_model``); the run is FINISHED on exit, FAILED on an exception."""

@@ -36,7 +36,7 @@ from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_unit
 from raylora.data.prepare import Prepared, prepare
 from raylora.data.records import EvalItem, read_gt, read_karpathy
 from raylora.data.settings import ImageSettings
-from raylora.files import absolute, atomic_dir, is_remote, redact
+from raylora.files import absolute, atomic_dir, is_remote, redact, tree_size, writes_to
 from raylora.generation import GenerationSettings, generate_captions
 from raylora.loss import forward_loss, to_device
 from raylora.metrics import cider
@@ -90,6 +90,7 @@ class TrainJob:
     mlflow_run_id: str | None = None
     fail_at_step: int | None = None  # RAYLORA_FAIL_AT_STEP: crash one worker once (the fault drill)
     progress: Any = None  # the driver's progress queue (raylora.console); None: rank 0 prints its lines
+    identity: dict[str, Any] | None = None  # runs.identity: recorded in the run folder at the first step
 
     @property
     def finished(self) -> bool:
@@ -279,6 +280,7 @@ class LoRAFinetuneRecipe:
             if micro % accum:
                 continue
             self.step += 1
+            self.claim_run()
             self.tick()
             self.fault_drill()
             done = self.step >= total
@@ -391,6 +393,13 @@ class LoRAFinetuneRecipe:
                 Path(d, "train_state.json").write_text(json.dumps(metrics))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    def claim_run(self) -> None:
+        """Rank 0 records the run's identity in its folder once a step has run: a run exists from
+        its first step on, so a refused or crashed-at-start run never claims its name."""
+        if self.is_rank0 and not getattr(self, "claimed", False) and self.job.identity is not None:
+            runs.claim(self.job.run_dir, self.job.identity)
+            self.claimed = True
+
     def fault_drill(self) -> None:
         """RAYLORA_FAIL_AT_STEP: the last rank crashes once at that step (FailureConfig restarts it)."""
         if self.job.fail_at_step != self.step or self.rank != self.world - 1 or is_remote(self.job.run_dir):
@@ -459,8 +468,14 @@ def check_paths(cfg: Config) -> Path:
     return model_dir
 
 
+def rejects_path(cfg: Config, output_dir: Path) -> Path:
+    """Where a run's rejected rows go: ``data.rejects`` or <output>/rejects.jsonl."""
+    return Path(cfg.data.rejects or output_dir / "rejects.jsonl")
+
+
 def prepare_data(cfg: Config, model_dir: Path, output_dir: Path, log: Any = print) -> Prepared:
-    """Validate every row and image once; rejects go to ``data.rejects`` or <output>/rejects.jsonl."""
+    """Validate every row and image once. The rejects are written by the caller (``write_rejects``)
+    once every check has passed: a refused run writes nothing."""
     t0 = time.time()
     settings = train_settings(cfg, model_dir)
     prepared = prepare(
@@ -471,12 +486,10 @@ def prepare_data(cfg: Config, model_dir: Path, output_dir: Path, log: Any = prin
         seed=cfg.data.shuffle_seed,
         progress=True,
     )
-    rejects_path = Path(cfg.data.rejects or output_dir / "rejects.jsonl")
-    prepared.write_rejects(rejects_path)
     stats = prepared.stats()
     log(
         f"[data] {stats['rows_ok']} rows ok, {stats['rows_rejected']} rejected {stats['rejects'] or ''} "
-        f"(rejects: {rejects_path}); tokens p50 {stats['tokens']['p50']} p95 {stats['tokens']['p95']} "
+        f"(rejects: {rejects_path(cfg, output_dir)}); tokens p50 {stats['tokens']['p50']} p95 {stats['tokens']['p95']} "
         f"max {stats['tokens']['max']} ({time.time() - t0:.1f}s)"
     )
     return prepared
@@ -520,6 +533,7 @@ def make_job(
     validation: ValidationSet | None,
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> TrainJob:
     """Plan every micro-batch and find where the run stands; ``records`` is the ObjectRef of the
     validated records (shared by the trials of a sweep)."""
@@ -553,6 +567,7 @@ def make_job(
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
         fail_at_step=int(fail_at) if fail_at else None,
+        identity=identity if identity is not None else runs.identity(cfg, model_dir),
     )
 
 
@@ -652,32 +667,47 @@ def open_mlflow_run(cfg: Config, plan: BatchPlan, run_dir: str) -> tuple[str, st
 
 
 def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train one job end to end; returns the summary written to metrics.json."""
+    """Train one job end to end; returns the summary written to metrics.json.
+
+    Every check comes first and writes nothing (config, paths, the tracking store, the run folder's
+    identity, the cluster's size and storage, the data, the plan); only then the output folder, the
+    run's MLflow run and the run folder's record appear. The MLflow run ends FAILED on any error after
+    that, KILLED on Ctrl-C or SIGTERM.
+    """
     import ray
-    import ray.train
 
     output_dir = Path(output_dir or cfg.output_dir)
     tracking.check_tracking(tracking.tracking_uri(cfg))  # before any heavy work
     model_dir = check_paths(cfg)  # missing model or data: an error before the cluster starts
     identity = runs.identity(cfg, model_dir)
     run_dir = runs.run_dir(cfg, identity)
-    runs.claim(run_dir, identity)  # another config's run is never resumed
+    runs.check_claim(run_dir, identity)  # another config's run is never resumed
     init_ray(cfg)
     preflight(cfg, absolute(cfg.cluster.storage_path), tracking.tracking_uri(cfg))
-    output_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run writes nothing there
     prepared = prepare_data(cfg, model_dir, output_dir)
     validation = validation_set(cfg, model_dir)
-    job = make_job(cfg, model_dir, ray.put(prepared.table), run_dir, validation)
+    job = make_job(cfg, model_dir, ray.put(prepared.table), run_dir, validation, identity=identity)
+    output_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run writes nothing
+    console.log_errors_to(output_dir)
+    prepared.write_rejects(rejects_path(cfg, output_dir))
     uri, exp_id, run_id = open_mlflow_run(cfg, job.plan, run_dir)
     job.tracking_uri, job.mlflow_run_id = uri, run_id
     print(f"[mlflow] {tracking.run_url(uri, exp_id, run_id)}", flush=True)
+    with tracking.ends_on_error(run_id, uri):
+        return fit(job, output_dir, prepared, exp_id)
+
+
+def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dict[str, Any]:
+    """Run the job's TorchTrainer (or, for a finished run, only write its outputs)."""
+    import ray.train
+
+    cfg, plan = job.cfg, job.plan
     if job.finished:
         print(
-            f"[train] {redact(run_dir)} already finished ({job.start_step} steps); writing its outputs",
+            f"[train] {redact(job.run_dir)} already finished ({job.start_step} steps); writing its outputs",
             flush=True,
         )
         return finish(job, ray.train.Checkpoint(job.resume_from), output_dir, prepared, exp_id, 0.0)
-    plan = job.plan
     print(
         f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
         f"({cfg.cluster.num_workers} workers x {cfg.train.per_device_batch_size} x {plan.grad_accum} accumulation)"
@@ -686,28 +716,25 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
         flush=True,
     )
     t0 = time.time()
-    try:
-        with console.step_progress(plan.total_steps) as channel:
-            job.progress = channel.queue
-            notice = worker_failure_notice(channel.queue, cfg.cluster.max_failures)
-            result = build_trainer(job, callbacks=[notice]).fit()
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri)
-        raise
+    with console.step_progress(plan.total_steps) as channel:
+        job.progress = channel.queue
+        notice = worker_failure_notice(channel.queue, cfg.cluster.max_failures)
+        result = build_trainer(job, callbacks=[notice]).fit()
     if result.checkpoint is None:
-        tracking.end_run(run_id, "FAILED", uri)
-        raise RuntimeError(f"training ended without a checkpoint; see the logs under {redact(run_dir)}")
+        raise RuntimeError(f"training ended without a checkpoint; see the logs under {redact(job.run_dir)}")
     return finish(job, result.checkpoint, output_dir, prepared, exp_id, time.time() - t0)
 
 
 def write_outputs(job: TrainJob, checkpoint_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
     """<output>/adapter (PEFT + tokenizer + processor files), config.yaml, metrics.json."""
     cfg = job.cfg
-    with atomic_dir(output_dir / "adapter", overwrite=True) as adapter:  # a crash leaves the old one whole
-        shutil.copytree(checkpoint_dir / "adapter", adapter, dirs_exist_ok=True)
-        complete_adapter_dir(adapter, Path(job.model_dir), cfg.model.template, cfg.model.system_message)
-    save_config(cfg, output_dir / "config.yaml")
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    needed = tree_size(checkpoint_dir / "adapter") + (1 << 20)  # + tokenizer/processor files, config
+    with writes_to(output_dir, needed):  # a full disk: one line, the old adapter kept whole
+        with atomic_dir(output_dir / "adapter", overwrite=True) as adapter:
+            shutil.copytree(checkpoint_dir / "adapter", adapter, dirs_exist_ok=True)
+            complete_adapter_dir(adapter, Path(job.model_dir), cfg.model.template, cfg.model.system_message)
+        save_config(cfg, output_dir / "config.yaml")
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
 
 
 def finish(

@@ -160,3 +160,65 @@ def test_recipe_default_when_its_model_and_data_are_there(tmp_path, monkeypatch,
         (tmp_path / path).mkdir(parents=True)
     assert default_config_name(["data.train=/d/train.jsonl"]) == "internvl2_2b_coco"
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=-1",
+        "train.lr=0",
+        "train.lr=.nan",
+        "train.warmup_ratio=1.5",
+        "train.adam_beta1=1.0",
+        "train.adam_beta2=-0.1",
+        "train.adam_eps=0",
+        "train.weight_decay=-0.01",
+        "train.grad_clip=-1",
+        "lora.dropout=1.0",
+        "lora.alpha=0",
+        "train.max_steps=0",
+        "train.epochs=-1",
+        "train.global_batch_size=7",
+        "train.per_device_batch_size=0",
+        "train.log_every_n_steps=0",
+        "train.checkpoint_every_n_steps=0",
+        "train.num_to_keep=0",
+        "eval.every_n_steps=-2",
+        "eval.max_new_tokens=0",
+        "eval.max_num=0",
+        "model.max_seq_length=0",
+        "data.max_packed_tokens=-1",
+        "data.max_num=0",
+        "data.image_size=0",
+        "data.val_size=0",
+        "cluster.cpus_per_worker=0",
+        "sweep.reduction_factor=1",
+        "sweep.rank=[0, 8]",
+    ],
+)
+def test_bad_values_are_refused_where_the_config_is_parsed(override):
+    """Every value a config can get wrong is an error naming the key, the value, where it was set and
+    what it must be, raised by load_config (before any cluster, data or model work)."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    message = str(e.value)
+    assert message.startswith(f"{key} must be") and "(set in command line)" in message, message
+
+
+def test_a_bad_value_in_a_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad_lr.yaml"
+    bad.write_text(
+        "base: " + str(load_config.__globals__["CONFIG_DIR"] / "demo.yaml") + "\ntrain:\n  lr: -1\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.lr must be a positive number, got -1.0 \(set in .*bad_lr.yaml\)"
+    ):
+        load_config(bad)
+
+
+def test_batch_arithmetic_is_checked_with_the_config():
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["train.global_batch_size=7"])
+    assert "a multiple of train.per_device_batch_size 4 x cluster.num_workers 2 = 8" in str(e.value)
+    assert load_config("demo", ["train.global_batch_size=16"]).train.global_batch_size == 16

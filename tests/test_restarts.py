@@ -162,8 +162,9 @@ def test_a_changed_config_never_reuses_another_run(ray_cluster, tracking_uri, tm
     assert main(["--config", "demo", "--output", str(tmp_path / "big"), *common, *bigger]) == 2
     captured = capsys.readouterr()
     assert "already finished" not in captured.out and "the job needs 8 workers" in captured.err
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir())[1] == "first"  # beside it, its own
-    assert not (tmp_path / "big" / "adapter").exists()
+    # refused by the cluster-size check: no output folder, and no run folder claiming its name
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["first"]
+    assert not (tmp_path / "big").exists()
     base, rank8 = load("demo", common), load("demo", [*common, "lora.rank=8"])
     assert runs.run_dir(rank8, runs.identity(rank8, rank8.model.path)) != runs.run_dir(
         base, runs.identity(base, base.model.path)
@@ -173,10 +174,8 @@ def test_a_changed_config_never_reuses_another_run(ray_cluster, tracking_uri, tm
     assert main(["--config", "demo", "--output", str(tmp_path / "r8"), *named, "lora.rank=8"]) == 2
     err = capsys.readouterr().err
     assert "holds a run of another config" in err and "lora.rank: 16 then, 8 now" in err
-    # nothing but the error's log: no adapter, config or metrics of another config's run
-    assert [p.relative_to(tmp_path / "r8").parts[0] for p in (tmp_path / "r8").rglob("*") if p.is_file()] == [
-        "logs"
-    ]
+    # nothing at all: a refused run's error log goes to the raylora cache's logs/, not an output folder
+    assert not (tmp_path / "r8").exists()
 
 
 def test_workers_use_their_own_cluster(ray_cluster):

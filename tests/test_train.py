@@ -306,3 +306,37 @@ def test_explicit_missing_paths_are_errors_not_fallbacks(tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["train.lr=-1", "train.warmup_ratio=1.5", "train.global_batch_size=7"])
+def test_a_bad_config_value_exits_2_before_ray_starts(tmp_path, override):
+    """The user report: `train.lr=-1` started the cluster, validated the data, opened an MLflow run and
+    failed in the workers (restarting them); `train.warmup_ratio=1.5` trained to the end;
+    `train.global_batch_size=7` was refused only after the data was validated, leaving rejects.jsonl.
+    Now each is one error line and exit 2, with no Ray cluster started and nothing written but the
+    error's log (in the raylora cache)."""
+    import os
+    import subprocess
+    import sys
+
+    out, storage = tmp_path / "out", tmp_path / "runs"
+    code = (
+        "import sys, ray\n"
+        "from raylora.train import main\n"
+        f"code = main(['--config', 'demo', '--output', {str(out)!r}, 'cluster.storage_path={storage}', {override!r}])\n"
+        "print('ray initialized:', ray.is_initialized())\n"
+        "sys.exit(code)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),  # this checkout, whatever is installed
+        "RAYLORA_CACHE": str(tmp_path / "cache"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db",
+    }
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {override.split('=')[0]} must be"), lines
+    assert "ray initialized: False" in proc.stdout
+    assert not out.exists() and not storage.exists() and not (tmp_path / "m.db").exists()
+    assert [p.name for p in (tmp_path / "cache" / "logs").iterdir()][0].startswith("train-")
