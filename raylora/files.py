@@ -156,7 +156,7 @@ class NoSpaceError(OSError):
     """A write that ran out of disk space, in one readable line: the path, what it needs, what is free."""
 
     def __str__(self) -> str:
-        return self.args[0] if self.args else "no space left on device"
+        return self.strerror or "no space left on device"
 
 
 def _mib(n: float) -> str:
@@ -196,8 +196,9 @@ def writes_to(path: str | os.PathLike, needed_bytes: int) -> Iterator[None]:
     def error() -> NoSpaceError:
         return NoSpaceError(
             errno.ENOSPC,
-            f"no space left on the device of {target}: writing it needs about {_mib(needed_bytes)}, "
-            f"{_mib(_free_bytes(target))} free there; free some space or write elsewhere",
+            f"no space left on the device of {target}: "
+            + (f"writing it needs about {_mib(needed_bytes)}, " if needed_bytes else "")
+            + f"{_mib(_free_bytes(target))} free there; free some space or write elsewhere",
         )
 
     if _free_bytes(target) < needed_bytes:

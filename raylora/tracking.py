@@ -176,19 +176,33 @@ def active_run(run_id: str, uri: str) -> Iterator[None]:
 
 
 class MetricLogger:
-    """Logs metric dicts at an optimizer step to one run (rank 0 of a training job holds one)."""
+    """Logs metric dicts at an optimizer step to one run (rank 0 of a training job holds one).
+
+    A metric is logged once per step: after a restart from a checkpoint the steps trained again
+    (between the checkpoint and the crash) are not logged a second time. Restarts are exact, so
+    the values they would log are the ones already there.
+    """
 
     def __init__(self, uri: str, run_id: str):
         self.run_id = run_id
         self._client = client(uri)
+        self._logged_up_to: dict[str, int] = {}  # per metric: the last step the run already holds
+
+    def _last_logged_step(self, key: str) -> int:
+        if key not in self._logged_up_to:
+            history = self._client.get_metric_history(self.run_id, key)
+            self._logged_up_to[key] = max((m.step for m in history), default=-1)
+        return self._logged_up_to[key]
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        new = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._last_logged_step(k)]
+        if new:
+            self._client.log_batch(self.run_id, metrics=new)
+        for metric in new:
+            self._logged_up_to[metric.key] = step
 
 
 def log_artifacts(

@@ -340,3 +340,95 @@ def test_a_bad_config_value_exits_2_before_ray_starts(tmp_path, override):
     assert "ray initialized: False" in proc.stdout
     assert not out.exists() and not storage.exists() and not (tmp_path / "m.db").exists()
     assert [p.name for p in (tmp_path / "cache" / "logs").iterdir()][0].startswith("train-")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (the machine's tests run as root, as CI does)."""
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "raylora-test", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path, leave_bytes: int) -> None:
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler.bin", "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+
+
+def test_out_of_space_is_one_line_naming_the_path(small_disk):
+    """A write that hits ENOSPC (copytree's list of them included) becomes one NoSpaceError line."""
+    import shutil
+
+    from raylora.console import headline
+    from raylora.files import NoSpaceError, writes_to
+
+    src = small_disk.parent / "src"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(b"\1" * (3 << 20))
+    _fill(small_disk, 1 << 20)
+    with pytest.raises(NoSpaceError) as e, writes_to(small_disk / "out", 0):
+        shutil.copytree(src, small_disk / "out")
+    line = headline(e.value)
+    assert line.startswith(f"no space left on the device of {small_disk / 'out'}: ")
+    assert line.endswith("MiB free there; free some space or write elsewhere")
+    assert "\n" not in line and "Errno" not in line
+    with pytest.raises(NoSpaceError, match="needs about 3.0 MiB"):  # refused before writing
+        with writes_to(small_disk / "out2", 3 << 20):
+            raise AssertionError("not reached")
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_previous_adapter_and_fails_the_mlflow_run(
+    ray_cluster, tracking_uri, tmp_path, demo_root, small_disk, capsys
+):
+    """The user report: output on a small tmpfs filled during training gave a 2.3 KB error line (a raw
+    shutil.Error list), the traceback printed, a 0-byte log file and an MLflow run RUNNING forever.
+    Now: one error line naming the path and the space needed, exit 1, the run FAILED, the previous
+    adapter intact, the traceback in a log folder that has space."""
+    from mlflow.tracking import MlflowClient
+
+    from raylora.train import main
+
+    rows = (demo_root / "data/annotations/demo_train.jsonl").read_text().splitlines()[:20]
+    annotation = tmp_path / "four_images.jsonl"
+    annotation.write_text("\n".join(rows) + "\n")
+    previous = small_disk / "adapter"
+    previous.mkdir()
+    (previous / "adapter_model.safetensors").write_bytes(b"previous adapter")
+    _fill(small_disk, 64 << 10)
+    argv = [
+        "--config",
+        "demo",
+        "--output",
+        str(small_disk),
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"data.train={annotation}",
+        f"data.root={demo_root / 'data'}",
+        "train.max_steps=1",
+        "eval.every_n_steps=-1",
+        "train.global_batch_size=4",
+        "train.per_device_batch_size=2",
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: no space left on the device of {small_disk}: "), err
+    assert "MiB free there" in err[0] and "traceback: " in err[0]
+    log = Path(err[0].rsplit("traceback: ", 1)[1].rstrip(")"))
+    assert log.stat().st_size > 0 and "NoSpaceError" in log.read_text()
+    assert (previous / "adapter_model.safetensors").read_bytes() == b"previous adapter"
+    assert sorted(p.name for p in previous.iterdir()) == ["adapter_model.safetensors"]
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("raylora-demo")
+    (latest,) = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    assert latest.info.status == "FAILED" and latest.data.tags["run_dir"].startswith(str(tmp_path / "runs"))
