@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -34,7 +33,8 @@ from raylora.sources import image_settings
 
 # torch, transformers and tokenizers are imported inside the builders: reading the cache stays fast.
 
-DEMO_VERSION = "v3"  # v3: COCO's shape, five captions (rows) per training image
+DEMO_VERSION = "v4"  # v4: weights initialised by raylora (portable), base built with BASE_THREADS
+BASE_THREADS = 2  # the base pre-training's CPU threads on every machine: its float sums in one order
 IMAGE_SIZE = 112
 PROMPT = "Provide a one-sentence caption for the provided image."
 SYSTEM_MESSAGE = "You are a helpful assistant that describes images."
@@ -262,7 +262,12 @@ def tiny_config(vocab_size: int, image_token_id: int, eos_token_id: int, pad_tok
 
 
 def build_random_model(tokenizer_dir: Path, seed: int = 0):
-    """A randomly initialised tiny InternVL for ``tokenizer_dir``'s tokenizer."""
+    """A randomly initialised tiny InternVL for ``tokenizer_dir``'s tokenizer.
+
+    The weights come from :func:`init_weights` (numpy's PCG64 stream), not from transformers'
+    ``_init_weights`` or torch's CPU normal kernels, which change between library versions and
+    CPU instruction sets: the same seed gives the same bits on every machine.
+    """
     import torch
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
@@ -272,9 +277,36 @@ def build_random_model(tokenizer_dir: Path, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(cfg)
+    init_weights(model, seed, layer_scale=cfg.vision_config.layer_scale_init_value)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
+
+
+def init_weights(model, seed: int, std: float = 0.02, layer_scale: float = 0.1) -> None:
+    """Every parameter set from ``seed`` alone, in name order: matrices (linear, convolution,
+    embedding) ~ N(0, std) drawn in float64 by numpy's PCG64 (the same numbers on any platform), norm
+    weights 1, biases 0, the vision tower's layer scales ``layer_scale``, its class token and position
+    embeddings 0, the padding token's embedding 0."""
+    import numpy as np
+    import torch
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("lambda_1", "lambda_2"):
+                param.fill_(layer_scale)
+            elif leaf in ("cls_token", "position_embeddings") or (param.dim() == 1 and leaf == "bias"):
+                param.zero_()
+            elif param.dim() == 1:  # LayerNorm / RMSNorm weights
+                param.fill_(1.0)
+            else:
+                values = rng.standard_normal(param.shape) * std
+                param.copy_(torch.from_numpy(values.astype(np.float32)))
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
 
 
 def write_processor(out: Path, tokenizer_dir: Path) -> None:
@@ -377,7 +409,7 @@ def build_base(out: Path, data: Path, tok_dir: Path, steps: int, log=print) -> N
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(BASE_THREADS)
     try:
         model = build_random_model(tok_dir)
         save_model_dir(model, tok_dir, out)  # config and tokenizer first: the data settings read them
@@ -385,7 +417,23 @@ def build_base(out: Path, data: Path, tok_dir: Path, steps: int, log=print) -> N
     finally:
         torch.set_num_threads(threads)
     save_model_dir(model, tok_dir, out)
-    (out / "raylora_demo_base.json").write_text(json.dumps(info))
+    info["built_with"] = build_environment()
+    (out / "raylora_demo_base.json").write_text(json.dumps(info, indent=2))
+
+
+def build_environment() -> dict[str, str]:
+    """What a demo base's numbers depend on beyond raylora's code: library versions, the CPU's
+    instruction set torch ran, the threads (recorded beside the base to explain a difference)."""
+    from importlib.metadata import version
+
+    import torch
+
+    libs = ("torch", "transformers", "tokenizers", "pillow", "numpy")
+    return {
+        **{lib: version(lib) for lib in libs},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(BASE_THREADS),
+    }
 
 
 def save_model_dir(model, tokenizer_dir: Path, out: Path) -> None:
