@@ -322,9 +322,11 @@ class LoRAFinetuneRecipe:
         import torch
         import torch.distributed as dist
 
-        sums = torch.tensor([window.loss, window.labels, window.samples, window.tokens], dtype=torch.float64)
+        # on the training device: NCCL (GPUs) reduces CUDA tensors only
+        values = [window.loss, window.labels, window.samples, window.tokens]
+        sums = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(sums)
-        loss, labels, samples, tokens = sums.tolist()
+        loss, labels, samples, tokens = sums.cpu().tolist()
         elapsed = max(time.time() - window.start, 1e-9)
         metrics = {
             "loss": loss / max(labels, 1),  # mean cross-entropy per label token
