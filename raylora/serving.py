@@ -13,12 +13,12 @@ The MLflow Model (no pickle: "models from code"):
   unchanged (safetensors, config, tokenizer, processor files, ``raylora.json``). :meth:`CaptionModel.load_context` loads it with transformers'
   ``AutoModelForImageTextToText`` and captions with raylora's protocol (template, tiling and
   greedy decoding of :mod:`raylora.generation`), so a caption equals ``raylora.caption``'s.
-* the signature: input a table with a string column ``image``, each a base64-encoded image file
-  (JPEG, PNG, WebP, BMP, GIF or TIFF; a ``data:image/...;base64,`` prefix is accepted) or, from
-  Python, raw bytes; params ``prompt`` (the evaluation prompt), ``max_new_tokens`` (30) and
-  ``num_beams`` (1: greedy); output one caption per row, in order (``{"predictions": [...]}``).
-  A refused request is an HTTP 400 whose message says what is wrong (the row of a bad image, a
-  bad param).
+* the signature: input a table with a string column ``image`` (declared optional: see
+  :func:`signature`), each a base64-encoded image file (JPEG, PNG, WebP, BMP, GIF or TIFF; a
+  ``data:image/...;base64,`` prefix is accepted) or, from Python, raw bytes; params ``prompt``
+  (the evaluation prompt), ``max_new_tokens`` (30) and ``num_beams`` (1: greedy); output one
+  caption per row, in order (``{"predictions": [...]}``). A refused request is an HTTP 400 whose
+  message says what is wrong (no rows, the row of a bad image, a bad param).
 * an input example (a small real image, base64) and ``model_config`` (below).
 
 ``model_config`` (logged with its defaults; override with ``mlflow.pyfunc.load_model(uri,
@@ -285,9 +285,12 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
         """One caption per row of ``model_input[IMAGE_COLUMN]``, in order; a RequestError (HTTP 400)
-        names what is wrong with a request (no image column, the row of a bad image, a bad param)."""
+        names what is wrong with a request (no rows, no image column, the row of a bad image, a bad
+        param)."""
         try:
             gen = generation_settings(params, self.config["batch_size"])
+            if len(model_input) == 0:
+                raise InputError(f"no rows were given: send one row per image, in column {IMAGE_COLUMN!r}")
             if IMAGE_COLUMN not in model_input:
                 columns = ", ".join(repr(str(c)[:40]) for c in list(model_input)[:10])
                 raise InputError(f"the input has no {IMAGE_COLUMN!r} column (its columns: {columns})")
@@ -295,8 +298,6 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
             images = [read_image(v, i, allow) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
         except InputError as e:
             raise RequestError.invalid_parameter_value(str(e)) from None
-        if not images:
-            return []
         files = [io.BytesIO(d) if isinstance(d, bytes) else d for d in images]
         with self.lock:
             return generate_captions(self.model, self.conv_tok, self.settings, files, gen)
@@ -306,13 +307,18 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
 
 
 def signature() -> Any:
-    """Input: a string column ``image``; params prompt / max_new_tokens / num_beams; output: captions."""
+    """Input: a string column ``image``; params prompt / max_new_tokens / num_beams; output: captions.
+
+    ``image`` is declared optional: MLflow then hands :meth:`CaptionModel.predict` a request without
+    it (an empty ``dataframe_records``, a misnamed column), which answers what is wrong (no rows were
+    given, no image column) instead of MLflow's "Model is missing inputs ['image']". A row without an
+    image is refused all the same."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     default = GenerationSettings()
     return ModelSignature(
-        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+        inputs=Schema([ColSpec("string", IMAGE_COLUMN, required=False)]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [

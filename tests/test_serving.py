@@ -33,6 +33,7 @@ def b64(path: str) -> str:
 
 NOT_AN_IMAGE = base64.b64encode(b"Quarterly numbers, not a picture: " + bytes(range(256))).decode("ascii")
 NOT_DECODABLE = "row {row}: image is not a decodable JPEG, PNG, WEBP, BMP, GIF or TIFF image (PIL: cannot identify image file)"
+NO_ROWS = "no rows were given: send one row per image, in column 'image'"
 
 
 def echoes_nothing(message: str) -> bool:
@@ -155,6 +156,7 @@ def test_registered_as_a_pyfunc_caption_model(champion: dict, tmp_path: Path) ->
     assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # models from code
     assert pyfunc["config"]["allow_local_paths"] is False
     assert [c.name for c in info.signature.inputs.inputs] == ["image"]
+    assert not info.signature.inputs.inputs[0].required  # predict, not MLflow, answers its absence
     assert {p.name: p.default for p in info.signature.params.params} == {
         "prompt": "Provide a one-sentence caption for the provided image.",
         "max_new_tokens": 30,
@@ -197,6 +199,9 @@ def test_pyfunc_predict_equals_caption_cli(champion: dict, cli_captions: list[st
     with pytest.raises(MlflowException) as e:
         model.predict(pd.DataFrame({"image": [b64(first), NOT_AN_IMAGE]}))
     assert e.value.message == NOT_DECODABLE.format(row=1)
+    with pytest.raises(MlflowException) as e:
+        model.predict(pd.DataFrame())
+    assert e.value.message == NO_ROWS
     with pytest.raises(MlflowException, match="max_new_tokens must be 1..512"):
         model.predict(pd.DataFrame({"image": [b64(first)]}), params={"max_new_tokens": 0})
 
@@ -296,9 +301,14 @@ def test_mlflow_models_serve(
         bad = {"dataframe_split": {"columns": ["image"], "data": [[b64(first)], [NOT_AN_IMAGE]]}}
         status, body = _post(f"{url}/invocations", bad)
         assert status == 400 and body["message"] == NOT_DECODABLE.format(row=1), body
+        # no rows: said so (MLflow would answer "Model is missing inputs ['image']")
+        status, body = _post(f"{url}/invocations", {"dataframe_records": []})
+        assert status == 400 and body["message"] == NO_ROWS, body
+        status, body = _post(f"{url}/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
+        assert status == 400 and body["message"] == NO_ROWS, body
 
         status, body = _post(f"{url}/invocations", records)  # still serving
         assert status == 200 and body["predictions"] == [short], body
     print(
-        f"mlflow models serve answered /ping after {started:.1f}s; 5 requests in {time.time() - t0 - started:.1f}s"
+        f"mlflow models serve answered /ping after {started:.1f}s; 7 requests in {time.time() - t0 - started:.1f}s"
     )
