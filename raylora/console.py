@@ -53,9 +53,14 @@ FILTERED_LOGGERS = {
 }
 
 # Environment of this process and of the Ray processes it starts (raylora.cluster.runtime_env),
-# read by the libraries when they are imported.
+# read by the libraries when they are imported (MLflow's URL and bar settings: each time used).
 QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # MLflow's "🏃 View run ... at: ..." / "🧪 View experiment at: ..." lines, written to stdout when a
+    # run on a tracking server ends (raylora prints its own MLflow line)
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    # MLflow's artifact download and upload bars (tqdm), drawn even into a log file
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' "Loading weights" bars

@@ -13,10 +13,12 @@ The MLflow Model (no pickle: "models from code"):
   unchanged (safetensors, config, tokenizer, processor files, ``raylora.json``). :meth:`CaptionModel.load_context` loads it with transformers'
   ``AutoModelForImageTextToText`` and captions with raylora's protocol (template, tiling and
   greedy decoding of :mod:`raylora.generation`), so a caption equals ``raylora.caption``'s.
-* the signature: input a table with a string column ``image``, each a base64-encoded image file
-  (JPEG, PNG, WebP, BMP, GIF or TIFF; a ``data:image/...;base64,`` prefix is accepted) or, from
-  Python, raw bytes; params ``prompt`` (the evaluation prompt), ``max_new_tokens`` (30) and
-  ``num_beams`` (1: greedy); output one caption per row, in order (``{"predictions": [...]}``).
+* the signature: input a table with a string column ``image`` (declared optional: see
+  :func:`signature`), each a base64-encoded image file (JPEG, PNG, WebP, BMP, GIF or TIFF; a
+  ``data:image/...;base64,`` prefix is accepted) or, from Python, raw bytes; params ``prompt``
+  (the evaluation prompt), ``max_new_tokens`` (30) and ``num_beams`` (1: greedy); output one
+  caption per row, in order (``{"predictions": [...]}``). A refused request is an HTTP 400 whose
+  message says what is wrong (no rows, the row of a bad image, a bad param).
 * an input example (a small real image, base64) and ``model_config`` (below).
 
 ``model_config`` (logged with its defaults; override with ``mlflow.pyfunc.load_model(uri,
@@ -38,6 +40,7 @@ import base64
 import binascii
 import io
 import math
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -47,6 +50,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from raylora import tracking
 from raylora.generation import GenerationSettings, generate_captions
@@ -78,6 +82,25 @@ class InputError(ValueError):
     """A request the caption model refuses (served as HTTP 400)."""
 
 
+class RequestError(MlflowException):
+    """How ``predict`` refuses a request: MLflow's INVALID_PARAMETER_VALUE (HTTP 400) with a message
+    that stays as written.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by ``predict`` into
+    ``Failed to predict data '<the input DataFrame>'. Error: <message>``: the DataFrame's repr echoes
+    the first characters of every image of the request. This message is set once and keeps its value.
+    """
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
 # ------------------------------------------------------------------------------------- the input
 
 
@@ -89,15 +112,40 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", "~", "./", "../", "\\")) or Path(text).suffix.lower() in IMAGE_SUFFIXES
 
 
+# What PIL's messages may quote of the input, dropped from them.
+_QUOTED = re.compile(
+    r"""\s*(?:
+        <[^<>]*>                                      # an object's repr: <_io.BytesIO object at 0x...>
+      | b'(?:[^'\\]|\\.)*' | b"(?:[^"\\]|\\.)*"          # bytes: header b'II*\x00...'
+      | (?<!\w)'[^']*'(?!\w) | (?<!\w)"[^"]*"(?!\w)     # a string: a file name
+    )""",
+    re.VERBOSE,
+)
+
+
+def pil_reason(error: BaseException) -> str:
+    """What PIL says is wrong with an image, without what it quotes of the input."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):  # "cannot identify image file <the file object>"
+        return "cannot identify image file"
+    lines = str(error).strip().splitlines()
+    text = " ".join(_QUOTED.sub("", lines[0]).split()).strip(" .,:;") if lines else ""
+    return text[:200] or type(error).__name__
+
+
 def check_image(data: bytes | str, row: int) -> None:
     """Decode the image (bytes or a path) once: a supported format within PIL's pixel limit."""
     from PIL import Image
 
-    unreadable = f"row {row}: not a readable image ({', '.join(IMAGE_FORMATS)})"
+    formats = ", ".join(IMAGE_FORMATS[:-1]) + f" or {IMAGE_FORMATS[-1]}"
+    unreadable = f"row {row}: image is not a decodable {formats} image"
     try:
         im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=IMAGE_FORMATS)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InputError(f"{unreadable}: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"row {row}: the image has too many pixels (PIL: {pil_reason(e)})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{unreadable} (PIL: {pil_reason(e)})") from None
     with im:
         width, height = im.size
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
@@ -107,7 +155,7 @@ def check_image(data: bytes | str, row: int) -> None:
         try:
             im.load()
         except (OSError, ValueError, SyntaxError) as e:
-            raise InputError(f"{unreadable}: {e}") from None
+            raise InputError(f"{unreadable} (PIL: {pil_reason(e)})") from None
 
 
 def _decode_base64(text: str, row: int, allow_paths: bool) -> bytes:
@@ -163,11 +211,8 @@ def generation_settings(params: dict[str, Any] | None, batch_size: int) -> Gener
     prompt = str(p.get("prompt", default.prompt))
     if not prompt.strip():
         raise InputError("params: prompt is empty")
-    try:
-        max_new = int(p.get("max_new_tokens", default.max_new_tokens))
-        beams = int(p.get("num_beams", default.num_beams))
-    except (TypeError, ValueError) as e:
-        raise InputError(f"params: max_new_tokens and num_beams must be integers ({e})") from None
+    max_new = _int_param(p, "max_new_tokens", default.max_new_tokens)
+    beams = _int_param(p, "num_beams", default.num_beams)
     if not 1 <= max_new <= MAX_NEW_TOKENS:
         raise InputError(f"params: max_new_tokens must be 1..{MAX_NEW_TOKENS}, got {max_new}")
     if not 1 <= beams <= MAX_BEAMS:
@@ -179,6 +224,13 @@ def generation_settings(params: dict[str, Any] | None, batch_size: int) -> Gener
         batch_size=batch_size,
         num_beams=beams,
     )
+
+
+def _int_param(params: dict[str, Any], key: str, default: int) -> int:
+    try:
+        return int(params.get(key, default))
+    except (TypeError, ValueError):
+        raise InputError(f"params: {key} must be an integer") from None
 
 
 def model_config(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -232,19 +284,20 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
-        """One caption per row of ``model_input[IMAGE_COLUMN]``, in order."""
-        from mlflow.exceptions import MlflowException
-
+        """One caption per row of ``model_input[IMAGE_COLUMN]``, in order; a RequestError (HTTP 400)
+        names what is wrong with a request (no rows, no image column, the row of a bad image, a bad
+        param)."""
         try:
             gen = generation_settings(params, self.config["batch_size"])
+            if len(model_input) == 0:
+                raise InputError(f"no rows were given: send one row per image, in column {IMAGE_COLUMN!r}")
             if IMAGE_COLUMN not in model_input:
-                raise InputError(f"the input has no {IMAGE_COLUMN!r} column (columns: {list(model_input)})")
+                columns = ", ".join(repr(str(c)[:40]) for c in list(model_input)[:10])
+                raise InputError(f"the input has no {IMAGE_COLUMN!r} column (its columns: {columns})")
             allow = self.config["allow_local_paths"]
             images = [read_image(v, i, allow) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
         except InputError as e:
-            raise MlflowException.invalid_parameter_value(str(e)) from None
-        if not images:
-            return []
+            raise RequestError.invalid_parameter_value(str(e)) from None
         files = [io.BytesIO(d) if isinstance(d, bytes) else d for d in images]
         with self.lock:
             return generate_captions(self.model, self.conv_tok, self.settings, files, gen)
@@ -254,13 +307,18 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
 
 
 def signature() -> Any:
-    """Input: a string column ``image``; params prompt / max_new_tokens / num_beams; output: captions."""
+    """Input: a string column ``image``; params prompt / max_new_tokens / num_beams; output: captions.
+
+    ``image`` is declared optional: MLflow then hands :meth:`CaptionModel.predict` a request without
+    it (an empty ``dataframe_records``, a misnamed column), which answers what is wrong (no rows were
+    given, no image column) instead of MLflow's "Model is missing inputs ['image']". A row without an
+    image is refused all the same."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     default = GenerationSettings()
     return ModelSignature(
-        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+        inputs=Schema([ColSpec("string", IMAGE_COLUMN, required=False)]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [

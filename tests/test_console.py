@@ -7,9 +7,16 @@ import importlib
 import io
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +32,8 @@ def quiet_state(monkeypatch: pytest.MonkeyPatch):
     """A clean console state: no RAYLORA_VERBOSE, the quiet environment and logger levels restored."""
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     for key in console.QUIET_ENV:
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what quiet_libraries sets is undone afterwards
+        monkeypatch.delenv(key)
     levels = {name: logging.getLogger(name).level for name in console.QUIET_LOGGERS}
     monkeypatch.setattr(console, "_log_dir", None)
     hf = sys.modules.get("transformers") and importlib.import_module("transformers.utils.logging")
@@ -140,6 +148,71 @@ def test_quiet_by_default_library_defaults_with_verbose(quiet_state):
     assert runtime_env()["env_vars"][console.VERBOSE_ENV] == "1"
     quiet_state.setenv(console.VERBOSE_ENV, "0")
     assert not console.verbose()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 (a SQLite store, one worker), as a two-node cluster runs it; its URL."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
+        *("--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+        *("--artifacts-destination", str(root / "artifacts")),
+    ]
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300  # imports, database set-up: minutes on a busy machine
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not answer /health; output:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_mlflow_prints_no_run_links_when_a_run_ends_on_a_server(quiet_state, mlflow_server, capsys):
+    """MLflow writes "🏃 View run NAME at: URL" and "🧪 View experiment at: URL" to stdout when a run
+    on a tracking server ends; raylora prints its own [mlflow] line, so MLflow's are off (and back,
+    MLflow's default, with --verbose)."""
+    from raylora import tracking
+
+    exp_id = tracking.client(mlflow_server).create_experiment(f"links-{uuid.uuid4().hex[:6]}")
+
+    def end_a_run() -> str:
+        run_id = tracking.create_run(exp_id, "train", uri=mlflow_server)
+        tracking.end_run(run_id, "FINISHED", mlflow_server)
+        return capsys.readouterr().out
+
+    console.quiet_libraries()
+    out = end_a_run()
+    assert "View run" not in out and "View experiment" not in out, out
+
+    for key in console.QUIET_ENV:
+        quiet_state.delenv(key, raising=False)
+    quiet_state.setenv(console.VERBOSE_ENV, "1")
+    console.quiet_libraries()
+    out = end_a_run()
+    assert f"🏃 View run train at: {mlflow_server}/#/experiments/{exp_id}/runs/" in out, out
+    assert f"🧪 View experiment at: {mlflow_server}/#/experiments/{exp_id}" in out, out
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parent.parent
 COCO_VAL = Path(__file__).parent / "fixtures" / "coco" / "val2014"
 COCO_IMAGES = sorted(str(p) for p in COCO_VAL.glob("*.jpg"))
 FP32_TOL = 1e-4
@@ -253,3 +254,43 @@ def test_bf16_merge(demo_adapter: Path, tmp_path: Path) -> None:
     assert report["max_abs_diff"] <= report["tolerance"] < report["adapter_effect"]
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+
+
+def test_merge_of_an_mlflow_uri_draws_no_download_bars_into_its_log(
+    demo_adapter: Path, tmp_path: Path
+) -> None:
+    """``python -m raylora.merge --model-uri ...`` with its output going to a file (a job's log):
+    MLflow's artifact download bars ("Downloading artifacts: 100%|...") are off; --verbose shows them."""
+    from raylora import console, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = tracking.client(uri).create_experiment(
+        "merge-log", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    run_id = tracking.create_run(exp_id, "train", uri=uri)
+    tracking.log_artifacts(run_id, demo_adapter, "adapter", uri)
+    tracking.end_run(run_id, "FINISHED", uri)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    for key in (*console.QUIET_ENV, console.VERBOSE_ENV):
+        env.pop(key, None)
+
+    def merge(name: str, *extra: str) -> str:
+        log = tmp_path / f"{name}.log"
+        cmd = [sys.executable, "-m", "raylora.merge", "--model-uri", f"runs:/{run_id}/adapter"]
+        with log.open("w") as out:
+            done = subprocess.run(
+                [*cmd, "--output", str(tmp_path / name), "--no-verify", *extra],
+                cwd=REPO,
+                env={**env, "RAYLORA_CACHE": str(tmp_path / f"{name}-cache")},  # a download each time
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=600,
+            )
+        text = log.read_text()
+        assert done.returncode == 0, text[-3000:]
+        assert (tmp_path / name / "model.safetensors").is_file()
+        return text
+
+    text = merge("quiet")
+    assert "Downloading artifacts" not in text and "%|" not in text, text
+    assert "Downloading artifacts" in merge("verbose", "--verbose")

@@ -31,6 +31,60 @@ def b64(path: str) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+NOT_AN_IMAGE = base64.b64encode(b"Quarterly numbers, not a picture: " + bytes(range(256))).decode("ascii")
+NOT_DECODABLE = "row {row}: image is not a decodable JPEG, PNG, WEBP, BMP, GIF or TIFF image (PIL: cannot identify image file)"
+NO_ROWS = "no rows were given: send one row per image, in column 'image'"
+
+
+def echoes_nothing(message: str) -> bool:
+    """The message quotes neither the request's data nor a Python object's repr."""
+    return not any(
+        s in message for s in ("Quarterly", NOT_AN_IMAGE[:12], "Failed to predict data", "object at 0x")
+    )
+
+
+def test_a_bad_image_is_named_without_quoting_it(tmp_path: Path) -> None:
+    """What a refused image is told: its row and what PIL says is wrong, not what PIL quotes of the
+    input (the file object's repr, header bytes, a file name)."""
+    from raylora.serving import InputError, pil_reason, read_image
+
+    with pytest.raises(InputError) as e:
+        read_image(NOT_AN_IMAGE, 3, allow_paths=False)
+    assert str(e.value) == NOT_DECODABLE.format(row=3)
+    truncated = Path(COCO_IMAGES[0]).read_bytes()[:3000]
+    with pytest.raises(InputError) as e:
+        read_image(truncated, 0, allow_paths=False)
+    message = str(e.value)
+    assert (
+        message.startswith("row 0: image is not a decodable") and "(PIL: image file is truncated" in message
+    )
+    assert echoes_nothing(message) and "\\x" not in message
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    with pytest.raises(InputError) as e:
+        read_image(str(text), 0, allow_paths=True)
+    assert str(e.value) == NOT_DECODABLE.format(row=0)  # the file's name is not repeated either
+
+    assert pil_reason(SyntaxError("not a TIFF file (header b'II*\\x00\\xff' not valid)")) == (
+        "not a TIFF file (header not valid)"
+    )
+    assert pil_reason(OSError("cannot read 'secret.png': it can't be <_io.BytesIO object at 0x7f>.")) == (
+        "cannot read: it can't be"
+    )
+
+
+def test_a_refusal_keeps_its_message() -> None:
+    """MLflow's scoring server prefixes the message of an error raised by predict with the whole input
+    DataFrame ("Failed to predict data '<repr>'"); the caption model's refusals keep theirs."""
+    from raylora.serving import RequestError
+
+    e = RequestError.invalid_parameter_value("row 0: no image")
+    e.message = f"Failed to predict data '{NOT_AN_IMAGE}'. \nError: {e.message}"  # what the server does
+    assert e.message == str(e) == "row 0: no image"
+    assert json.loads(e.serialize_as_json())["message"] == "row 0: no image"
+    assert e.get_http_status_code() == 400
+
+
 @pytest.fixture(scope="module")
 def champion(demo_root: Path, tracking_uri: str, tmp_path_factory) -> dict:
     """A demo adapter registered as champion of a fresh name, merged and registered with --register."""
@@ -102,6 +156,7 @@ def test_registered_as_a_pyfunc_caption_model(champion: dict, tmp_path: Path) ->
     assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # models from code
     assert pyfunc["config"]["allow_local_paths"] is False
     assert [c.name for c in info.signature.inputs.inputs] == ["image"]
+    assert not info.signature.inputs.inputs[0].required  # predict, not MLflow, answers its absence
     assert {p.name: p.default for p in info.signature.params.params} == {
         "prompt": "Provide a one-sentence caption for the provided image.",
         "max_new_tokens": 30,
@@ -141,6 +196,12 @@ def test_pyfunc_predict_equals_caption_cli(champion: dict, cli_captions: list[st
         model.predict(pd.DataFrame({"image": [first]}))
     with pytest.raises(MlflowException, match="row 1: not base64-encoded image data"):
         model.predict(pd.DataFrame({"image": [b64(first), "not an image!"]}))
+    with pytest.raises(MlflowException) as e:
+        model.predict(pd.DataFrame({"image": [b64(first), NOT_AN_IMAGE]}))
+    assert e.value.message == NOT_DECODABLE.format(row=1)
+    with pytest.raises(MlflowException) as e:
+        model.predict(pd.DataFrame())
+    assert e.value.message == NO_ROWS
     with pytest.raises(MlflowException, match="max_new_tokens must be 1..512"):
         model.predict(pd.DataFrame({"image": [b64(first)]}), params={"max_new_tokens": 0})
 
@@ -234,6 +295,20 @@ def test_mlflow_models_serve(
             f"{url}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[first]]}}
         )
         assert status == 400 and "allow_local_paths" in body["message"], body
+        assert echoes_nothing(body["message"]), body
+
+        # a bad image: its row and what is wrong, not the request's bytes or an object's repr
+        bad = {"dataframe_split": {"columns": ["image"], "data": [[b64(first)], [NOT_AN_IMAGE]]}}
+        status, body = _post(f"{url}/invocations", bad)
+        assert status == 400 and body["message"] == NOT_DECODABLE.format(row=1), body
+        # no rows: said so (MLflow would answer "Model is missing inputs ['image']")
+        status, body = _post(f"{url}/invocations", {"dataframe_records": []})
+        assert status == 400 and body["message"] == NO_ROWS, body
+        status, body = _post(f"{url}/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
+        assert status == 400 and body["message"] == NO_ROWS, body
+
+        status, body = _post(f"{url}/invocations", records)  # still serving
+        assert status == 200 and body["predictions"] == [short], body
     print(
-        f"mlflow models serve answered /ping after {started:.1f}s; 3 requests in {time.time() - t0 - started:.1f}s"
+        f"mlflow models serve answered /ping after {started:.1f}s; 7 requests in {time.time() - t0 - started:.1f}s"
     )
