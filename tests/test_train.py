@@ -129,6 +129,13 @@ def _logits(model, batch):
         ).logits
 
 
+# What LoRA adds to the demo base's val CIDEr (64 images) at least, on any machine. Seen: the base
+# scores 1.9 to 2.2 and the runs 5.9 to 7.1 at every validation (steps 50, 100, 150; the peak is
+# usually at 50), across machines, library versions, seeds, learning rates 7e-4 to 1.5e-3 and both
+# layouts; the spread comes from float sums in another order (CPU kernels, instruction sets), which
+# 1,000 base steps and 150 LoRA steps amplify. A margin of ~1 CIDEr below the lowest seen.
+LORA_GAIN = 3.0
+
 TUTORIAL_LAYOUT = (  # one row per caption, padded rows: the demo's rows as the tutorial lays them out
     "data.group_by_image=false",
     "data.max_packed_tokens=0",
@@ -142,9 +149,10 @@ TUTORIAL_LAYOUT = (  # one row per caption, padded rows: the demo's rows as the 
 def test_demo_end_to_end_zero2(
     ray_cluster, tracking_uri, tmp_path, demo_root, demo_settings, demo_base_model, layout
 ):
-    """The default demo (ZeRO-2, 2 workers, grouped by image and packed) and the same data in the
-    tutorial's layout: CIDEr >= 3.0 and >= 3x the base, adapter == trained weights, and the MLflow
-    store holds params, a loss curve, eval CIDEr and the adapter."""
+    """The default demo (ZeRO-2, 2 workers, grouped by image) and the same data in the tutorial's
+    layout: LoRA adds at least LORA_GAIN CIDEr to the base at every validation (the base captions in
+    style A, ~2; a model that has not learned style B stays there), adapter == trained weights, and
+    the MLflow store holds params, a loss curve, eval CIDEr and the adapter."""
     from mlflow.tracking import MlflowClient
     from peft import PeftModel
 
@@ -169,10 +177,9 @@ def test_demo_end_to_end_zero2(
         GenerationSettings(batch_size=32),
     )
     base_cider = cider(gts, {i.image_id: [c] for i, c in zip(items, caps)})
-    assert summary["val_cider"] >= 3.0 and summary["val_cider"] >= 3 * base_cider, (
-        summary["val_cider"],
-        base_cider,
-    )
+    client = MlflowClient(tracking_uri)
+    curve = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "val_cider")]
+    assert len(curve) == 3 and min(curve) >= base_cider + LORA_GAIN, (curve, base_cider)
 
     # the exported adapter gives the trained model's logits
     out = Path(cfg.output_dir)
@@ -198,7 +205,6 @@ def test_demo_end_to_end_zero2(
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"final_loss", "steps", "samples", "samples_per_s", "tokens_per_s", "val_cider"} <= set(metrics)
     assert (out / "config.yaml").is_file() and (out / "rejects.jsonl").is_file()
-    client = MlflowClient(tracking_uri)
     r = client.get_run(summary["mlflow_run_id"])
     assert r.info.status == "FINISHED"
     assert r.data.params["lora.rank"] == "16" and r.data.params["train.zero_stage"] == "2"
