@@ -790,9 +790,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> dict[str, Any]:
         cfg = config_from_args(args)
-        output = Path(args.output or cfg.output_dir)
-        console.log_errors_to(output)
-        return run(cfg, output)
+        return run(cfg, args.output)  # logs errors under the output folder once run has made it
 
     return run_command(body, command="train", verbose_flag=args.verbose)
 

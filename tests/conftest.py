@@ -55,7 +55,7 @@ def ray_cluster():
     """One local Ray cluster for the whole session (2 CPUs, ~1 GiB object store)."""
     import ray
 
-    from raylora.cluster import runtime_env
+    from raylora.cluster import console_options, runtime_env
 
     if not ray.is_initialized():
         ray.init(
@@ -64,7 +64,7 @@ def ray_cluster():
             object_store_memory=1 << 30,
             include_dashboard=True,
             runtime_env=runtime_env(),
-            log_to_driver=True,
+            **console_options(),  # as raylora's own init_ray: the workers' output in their log files
         )
     yield ray
     ray.shutdown()

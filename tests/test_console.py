@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def quiet_state(monkeypatch: pytest.MonkeyPatch):
     """A clean console state: no RAYLORA_VERBOSE, the quiet environment and logger levels restored."""
-    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
-    for key in console.QUIET_ENV:
+    for key in (console.VERBOSE_ENV, *console.QUIET_ENV):
         monkeypatch.setenv(key, "")  # recorded, so that what quiet_libraries sets is undone afterwards
         monkeypatch.delenv(key)
     levels = {name: logging.getLogger(name).level for name in console.QUIET_LOGGERS}

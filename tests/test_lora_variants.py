@@ -201,7 +201,7 @@ from tests.test_lora_variants import demo_micro_batch
 
 base_dir, out, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = load_config("demo", ["lora.use_dora=true", "lora.init=pissa", "train.zero_stage=3",
-                           "train.per_device_batch_size=4", "train.global_batch_size=4"])
+                           "train.per_device_batch_size=4", "train.global_batch_size=4", "cluster.num_workers=1"])
 torch.manual_seed(0)
 model = apply_lora(load_base_model(base_dir), cfg, "qwen2")
 initial = lora_init_snapshot(model)

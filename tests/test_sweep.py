@@ -66,7 +66,12 @@ def test_concurrency_from_cluster_and_unfit_trials():
     assert max_concurrent(cfg, {"CPU": 2.0}) == 2
     assert max_concurrent(load_config("demo", ["sweep.max_concurrent=1"]), {"CPU": 2.0}) == 1
     with pytest.raises(RuntimeError, match="one trial needs"):
-        max_concurrent(load_config("demo", ["sweep.trial_overrides={cluster.num_workers: 8}"]), {"CPU": 2.0})
+        max_concurrent(
+            load_config(
+                "demo", ["sweep.trial_overrides={cluster.num_workers: 8, train.global_batch_size: 32}"]
+            ),
+            {"CPU": 2.0},
+        )
     gpu = load_config("internvl2_2b_coco")
     assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 16.0}) == 1
     with pytest.raises(RuntimeError):
