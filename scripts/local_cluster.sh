@@ -5,7 +5,8 @@
 # on 127.0.0.1 only. Ray's token authentication stays on.
 #
 #   bash scripts/local_cluster.sh up [--dir DIR] [--cpus N] [--private-storage PATH]
-#   eval "$(bash scripts/local_cluster.sh env [--dir DIR])"     # RAY_ADDRESS, RAY_AUTH_MODE, MLFLOW_TRACKING_URI
+#   eval "$(bash scripts/local_cluster.sh env [--dir DIR])"     # RAY_ADDRESS, RAY_AUTH_MODE, MLFLOW_TRACKING_URI,
+#                                                                # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (keeps 127.0.0.1)
 #   python -m raylora.train cluster.placement_strategy=SPREAD cluster.storage_path=DIR/storage
 #   bash scripts/local_cluster.sh down [--dir DIR]
 #
@@ -32,6 +33,11 @@ while [ $# -gt 0 ]; do
     shift
 done
 PY=${PYTHON:-python3}
+# Loopback only. On Linux Ray turns a node address of 127.0.0.1 into the machine's address, and a node
+# whose address is not 127.0.0.1 binds its GCS, raylet, agents and workers to every interface. This
+# variable keeps 127.0.0.1 as it is for the head and every client (it also forbids `ray start --address`,
+# hence the second node's start below).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # token authentication: the nodes and the CLI calls below all use ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)
 export RAY_AUTH_MODE=token
 [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || ray get-auth-token --generate >/dev/null
@@ -66,11 +72,18 @@ case $cmd in
         gcs=$(free_port); dash=$(free_port); mlf=$(free_port)
         printf '%s\n' "$gcs" >"$DIR/gcs.port"
         printf '%s\n' "$mlf" >"$DIR/mlflow.port"
+        printf '%s\n' "$dash" >"$DIR/dashboard.port"
         start head ray start --head --block --node-ip-address=127.0.0.1 --port="$gcs" \
             --dashboard-host=127.0.0.1 --dashboard-port="$dash" --num-cpus="$CPUS" --num-gpus=0 \
             --resources='{"rehearsal_head": 1}' --disable-usage-stats
         wait_for 60 "the Ray head" ray status --address="127.0.0.1:$gcs"
-        node2=(ray start --block --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus="$CPUS"
+        # `ray start` for a second node, with Ray's rewrite of 127.0.0.1 to the machine's address left out
+        # (services.resolve_ip_for_localhost): its address is 127.0.0.1, its listeners on loopback.
+        node2=(env -u RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER "$PY" -c "import sys, ray._private.services as s
+s.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = 'ray'
+main()" start --block --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus="$CPUS"
             --num-gpus=0 --resources='{"rehearsal_node2": 1}' --disable-usage-stats)
         if [ -n "$PRIVATE" ]; then
             mkdir -p "$PRIVATE"
@@ -93,6 +106,7 @@ case $cmd in
         [ -f "$DIR/gcs.port" ] || { echo "error: no cluster state in $DIR; run: bash $0 up" >&2; exit 1; }
         echo "export RAY_ADDRESS=127.0.0.1:$(cat "$DIR/gcs.port")"
         echo "export RAY_AUTH_MODE=token"
+        echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"  # keep 127.0.0.1 (see the head of this script)
         echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$DIR/mlflow.port")"
         ;;
     down)
@@ -113,7 +127,7 @@ case $cmd in
         echo "cluster down ($DIR)"
         ;;
     *)
-        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+        awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'  # the header above
         [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ] || exit 2
         ;;
 esac

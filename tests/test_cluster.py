@@ -64,39 +64,65 @@ def client(cluster):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_train_on_both_nodes_through_the_tracking_server(cluster, tmp_path):
-    """Workers on both nodes (SPREAD), the run, its metrics and its adapter through the server only."""
-    storage = cluster["dir"] / "storage"
-    done = command(
-        cluster,
-        "raylora.train",
-        "--config",
-        "demo",
-        f"cluster.storage_path={storage}",
-        f"output_dir={tmp_path / 'out'}",
-        "cluster.placement_strategy=SPREAD",
-        "train.max_steps=6",
-        "train.checkpoint_every_n_steps=3",
-        "eval.every_n_steps=3",
-        "data.val_size=16",
-        "train.trace_data=true",
-        "train.log_every_n_steps=1",
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listeners(cluster, driver: int) -> list[tuple[str, str, int, str]]:
+    """(part, address, port, process) for every listening TCP socket of the rehearsal's processes
+    (the process groups `up` started and every descendant: raylets' workers included) and a driver's."""
+    import psutil
+
+    found = []
+    parts = {part: int((cluster["dir"] / f"{part}.pid").read_text()) for part in ("head", "node2", "mlflow")}
+    for part, pid in [*parts.items(), ("driver", driver)]:
+        leader = psutil.Process(pid)
+        for proc in [leader, *leader.children(recursive=True)]:
+            try:
+                name = " ".join(proc.cmdline()) or proc.name()
+                sockets = proc.net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                continue
+            found += [
+                (part, s.laddr.ip, s.laddr.port, name) for s in sockets if s.status == psutil.CONN_LISTEN
+            ]
+    return found
+
+
+def test_what_the_rehearsal_listens_on(cluster):
+    """The user report: GCS, raylets, agents and workers listened on every interface and the Ray Client
+    server on the machine's address, while the script said "127.0.0.1 only". Now every listening
+    socket of the rehearsal (Ray's on both nodes, its workers', a driver's, the MLflow server's) is
+    on loopback."""
+    code = (
+        "import sys, ray\n"
+        "ray.init()\n"
+        "Idle = ray.remote(num_cpus=0)(type('Idle', (), {'ready': lambda self: True}))\n"
+        "actors = [Idle.options(resources={r: 0.01}).remote() for r in ('rehearsal_head', 'rehearsal_node2')]\n"
+        "ray.get([a.ready.remote() for a in actors])\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    nodes = {
-        json.loads(line)["node"]
-        for f in storage.glob("*/data_trace/rank*.jsonl")
-        for line in f.read_text().splitlines()
+    driver = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=cluster["env"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert driver.stdout.readline().strip() == "ready"  # an actor (a worker process) on each node
+        found = listeners(cluster, driver.pid)
+    finally:
+        driver.communicate("", timeout=120)
+    assert {part for part, *_ in found} == {"head", "node2", "mlflow", "driver"}, found
+    workers = {part for part, _, _, name in found if "Idle" in name or "ray::" in name}
+    assert workers >= {"head", "node2"}, found
+    assert {port for part, _, port, _ in found if part == "mlflow"} == {
+        int((cluster["dir"] / "mlflow.port").read_text())
     }
-    assert len(nodes) == 2  # one training worker on each node
-    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    run = client(cluster).get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
-    assert len(client(cluster).get_metric_history(run.info.run_id, "loss")) == 6
-    assert client(cluster).get_metric_history(run.info.run_id, "val_cider")
-    assert "adapter/adapter_model.safetensors" in {
-        a.path for a in client(cluster).list_artifacts(run.info.run_id, "adapter")
-    }
+    assert int((cluster["dir"] / "dashboard.port").read_text()) in {port for *_, port, _ in found}
+    wide = [(part, addr, port, name[:80]) for part, addr, port, name in found if addr not in LOOPBACK]
+    assert not wide, wide
 
 
 def test_preflight_refuses_what_the_cluster_cannot_do(cluster, tmp_path):
@@ -172,9 +198,10 @@ def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewher
 
 
 def test_losing_the_second_node_resumes_exactly(cluster, uninterrupted_run, tmp_path):
-    """Kill the second node's raylet (and its workers) mid-run: the run continues on the head from its
-    latest checkpoint and ends with the uninterrupted run's micro-batches, loss and adapter.
-    Last in this module: the cluster has one node afterwards."""
+    """Workers on both nodes (SPREAD), the run, its metrics and its adapter through the tracking server
+    only; then the second node's raylet (and its workers) is killed mid-run: the run continues on the
+    head from its latest checkpoint and ends with the uninterrupted run's micro-batches, loss and
+    adapter, every step logged once. Last in this module: the cluster has one node afterwards."""
     env = cluster["env"]
     cmd = [sys.executable, "-m", "raylora.train", "--config", "demo", *SHORT]
     cmd += [f"cluster.storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}"]
@@ -196,5 +223,12 @@ def test_losing_the_second_node_resumes_exactly(cluster, uninterrupted_run, tmp_
         for f in (tmp_path / "runs").glob("*/data_trace/rank*.jsonl")
         for line in f.read_text().splitlines()
     }
-    assert len(nodes) == 2 and len(traces(tmp_path)[12]) >= 1
-    assert_exact(tmp_path, uninterrupted_run)
+    assert len(nodes) == 2 and len(traces(tmp_path)[12]) >= 1  # one training worker on each node
+    metrics = assert_exact(tmp_path, uninterrupted_run)
+    run = client(cluster).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    steps = [m.step for m in client(cluster).get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 13))  # the steps trained again after the loss: logged once
+    assert "adapter/adapter_model.safetensors" in {
+        a.path for a in client(cluster).list_artifacts(run.info.run_id, "adapter")
+    }
