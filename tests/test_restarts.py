@@ -84,25 +84,6 @@ def wait_for_step(proc: subprocess.Popen, root: Path, step: int, timeout: float 
 
 
 @pytest.mark.slow
-def test_worker_crash_restarts_exactly(uninterrupted_run, ray_cluster, tracking_uri, tmp_path, monkeypatch):
-    """The fault drill: the last rank dies at step 6; FailureConfig restarts the workers from the
-    step-4 checkpoint; every optimizer step is logged once, none skipped (steps 5 and 6, trained
-    twice, were logged twice before)."""
-    from mlflow.tracking import MlflowClient
-
-    from raylora.train import run
-
-    monkeypatch.setenv("RAYLORA_FAIL_AT_STEP", "6")
-    summary = run(load("demo", overrides(tmp_path)))
-    (marker,) = (tmp_path / "runs").glob("*/injected_failure")
-    assert marker.read_text() == "6"
-    assert len(traces(tmp_path)[10]) == 2  # step 6's micro-batches were consumed twice: before and after
-    assert_exact(tmp_path, uninterrupted_run)
-    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(summary["mlflow_run_id"], "loss")]
-    assert sorted(steps) == list(range(1, 13))
-
-
-@pytest.mark.slow
 def test_driver_killed_then_rerun_resumes_exactly(uninterrupted_run, ray_cluster, tracking_uri, tmp_path):
     """Kill the driver after step 6 (checkpoint at 4): the same command resumes in the same MLflow run
     and ends as if nothing happened; ZeRO-3 adapters are gathered (lora_B not all zero)."""
@@ -134,9 +115,17 @@ def _decode_actor_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_decode_actor_crash_restarts_exactly(uninterrupted_run, ray_cluster, tracking_uri, tmp_path):
-    """SIGKILL a rank's decode actor mid-run: Ray Data restarts it (or the workers restart from the
-    last checkpoint); either way every micro-batch and the result are exact."""
+def test_a_decode_actor_kill_and_a_worker_crash_restart_exactly(
+    uninterrupted_run, ray_cluster, tracking_uri, tmp_path, monkeypatch
+):
+    """Two faults in one run. SIGKILL a rank's decode actor at step 3: Ray Data restarts it (or the
+    workers restart from the last checkpoint). Then the last rank dies at step 6: FailureConfig
+    restarts the workers from the step-4 checkpoint. Every micro-batch and the result are exact, and
+    every optimizer step is logged once, none skipped (steps 5 and 6, trained twice, were logged
+    twice before)."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("RAYLORA_FAIL_AT_STEP", "6")
     proc = driver(tmp_path, ray_cluster, tracking_uri)
     wait_for_step(proc, tmp_path, 3)
     pids = _decode_actor_pids()
@@ -144,7 +133,12 @@ def test_decode_actor_crash_restarts_exactly(uninterrupted_run, ray_cluster, tra
     os.kill(pids[0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert_exact(tmp_path, uninterrupted_run)
+    (marker,) = (tmp_path / "runs").glob("*/injected_failure")
+    assert marker.read_text() == "6"
+    assert len(traces(tmp_path)[10]) >= 2  # step 6's micro-batches were consumed before and after
+    metrics = assert_exact(tmp_path, uninterrupted_run)
+    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(metrics["mlflow_run_id"], "loss")]
+    assert sorted(steps) == list(range(1, 13))
 
 
 @pytest.mark.slow
