@@ -188,30 +188,3 @@ def test_the_dashboard_shows_a_demo_run(ray_cluster, tracking_uri, tmp_path: Pat
     assert datasets and all(d["operators"] for d in datasets)
 
     assert exported and set(exported) <= set(range(1, 17)), exported  # the run's step gauge
-
-
-@pytest.mark.slow
-def test_a_sweep_trial_is_on_the_dashboard(
-    ray_cluster, tracking_uri, tmp_path: Path, demo_root: Path
-) -> None:
-    """A sweep trial's trainer (built in the trial's own process) is tracked too."""
-    from raylora.sweep import run_sweep
-
-    cfg = load(
-        "demo",
-        [
-            f"cluster.storage_path={tmp_path / 'runs'}",
-            f"output_dir={tmp_path / 'out' / 'x'}",
-            "data.val_size=8",
-            "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, "
-            "data.decode_cpus: 0.45, train.max_steps: 4, eval.every_n_steps: 4}",
-            "sweep.searcher=random",
-            "sweep.merge=false",
-            "tracking.registered_model=raylora-dashboard-lora",
-        ],
-    )
-    summary = run_sweep(cfg, trials=1)
-    dashboard = "http://" + ray_cluster._private.worker.get_dashboard_url()
-    train_runs = _get(f"{dashboard}/api/train/v2/runs/v1", _auth_token())["train_runs"]
-    (trial,) = [r for r in train_runs if r["name"] == summary["best_trial"]]
-    assert trial["status"] == "FINISHED" and len(trial["attempts"][-1]["workers"]) == 1

@@ -154,6 +154,13 @@ def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path, dem
     cfg = load("demo", [*_sweep_overrides(tmp_path), "train.max_steps=20", "sweep.final_train=true"])
     summary = run_sweep(cfg, trials=2)
     assert summary["trials"] == 2 and summary["best_cider"] > 0
+    # a trial's trainer (built in the trial's own process) is on the dashboard's Train view too
+    from tests.test_monitoring import _auth_token, _get
+
+    dashboard = "http://" + ray_cluster._private.worker.get_dashboard_url()
+    train_runs = _get(f"{dashboard}/api/train/v2/runs/v1", _auth_token())["train_runs"]
+    (trial,) = [r for r in train_runs if r["name"] == summary["best_trial"]]
+    assert trial["status"] == "FINISHED" and len(trial["attempts"][-1]["workers"]) == 1
     client = MlflowClient(tracking_uri)
     mv = client.get_model_version("raylora-test-lora", str(summary["version"]))  # the best trial's adapter
     assert float(mv.tags["cider"]) == pytest.approx(summary["best_cider"])
