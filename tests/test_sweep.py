@@ -143,52 +143,6 @@ def _sweep_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-def test_small_sweep_registers_champion(ray_cluster, tracking_uri, tmp_path, demo_root):
-    from mlflow.tracking import MlflowClient
-    from safetensors.torch import load_file
-
-    from raylora.sweep import run_sweep
-
-    # base schedule 20 steps, trials truncated to 10 (trial_overrides); final training + merge at the end
-    cfg = load("demo", [*_sweep_overrides(tmp_path), "train.max_steps=20", "sweep.final_train=true"])
-    summary = run_sweep(cfg, trials=2)
-    assert summary["trials"] == 2 and summary["best_cider"] > 0
-    # a trial's trainer (built in the trial's own process) is on the dashboard's Train view too
-    from tests.test_monitoring import _auth_token, _get
-
-    dashboard = "http://" + ray_cluster._private.worker.get_dashboard_url()
-    train_runs = _get(f"{dashboard}/api/train/v2/runs/v1", _auth_token())["train_runs"]
-    (trial,) = [r for r in train_runs if r["name"] == summary["best_trial"]]
-    assert trial["status"] == "FINISHED" and len(trial["attempts"][-1]["workers"]) == 1
-    client = MlflowClient(tracking_uri)
-    mv = client.get_model_version("raylora-test-lora", str(summary["version"]))  # the best trial's adapter
-    assert float(mv.tags["cider"]) == pytest.approx(summary["best_cider"])
-    assert (
-        mv.tags["trial_id"] == summary["best_trial"]
-        and "config_hash" in mv.tags
-        and mv.tags["base_model"] == str(demo_root / "base")
-    )
-    from raylora.sources import resolve_source
-
-    source = resolve_source("models:/raylora-test-lora@champion", cache_dir=tmp_path / "cache")
-    assert json.loads((source.adapter_dir / "raylora.json").read_text())["template"] == "Hermes-2"
-    weights = load_file(source.adapter_dir / "adapter_model.safetensors")
-    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
-    children = client.search_runs(
-        [client.get_run(summary["parent_run_id"]).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
-    )
-    assert len(children) == 2
-    states = {r.data.tags["trial_state"] for r in children}
-    assert states <= {"completed", "stopped early", "failed"} and "completed" in states
-    report = Path(summary["report"])
-    assert report.is_file() and (report.parent / "cider_vs_lr.png").is_file()
-    rows = json.loads((report.parent / "trials.json").read_text())
-    assert max(r["cider"] or 0 for r in rows) == pytest.approx(summary["best_cider"])
-    _check_final_task(summary, client, demo_root)
-
-
 def _check_final_task(summary: dict, client, demo_root: Path) -> None:
     """sweep.final_train: the champion's config for the base schedule, registered; then merged in a
     Ray task and registered as <name>-merged with the caption pyfunc flavour."""
@@ -223,12 +177,19 @@ def _check_final_task(summary: dict, client, demo_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri, tmp_path):
+def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri, tmp_path, demo_root):
     """Kill the sweep driver mid-trial (one trial finished, the next past its first checkpoint);
     --resume does not rerun the finished trial, restarts the interrupted one from its checkpoint, in
-    the same MLflow parent and child runs."""
-    overrides = _sweep_overrides(tmp_path) + ["sweep.max_concurrent=1", "train.trace_data=true"]
-    cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "2", "--no-merge"]
+    the same MLflow parent and child runs; then the champion is registered, trained for the base
+    schedule and merged (the final task), as after a sweep that was never interrupted."""
+    # base schedule 20 steps, trials truncated to TRIAL_STEPS; the final training and merge at the end
+    overrides = _sweep_overrides(tmp_path) + [
+        "sweep.max_concurrent=1",
+        "train.trace_data=true",
+        "train.max_steps=20",
+        "sweep.final_train=true",
+    ]
+    cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "2"]
     cmd += overrides
     env = {
         **os.environ,
@@ -289,7 +250,7 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     assert all(consumed[i] == 1 for i in range(cut_steps[-1] * per_step))
     assert (cut / "mlflow_run_id").read_text() == cut_run
     summary = json.loads((tmp_path / "out" / "demo_sweep" / "summary.json").read_text())
-    assert summary["trials"] == 2 and "merged_model" not in summary  # --no-merge
+    assert summary["trials"] == 2 and summary["best_cider"] > 0
     assert summary["parent_run_id"] == parent
     from mlflow.tracking import MlflowClient
 
@@ -300,6 +261,43 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     assert len(children) == 2 and cut_run in {r.info.run_id for r in children}
     steps = [m.step for m in client.get_metric_history(cut_run, "val_cider")]
     assert sorted(steps) == [RUNG, TRIAL_STEPS]  # each rung once: the resumed part continued the same run
+    _check_champion(summary, client, tmp_path, demo_root, ray_cluster, trial=next(iter(done_before)))
+
+
+def _check_champion(summary: dict, client, tmp_path: Path, demo_root: Path, ray_cluster, trial: str) -> None:
+    """The champion's registry entry and files, the trials' child runs, the report; a trial's trainer
+    (built in the trial's own process) on the dashboard's Train view; then the final task."""
+    from safetensors.torch import load_file
+
+    from raylora.sources import resolve_source
+    from tests.test_monitoring import _auth_token, _get
+
+    dashboard = "http://" + ray_cluster._private.worker.get_dashboard_url()
+    train_runs = _get(f"{dashboard}/api/train/v2/runs/v1", _auth_token())["train_runs"]
+    (run,) = [r for r in train_runs if r["name"] == trial]
+    assert run["status"] == "FINISHED" and len(run["attempts"][-1]["workers"]) == 1
+    mv = client.get_model_version("raylora-test-lora", str(summary["version"]))  # the best trial's adapter
+    assert float(mv.tags["cider"]) == pytest.approx(summary["best_cider"])
+    assert (
+        mv.tags["trial_id"] == summary["best_trial"]
+        and "config_hash" in mv.tags
+        and mv.tags["base_model"] == str(demo_root / "base")
+    )
+    source = resolve_source("models:/raylora-test-lora@champion", cache_dir=tmp_path / "cache")
+    assert json.loads((source.adapter_dir / "raylora.json").read_text())["template"] == "Hermes-2"
+    weights = load_file(source.adapter_dir / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    children = client.search_runs(
+        [client.get_run(summary["parent_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
+    )
+    states = {r.data.tags["trial_state"] for r in children}
+    assert states <= {"completed", "stopped early", "failed"} and "completed" in states
+    report = Path(summary["report"])
+    assert report.is_file() and (report.parent / "cider_vs_lr.png").is_file()
+    rows = json.loads((report.parent / "trials.json").read_text())
+    assert max(r["cider"] or 0 for r in rows) == pytest.approx(summary["best_cider"])
+    _check_final_task(summary, client, demo_root)
 
 
 def test_sweep_report_into_the_parent_run(tracking_uri, tmp_path):
