@@ -250,11 +250,9 @@ def main() -> int:
     root = ensure_demo()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        errors = (
-            exactness(root, work, ("sdpa",), None)
-            if args.cpu_dry_run
-            else exactness(root, work, ("flex_attention", "sdpa"), INTERNVL2_2B[0]["vocab_size"])
-        )
+        text, vision = DRY_RUN_MODEL if args.cpu_dry_run else INTERNVL2_2B
+        backends = ("sdpa",) if args.cpu_dry_run else ("flex_attention", "sdpa")
+        errors = exactness(root, work, backends, text["vocab_size"])
         print(
             f"exactness on {name}: max relative gradient error "
             + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
@@ -263,7 +261,6 @@ def main() -> int:
             print("bench_gpu: image-once gradients differ from plain rows on this GPU backend; stop here")
             print(json.dumps({"gpu": name, "exactness": errors, "ok": False}))
             return 1
-        text, vision = DRY_RUN_MODEL if args.cpu_dry_run else INTERNVL2_2B
         model_dir = build_model(root / "tokenizer", work / "internvl2-2b", text, vision)
         settings = image_settings(model_dir, TEMPLATE, SYSTEM_MESSAGE, max_seq_length=4096)
         records = prepare(

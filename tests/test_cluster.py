@@ -115,7 +115,7 @@ def test_what_the_rehearsal_listens_on(cluster):
     finally:
         driver.communicate("", timeout=120)
     assert {part for part, *_ in found} == {"head", "node2", "mlflow", "driver"}, found
-    workers = {part for part, _, _, name in found if "Idle" in name or "ray::" in name}
+    workers = {part for part, _, _, name in found if name.startswith("ray::Idle")}
     assert workers >= {"head", "node2"}, found
     assert {port for part, _, port, _ in found if part == "mlflow"} == {
         int((cluster["dir"] / "mlflow.port").read_text())

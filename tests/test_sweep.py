@@ -261,12 +261,16 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     assert len(children) == 2 and cut_run in {r.info.run_id for r in children}
     steps = [m.step for m in client.get_metric_history(cut_run, "val_cider")]
     assert sorted(steps) == [RUNG, TRIAL_STEPS]  # each rung once: the resumed part continued the same run
-    _check_champion(summary, client, tmp_path, demo_root, ray_cluster, trial=next(iter(done_before)))
+    _check_champion(
+        summary, children, client, tmp_path, demo_root, ray_cluster, trial=next(iter(done_before))
+    )
 
 
-def _check_champion(summary: dict, client, tmp_path: Path, demo_root: Path, ray_cluster, trial: str) -> None:
-    """The champion's registry entry and files, the trials' child runs, the report; a trial's trainer
-    (built in the trial's own process) on the dashboard's Train view; then the final task."""
+def _check_champion(
+    summary: dict, children: list, client, tmp_path: Path, demo_root: Path, ray_cluster, trial: str
+) -> None:
+    """The champion's registry entry and files, the trials' child runs' states, the report; a trial's
+    trainer (built in the trial's own process) on the dashboard's Train view; then the final task."""
     from safetensors.torch import load_file
 
     from raylora.sources import resolve_source
@@ -287,10 +291,6 @@ def _check_champion(summary: dict, client, tmp_path: Path, demo_root: Path, ray_
     assert json.loads((source.adapter_dir / "raylora.json").read_text())["template"] == "Hermes-2"
     weights = load_file(source.adapter_dir / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
-    children = client.search_runs(
-        [client.get_run(summary["parent_run_id"]).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
-    )
     states = {r.data.tags["trial_state"] for r in children}
     assert states <= {"completed", "stopped early", "failed"} and "completed" in states
     report = Path(summary["report"])

@@ -326,8 +326,10 @@ def test_a_bad_config_value_exits_2_before_ray_starts(tmp_path, override):
         "print('ray initialized:', ray.is_initialized())\n"
         "sys.exit(code)\n"
     )
+    from raylora.console import VERBOSE_ENV
+
     env = {
-        **{k: v for k, v in os.environ.items() if k != "RAYLORA_VERBOSE"},  # the quiet console is checked
+        **{k: v for k, v in os.environ.items() if k != VERBOSE_ENV},  # the quiet console is checked
         "PYTHONPATH": str(REPO),  # this checkout, whatever is installed
         "RAYLORA_CACHE": str(tmp_path / "cache"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db",
