@@ -6,12 +6,21 @@ style A ("a red circle on the left and a blue square on the right") teaches the 
 to caption a little; style B (five paraphrases, the references of val/test) is what LoRA learns.
 A base that already captions makes LoRA's job the real one: adapt the style, not learn vision.
 
+The demo base's weights ship with raylora (``raylora/demo_base/``, 3 MB): pre-training it takes
+minutes on a CPU and its float sums differ between CPU instruction sets and library versions, so a
+base built on each machine scored differently (CIDEr 2.07 on one, 2.19 on another) and so did the LoRA
+runs on top. The shipped weights were built by :func:`pretrain_base` (``--pretrain`` builds them again
+on this machine; ``--save-shipped`` writes a rebuilt base into the package folder); they are used
+only for the tokenizer they were trained with (its fingerprint is recorded beside them).
+
     python -m raylora.demo            # build (or show) the cached assets
+    python -m raylora.demo --rebuild --pretrain   # pre-train the base here instead of the shipped weights
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
@@ -33,7 +42,8 @@ from raylora.sources import image_settings
 
 # torch, transformers and tokenizers are imported inside the builders: reading the cache stays fast.
 
-DEMO_VERSION = "v4"  # v4: weights initialised by raylora (portable), base built with BASE_THREADS
+DEMO_VERSION = "v5"  # v5: the base is the shipped weights (SHIPPED_BASE); v4: portable init, BASE_THREADS
+SHIPPED_BASE = Path(__file__).parent / "demo_base"  # model.safetensors + base.json (see the docstring)
 BASE_THREADS = 2  # the base pre-training's CPU threads on every machine: its float sums in one order
 IMAGE_SIZE = 112
 PROMPT = "Provide a one-sentence caption for the provided image."
@@ -369,7 +379,7 @@ def demo_image_settings(model_dir: Path, max_num: int = 6):
     return image_settings(model_dir, TEMPLATE, SYSTEM_MESSAGE, max_num=max_num, max_seq_length=512)
 
 
-def ensure_demo(log=print, base_steps: int = 1000) -> Path:
+def ensure_demo(log=print, base_steps: int = 1000, pretrain: bool = False) -> Path:
     """Build whatever part of the demo is not cached yet; returns the demo dir.
 
     Layout: ``data/`` (COCO-like: annotations/, base/, train/, val/, test/), ``tokenizer/``,
@@ -398,27 +408,67 @@ def ensure_demo(log=print, base_steps: int = 1000) -> Path:
         base = root / "base"
         if not (base / "config.json").exists():
             with atomic_dir(base, overwrite=True) as tmp:
-                build_base(tmp, data, tok_dir, base_steps, log)
+                build_base(tmp, data, tok_dir, base_steps, log, pretrain=pretrain)
         done.write_text(DEMO_VERSION)
         log(f"[demo] demo assets ready in {root}")
         return root
 
 
-def build_base(out: Path, data: Path, tok_dir: Path, steps: int, log=print) -> None:
-    """The demo base: a random tiny InternVL pre-trained on caption style A, saved in ``out``."""
+def build_base(out: Path, data: Path, tok_dir: Path, steps: int, log=print, pretrain: bool = False) -> None:
+    """The demo base, saved in ``out``: the shipped weights when they fit this tokenizer (and
+    ``pretrain`` is off), else a random tiny InternVL pre-trained here on caption style A."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BASE_THREADS)
-    try:
-        model = build_random_model(tok_dir)
-        save_model_dir(model, tok_dir, out)  # config and tokenizer first: the data settings read them
-        info = pretrain_base(model, data, out, steps, log)
-    finally:
-        torch.set_num_threads(threads)
-    save_model_dir(model, tok_dir, out)
-    info["built_with"] = build_environment()
+    model = build_random_model(tok_dir)
+    save_model_dir(model, tok_dir, out)  # config and tokenizer first: the data settings read them
+    why = "--pretrain" if pretrain else shipped_base_mismatch(tok_dir, steps)
+    if why is None:  # the file as shipped: the same bits on every machine
+        shutil.copyfile(SHIPPED_BASE / "model.safetensors", out / "model.safetensors")
+        info = {**json.loads((SHIPPED_BASE / "base.json").read_text()), "shipped": True}
+        log(f"[demo] base model: the shipped pre-trained weights ({info['steps']} steps)")
+    else:
+        log(f"[demo] pre-training the base model here ({steps} steps; not the shipped weights: {why})")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(BASE_THREADS)
+        try:
+            info = pretrain_base(model, data, out, steps, log)
+        finally:
+            torch.set_num_threads(threads)
+        info["built_with"] = build_environment()
+        info["tokenizer"] = tokenizer_fingerprint(tok_dir)
+        save_model_dir(model, tok_dir, out)
     (out / "raylora_demo_base.json").write_text(json.dumps(info, indent=2))
+
+
+def tokenizer_fingerprint(tok_dir: Path) -> str:
+    """A hash of what gives each token its id: the BPE vocabulary and merges, the added tokens."""
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    key = {"model": spec["model"], "added": [(t["id"], t["content"]) for t in spec.get("added_tokens", [])]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shipped_base_mismatch(tok_dir: Path, steps: int) -> str | None:
+    """Why the shipped weights cannot be this demo's base (None: they can)."""
+    record = SHIPPED_BASE / "base.json"
+    if not (SHIPPED_BASE / "model.safetensors").is_file() or not record.is_file():
+        return f"{SHIPPED_BASE} is missing"
+    info = json.loads(record.read_text())
+    if info.get("steps") != steps:
+        return f"they were pre-trained {info.get('steps')} steps, {steps} asked"
+    if info.get("tokenizer") != tokenizer_fingerprint(tok_dir):
+        return "they were trained with another tokenizer (the tokenizers library built a different one)"
+    return None
+
+
+def save_shipped_base(base_dir: Path) -> Path:
+    """Write a built base's weights and record into the package's ``demo_base/`` (for maintainers:
+    after a change that makes the shipped weights stale)."""
+    info = json.loads((base_dir / "raylora_demo_base.json").read_text())
+    info.pop("shipped", None)
+    SHIPPED_BASE.mkdir(exist_ok=True)
+    shutil.copyfile(base_dir / "model.safetensors", SHIPPED_BASE / "model.safetensors")
+    (SHIPPED_BASE / "base.json").write_text(json.dumps(info, indent=2) + "\n")
+    return SHIPPED_BASE
 
 
 def build_environment() -> dict[str, str]:
@@ -470,13 +520,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rebuild", action="store_true", help="delete the cached demo assets and build them again"
     )
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pre-train the base model here (minutes) instead of using the shipped weights",
+    )
+    p.add_argument(
+        "--save-shipped",
+        action="store_true",
+        help="copy the cached base's weights into the package's demo_base/ (maintainers)",
+    )
     add_verbose_flag(p)
     args = p.parse_args(argv)
 
     def body() -> None:
         if args.rebuild:
             shutil.rmtree(demo_dir(), ignore_errors=True)
-        print(ensure_demo())
+        root = ensure_demo(pretrain=args.pretrain)
+        if args.save_shipped:
+            print(f"shipped base written: {save_shipped_base(root / 'base')}")
+        print(root)
 
     return run_command(body, command="demo", verbose_flag=args.verbose)
 
