@@ -222,3 +222,34 @@ def test_batch_arithmetic_is_checked_with_the_config():
         load_config("demo", ["train.global_batch_size=7"])
     assert "a multiple of train.per_device_batch_size 4 x cluster.num_workers 2 = 8" in str(e.value)
     assert load_config("demo", ["train.global_batch_size=16"]).train.global_batch_size == 16
+
+
+def test_a_library_below_its_floor_is_one_line_at_import(monkeypatch):
+    """transformers 5.17 (as on a GPU machine's image) makes forward_loss raise IndexError deep in the
+    model; raylora says so when it is imported, naming the package, both versions and the fix."""
+    import subprocess
+    import sys
+
+    from raylora import versions
+
+    real = versions.version
+    monkeypatch.setattr(versions, "version", lambda p: "5.17.0" if p == "transformers" else real(p))
+    (line,) = versions.too_old()
+    assert line.startswith("raylora needs transformers>=5.21.0 (InternVL's logits_to_keep")
+    assert "5.17.0 is installed: pip install -U 'transformers>=5.21.0'" in line
+    with pytest.raises(versions.VersionError, match="transformers>=5.21.0"):
+        versions.check_versions()
+    monkeypatch.setattr(versions, "version", lambda p: "2.11.0+cu130" if p == "torch" else real(p))
+    assert versions.too_old() == []  # a CUDA build's local version counts as its release
+    # a command: one error line, exit 2 (a fake transformers metadata first on the path)
+    code = (
+        "import importlib.metadata as m, sys; real = m.version\n"
+        "m.version = lambda p: '5.17.0' if p == 'transformers' else real(p)\n"
+        "sys.argv = ['-m']; import raylora\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: raylora needs transformers>=5.21.0 (InternVL's logits_to_keep as a 2-D boolean mask "
+        "(raylora.loss)); 5.17.0 is installed: pip install -U 'transformers>=5.21.0'"
+    ]
