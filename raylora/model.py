@@ -102,24 +102,36 @@ def attn_implementation(name: str, device_type: str) -> str:
 def attention_for_layout(attn: str, structured: bool, device_type: str) -> tuple[Any, str, str | None]:
     """(``attn_implementation`` to load with, the text model's backend, a one-line notice or None).
 
-    A structured layout (grouped captions, packed rows) needs an exact mask: flash_attention_2 cannot
-    express a shared prefix, so on a GPU it is replaced by flex_attention for the text model (the
-    vision tower keeps sdpa; it needs no mask) and on a CPU by sdpa with a 4D mask. flex_attention's
-    backward does not run on a CPU.
+    A structured layout (grouped captions, packed rows) needs an exact mask. On a GPU the text model
+    then always runs flex_attention, whatever ``auto`` resolved to: flash_attention_2 cannot express a
+    shared prefix, and sdpa would compute every masked block of a ~8k-token packed row with a dense
+    mask; flex_attention's block mask skips them (the vision tower keeps sdpa: it needs no mask).
+    ``eager``, asked for by name, stays (a debugging choice). On a CPU: sdpa with a 4D mask
+    (flex_attention's backward does not run on a CPU).
     """
     if not structured:
         return attn, attn, None
     if attn == "flex_attention" and device_type != "cuda":
         raise ValueError("model.attn_implementation=flex_attention needs a GPU; use sdpa (or auto) on a CPU")
+    flex = {"text_config": "flex_attention", "vision_config": "sdpa"}
+    if device_type == "cuda" and attn in ("flash_attention_2", "sdpa"):
+        why = (
+            "cannot express grouped captions or packed rows"
+            if attn == "flash_attention_2"
+            else ("would compute every masked block of grouped or packed rows")
+        )
+        return flex, "flex_attention", f"{attn} {why}: text attention uses flex_attention (skips them)"
     if attn == "flash_attention_2":
-        if device_type == "cuda":
-            chosen = {"text_config": "flex_attention", "vision_config": "sdpa"}
-            note = "flash_attention_2 cannot express grouped captions or packed rows: text attention uses flex_attention"
-            return chosen, "flex_attention", note
         return "sdpa", "sdpa", "flash_attention_2 needs a GPU: attention uses sdpa with a 4D mask"
     if attn == "flex_attention":
-        return {"text_config": "flex_attention", "vision_config": "sdpa"}, "flex_attention", None
+        return flex, "flex_attention", None
     return attn, attn, None
+
+
+def attention_line(attn: Any) -> str:
+    """Which attention each sub-model runs, for a load-time ``attn_implementation``."""
+    text, vision = (attn["text_config"], attn["vision_config"]) if isinstance(attn, dict) else (attn, attn)
+    return f"attention: text model {text}, vision model {vision}"
 
 
 def load_base_model(model_dir: str | Path, dtype: Any = None, attn: Any = "sdpa"):

@@ -221,3 +221,22 @@ def test_attention_backend_for_each_layout():
     assert attention_for_layout("sdpa", True, "cpu") == ("sdpa", "sdpa", None)
     with pytest.raises(ValueError, match="flex_attention needs a GPU"):
         attention_for_layout("flex_attention", True, "cpu")
+    assert attention_for_layout("sdpa", False, "cuda") == ("sdpa", "sdpa", None)
+
+
+def test_structured_rows_on_a_gpu_always_get_flex_attention():
+    """Bug report: without flash-attn, ``auto`` resolves to sdpa on a GPU, and a structured layout kept
+    sdpa with a dense mask over ~7,800-token packed rows (no masked block skipped, nothing printed)."""
+    from raylora.model import attention_for_layout, attention_line, attn_implementation
+
+    auto = attn_implementation("auto", "cuda")  # sdpa, or flash_attention_2 where flash-attn is installed
+    for attn in (auto, "sdpa"):
+        chosen, text, note = attention_for_layout(attn, True, "cuda")
+        assert (
+            chosen == {"text_config": "flex_attention", "vision_config": "sdpa"} and text == "flex_attention"
+        )
+        assert note.startswith(attn) and "text attention uses flex_attention" in note
+    assert "sdpa would compute every masked block" in attention_for_layout("sdpa", True, "cuda")[2]
+    assert attention_line(chosen) == "attention: text model flex_attention, vision model sdpa"
+    assert attention_line("sdpa") == "attention: text model sdpa, vision model sdpa"
+    assert attention_for_layout("eager", True, "cuda") == ("eager", "eager", None)  # asked by name
