@@ -117,6 +117,7 @@ class TrainConfig:
     num_to_keep: int = 2
     group_by_length: bool = True
     trace_data: bool = False  # record every micro-batch's record ids per rank in <run dir>/data_trace/
+    device_audit: bool = False  # fail on a tensor off the training device (raylora.device_audit; tests)
 
 
 @dataclass

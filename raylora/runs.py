@@ -46,6 +46,7 @@ NOT_IDENTITY = {
     "train.checkpoint_every_n_steps",
     "train.num_to_keep",
     "train.trace_data",
+    "train.device_audit",
 }
 IDENTITY_SECTIONS = ("model.", "data.", "lora.", "train.")
 
