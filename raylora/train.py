@@ -3,6 +3,8 @@
     python -m raylora.train                                 # the recipe if pretrained/ and data/ exist, else the demo
     python -m raylora.train --config internvl2_2b_coco train.lr=2e-5 cluster.num_workers=16
     python -m raylora.train --config demo --output outputs/demo lora.rank=8
+    torchrun --nproc-per-node 2 -m raylora.train --config demo   # the same recipe without Ray
+    python -m raylora.train --no-ray --config demo                # one plain process (debugging)
 
 Read top to bottom: :class:`LoRAFinetuneRecipe` is what every Ray Train worker runs (``setup``,
 ``restore``, ``train``, ``evaluate``, ``save_checkpoint``); ``train_func`` builds and runs it. Below
@@ -11,6 +13,13 @@ once, whether the run starts or resumes (and from which checkpoint); :func:`run`
 data, opens the MLflow run, fits the TorchTrainer (or, for a finished run, only writes its outputs)
 and writes the adapter. Running the same command again resumes from the latest checkpoint;
 ``cluster.max_failures`` restarts crashed workers from it within a run.
+
+The same recipe runs without Ray (:func:`run_local`): under ``torchrun`` (one process per GPU,
+``RANK``/``WORLD_SIZE`` from the launcher) or as one plain process (``--no-ray``). Rank 0 does the
+driver's checks and planning and hands the job to the others; every rank builds its own micro-batches
+in-process with the same builder; checkpoints go to the same run folder (so either path resumes the
+other's run); MLflow logs from rank 0 when ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` is set. Ray stays
+the path for clusters, sweeps and fault tolerance.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from raylora.cli import config_from_args, config_parser
 from raylora.cluster import init_ray, preflight
 from raylora.config import Config, save_config
 from raylora.console import run_command, send, step_line
-from raylora.data.pipeline import iter_rank_batches, rank_dataset
+from raylora.data.pipeline import iter_local_batches, iter_rank_batches, rank_dataset
 from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_units, unit_lengths
 from raylora.data.prepare import Prepared, prepare
 from raylora.data.records import EvalItem, read_gt, read_karpathy
@@ -43,6 +52,7 @@ from raylora.metrics import cider
 from raylora.model import (
     apply_lora,
     attention_for_layout,
+    attention_line,
     attn_implementation,
     count_trainable,
     load_base_model,
@@ -110,6 +120,130 @@ class TrainJob:
         )
 
 
+# ===================================================================================== runtimes
+
+
+def resolve(value: Any) -> Any:
+    """A table the job holds: itself (no Ray), or fetched from Ray's object store (an ObjectRef)."""
+    import pyarrow as pa
+
+    if isinstance(value, pa.Table):
+        return value
+    import ray
+
+    return ray.get(value)
+
+
+class RayTrainRuntime:
+    """The recipe on a Ray Train worker: rank, device, checkpoints and reports through ``ray.train``;
+    micro-batches from a Ray Data actor pool."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def checkpoint(self) -> Any:
+        """Ray's latest checkpoint of this run (after a worker restart), else None."""
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def microbatches(self, job: TrainJob, first: int):
+        dataset = rank_dataset(
+            resolve(job.records),
+            resolve(job.planned),
+            self.rank,
+            self.world,
+            first,
+            job.settings,
+            actors=job.cfg.data.decode_actors,
+            cpus_per_actor=job.cfg.data.decode_cpus,
+            max_packed_tokens=job.cfg.data.max_packed_tokens,
+        )
+        return iter_rank_batches(dataset, first, self.world)
+
+    def report(self, job: TrainJob, metrics: dict[str, Any], directory: str) -> None:
+        """Rank 0's train_state.json, then every rank's files to Ray Train's checkpoint."""
+        import ray.train
+
+        if self.rank == 0:
+            Path(directory, "train_state.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def checkpoint_dir(self, job: TrainJob, step: int) -> Any:
+        return tempfile.TemporaryDirectory(prefix="raylora-ckpt-")
+
+
+class LocalRuntime:
+    """The recipe without Ray: one process of ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
+    or one plain process. Every rank builds its micro-batches in-process; checkpoints are written
+    straight into the run folder, complete once rank 0's ``train_state.json`` is there."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        import socket
+
+        import torch
+
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("cluster.use_gpu=true but torch sees no CUDA GPU here")
+        if use_gpu:
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        self.node = socket.gethostname()
+
+    def checkpoint(self) -> Any:
+        return None  # a rerun resumes from the run folder (TrainJob.resume_from)
+
+    def microbatches(self, job: TrainJob, first: int):
+        return iter_local_batches(
+            resolve(job.records),
+            resolve(job.planned),
+            self.rank,
+            self.world,
+            first,
+            job.settings,
+            job.cfg.data.max_packed_tokens,
+        )
+
+    def checkpoint_dir(self, job: TrainJob, step: int) -> Any:
+        from contextlib import nullcontext
+
+        path = Path(job.run_dir) / f"checkpoint_step_{step:07d}"
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # a half-written one from a crashed run
+        barrier()
+        path.mkdir(parents=True, exist_ok=True)
+        return nullcontext(str(path))
+
+    def report(self, job: TrainJob, metrics: dict[str, Any], directory: str) -> None:
+        """Once every rank's shard is written, rank 0's train_state.json completes the checkpoint
+        (:func:`raylora.runs.latest_checkpoint` judges by it) and the ones beyond
+        ``train.num_to_keep`` go."""
+        barrier()
+        if self.rank != 0:
+            return
+        Path(directory, "train_state.json").write_text(json.dumps(metrics))
+        keep = job.cfg.train.num_to_keep
+        done = sorted(Path(job.run_dir).glob("checkpoint_step_*/train_state.json"))
+        for state in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(state.parent, ignore_errors=True)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 # ====================================================================================== the recipe
 
 
@@ -133,21 +267,38 @@ def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
     """``train_state.json`` of a checkpoint (step, loss, val CIDEr, ...); {} for None."""
     if checkpoint is None:
         return {}
-    with checkpoint.as_directory() as d:
+    with checkpoint_directory(checkpoint) as d:
         return json.loads(Path(d, "train_state.json").read_text())
 
 
-class LoRAFinetuneRecipe:
-    """One Ray Train worker's share of a LoRA fine-tuning run, in the shape of a torchtune recipe."""
+def checkpoint_directory(checkpoint: Any) -> Any:
+    """A context giving a local directory of a checkpoint: a Ray Train ``Checkpoint``, a URI or a
+    local path (a local one as it is, without Ray)."""
+    from contextlib import nullcontext
 
-    def __init__(self, job: TrainJob):
+    if isinstance(checkpoint, str) and not is_remote(checkpoint):
+        return nullcontext(checkpoint)
+    if isinstance(checkpoint, str):
         import ray.train
 
-        ctx = ray.train.get_context()
+        checkpoint = ray.train.Checkpoint(checkpoint)
+    return checkpoint.as_directory()
+
+
+class LoRAFinetuneRecipe:
+    """One worker's share of a LoRA fine-tuning run, in the shape of a torchtune recipe: a Ray Train
+    worker's (:class:`RayTrainRuntime`) or a torchrun process's (:class:`LocalRuntime`)."""
+
+    load_model = staticmethod(load_base_model)  # (model_dir, dtype, attn) -> model; the GPU check's
+    # random-weights model replaces it
+
+    def __init__(self, job: TrainJob, runtime: RayTrainRuntime | LocalRuntime | None = None):
+        self.runtime = runtime or RayTrainRuntime()
         self.job, self.cfg, self.plan = job, job.cfg, job.plan
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world = self.runtime.rank, self.runtime.world
         self.is_rank0 = self.rank == 0
-        self.device = ray.train.torch.get_device()
+        self.device = self.runtime.device
+        self.audit = None  # train.device_audit: the DeviceAudit the recipe runs under
         self.step = 0
         self.progress = job.progress if self.is_rank0 else None
         self.last_tick = 0.0
@@ -156,7 +307,8 @@ class LoRAFinetuneRecipe:
             if self.is_rank0 and job.mlflow_run_id and job.tracking_uri
             else None
         )
-        self.ray_metrics = TrainMetrics(job.run_name) if self.is_rank0 else None  # Prometheus, Grafana
+        ray_run = isinstance(self.runtime, RayTrainRuntime)
+        self.ray_metrics = TrainMetrics(job.run_name) if self.is_rank0 and ray_run else None  # Prometheus
 
     def setup(self) -> None:
         """Model, LoRA, optimizer, scheduler and the DeepSpeed engine."""
@@ -172,9 +324,8 @@ class LoRAFinetuneRecipe:
         structured = cfg.data.group_by_image or cfg.data.max_packed_tokens > 0
         attn = attn_implementation(cfg.model.attn_implementation, self.device.type)
         attn, self.text_attention, notice = attention_for_layout(attn, structured, self.device.type)
-        if notice:
-            self.print(f"[train] {notice}")
-        model = load_base_model(self.job.model_dir, self.dtype, attn)
+        self.print(f"[train] {attention_line(attn)}" + (f" ({notice})" if notice else ""))
+        model = self.load_model(self.job.model_dir, self.dtype, attn)
         model = apply_lora(model, cfg, model.config.text_config.model_type)
         # pissa/olora moved the adapter's initial value out of the base weights: rank 0 keeps it to
         # save adapters for the original base (recomputed identically on a resume: same weights, seed)
@@ -204,18 +355,18 @@ class LoRAFinetuneRecipe:
             lr_scheduler=self.scheduler,
             config=deepspeed_config(cfg, self.plan.grad_accum, self.world, self.dtype == torch.bfloat16),
         )
+        if self.audit is not None:
+            self.audit.watch_engine(self.engine)
         self.synced = t.zero_stage == 3 and self.world > 1  # ZeRO-3 generation needs every rank
 
     def restore(self) -> None:
         """Load the newest checkpoint: Ray's (a worker restart within the run) or the driver's (a rerun)."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.runtime.checkpoint()
         if self.job.resume_from and checkpoint_state(checkpoint).get("step", -1) < self.job.start_step:
-            checkpoint = ray.train.Checkpoint(self.job.resume_from)  # on storage, not yet known to Ray
+            checkpoint = self.job.resume_from  # on storage, not yet known to Ray
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as d:
+        with checkpoint_directory(checkpoint) as d:
             self.engine.load_checkpoint(
                 os.path.join(d, "ds"),
                 tag="ds",
@@ -228,21 +379,10 @@ class LoRAFinetuneRecipe:
 
     def batches(self):
         """This rank's micro-batches from the restored step on, in plan order, as torch tensors."""
-        import ray
-
         first = self.step * self.plan.microbatches_per_step + self.rank
-        dataset = rank_dataset(
-            ray.get(self.job.records),
-            ray.get(self.job.planned),
-            self.rank,
-            self.world,
-            first,
-            self.job.settings,
-            actors=self.cfg.data.decode_actors,
-            cpus_per_actor=self.cfg.data.decode_cpus,
-            max_packed_tokens=self.cfg.data.max_packed_tokens,
-        )
-        stream = iter_rank_batches(dataset, first, self.world)
+        stream = self.runtime.microbatches(self.job, first)
+        if self.audit is not None:
+            stream = self.audit.batches(stream)
         return (
             self.traced(stream) if self.cfg.train.trace_data and not is_remote(self.job.run_dir) else stream
         )
@@ -250,9 +390,7 @@ class LoRAFinetuneRecipe:
     def traced(self, stream):
         """``train.trace_data``: every micro-batch's index, step, rank, node and record indices, appended
         to ``<run dir>/data_trace/rank<r>.jsonl`` as it is consumed (restarts append their replay)."""
-        import ray
-
-        node = ray.get_runtime_context().get_node_id()
+        node = self.runtime.node
         path = Path(self.job.run_dir) / "data_trace" / f"rank{self.rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
@@ -385,15 +523,12 @@ class LoRAFinetuneRecipe:
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         """DeepSpeed state (all ranks), the PEFT adapter (for the original base, whatever
         ``lora.init``) and train_state.json, reported to Ray Train."""
-        import ray.train
-
-        with tempfile.TemporaryDirectory(prefix="raylora-ckpt-") as d:
+        with self.runtime.checkpoint_dir(self.job, self.step) as d:
             self.engine.save_checkpoint(os.path.join(d, "ds"), tag="ds", exclude_frozen_parameters=True)
             state = lora_state_dict(self.engine.module)  # collective under ZeRO-3
             if self.is_rank0:
                 save_adapter(self.engine.module, Path(d) / "adapter", state, self.lora_init)
-                Path(d, "train_state.json").write_text(json.dumps(metrics))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            self.runtime.report(self.job, metrics, d)
 
     def claim_run(self) -> None:
         """Rank 0 records the run's identity in its folder once a step has run: a run exists from
@@ -450,10 +585,28 @@ class StepWindow:
 
 def train_func(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build the recipe from the driver's job and run it."""
-    recipe = LoRAFinetuneRecipe(config["job"])
-    recipe.setup()
-    recipe.restore()
-    recipe.train()
+    run_recipe(config["job"])
+
+
+def run_recipe(job: TrainJob, runtime: RayTrainRuntime | LocalRuntime | None = None) -> None:
+    """Set up, restore and train; under the device audit when ``train.device_audit`` is on."""
+    recipe = LoRAFinetuneRecipe(job, runtime)
+    if not job.cfg.train.device_audit:
+        recipe.setup()
+        recipe.restore()
+        recipe.train()
+        return
+    from raylora.device_audit import device_audit
+
+    with device_audit(recipe.device) as audit:
+        recipe.audit = audit
+        recipe.setup()
+        recipe.restore()
+        recipe.train()
+    recipe.print(
+        f"[train] device audit: {audit.checked} tensors handed to collectives, DeepSpeed and the model, "
+        f"all made on or moved to {recipe.device.type}"
+    )
 
 
 # ===================================================================================== the driver
@@ -475,7 +628,9 @@ def rejects_path(cfg: Config, output_dir: Path) -> Path:
     return Path(cfg.data.rejects or output_dir / "rejects.jsonl")
 
 
-def prepare_data(cfg: Config, model_dir: Path, output_dir: Path, log: Any = print) -> Prepared:
+def prepare_data(
+    cfg: Config, model_dir: Path, output_dir: Path, log: Any = print, use_ray: bool | None = None
+) -> Prepared:
     """Validate every row and image once. The rejects are written by the caller (``write_rejects``)
     once every check has passed: a refused run writes nothing."""
     t0 = time.time()
@@ -487,6 +642,7 @@ def prepare_data(cfg: Config, model_dir: Path, output_dir: Path, log: Any = prin
         strict=cfg.data.strict,
         seed=cfg.data.shuffle_seed,
         progress=True,
+        use_ray=use_ray,
     )
     stats = prepared.stats()
     log(
@@ -538,10 +694,8 @@ def make_job(
     identity: dict[str, Any] | None = None,
 ) -> TrainJob:
     """Plan every micro-batch and find where the run stands; ``records`` is the ObjectRef of the
-    validated records (shared by the trials of a sweep)."""
-    import ray
-
-    table = ray.get(records)
+    validated records (shared by the trials of a sweep), or the table itself without Ray."""
+    table = resolve(records)
     units = plan_units(table, cfg.data.group_by_image)
     check_packing(cfg, table, units)
     plan = make_plan(
@@ -561,7 +715,7 @@ def make_job(
         model_dir=str(model_dir),
         settings=train_settings(cfg, model_dir),
         records=records,
-        planned=ray.put(planned),
+        planned=planned if table is records else ray_put(planned),
         run_dir=run_dir,
         start_step=start_step,
         resume_from=resume_from,
@@ -571,6 +725,12 @@ def make_job(
         fail_at_step=int(fail_at) if fail_at else None,
         identity=identity if identity is not None else runs.identity(cfg, model_dir),
     )
+
+
+def ray_put(value: Any) -> Any:
+    import ray
+
+    return ray.put(value)
 
 
 def check_packing(cfg: Config, records: Any, units: list[list[int]]) -> None:
@@ -701,7 +861,6 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
 
 def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dict[str, Any]:
     """Run the job's TorchTrainer (or, for a finished run, only write its outputs)."""
-    import ray.train
 
     cfg, plan = job.cfg, job.plan
     if job.finished:
@@ -709,7 +868,7 @@ def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dic
             f"[train] {redact(job.run_dir)} already finished ({job.start_step} steps); writing its outputs",
             flush=True,
         )
-        return finish(job, ray.train.Checkpoint(job.resume_from), output_dir, prepared, exp_id, 0.0)
+        return finish(job, job.resume_from, output_dir, prepared, exp_id, 0.0)
     print(
         f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
         f"({cfg.cluster.num_workers} workers x {cfg.train.per_device_batch_size} x {plan.grad_accum} accumulation)"
@@ -743,12 +902,10 @@ def finish(
     job: TrainJob, checkpoint: Any, output_dir: Path, prepared: Prepared, exp_id: str, seconds: float
 ) -> dict[str, Any]:
     """Outputs from the final checkpoint, artifacts to MLflow, the summary line."""
-    import ray
-
     uri, run_id = job.tracking_uri, job.mlflow_run_id
     per_step = job.plan.microbatches_per_step
-    samples = ray.get(job.planned).column("samples").to_numpy()  # records (captions) per micro-batch
-    with checkpoint.as_directory() as d:
+    samples = resolve(job.planned).column("samples").to_numpy()  # records (captions) per micro-batch
+    with checkpoint_directory(checkpoint) as d:
         state = json.loads(Path(d, "train_state.json").read_text())
         steps_run = state["step"] - job.start_step if seconds else 0
         samples_run = int(samples[job.start_step * per_step : state["step"] * per_step].sum())
@@ -763,33 +920,156 @@ def finish(
             "rows_ok": prepared.rows_ok,
             "rows_rejected": len(prepared.rejects),
             "mlflow_run_id": run_id,
-            "checkpoint": checkpoint.path,
+            "checkpoint": checkpoint if isinstance(checkpoint, str) else checkpoint.path,
         }
-        history = tracking.metric_history(run_id, "tokens_per_s", uri)
+        history = tracking.metric_history(run_id, "tokens_per_s", uri) if run_id else []
         if history:
             summary["tokens_per_s"] = sum(m.value for m in history) / len(history)
         write_outputs(job, Path(d), output_dir, summary)
-    tracking.log_artifacts(run_id, output_dir / "adapter", "adapter", uri)
-    for name in ("metrics.json", "config.yaml", "rejects.jsonl"):
-        if (output_dir / name).is_file():
-            tracking.log_artifacts(run_id, output_dir / name, None, uri)
-    tracking.end_run(run_id, "FINISHED", uri)
+    mlflow_text = ""
+    if run_id:  # without Ray and without a tracking URI nothing is tracked
+        tracking.log_artifacts(run_id, output_dir / "adapter", "adapter", uri)
+        for name in ("metrics.json", "config.yaml", "rejects.jsonl"):
+            if (output_dir / name).is_file():
+                tracking.log_artifacts(run_id, output_dir / name, None, uri)
+        tracking.end_run(run_id, "FINISHED", uri)
+        mlflow_text = f"; MLflow {tracking.run_url(uri, exp_id, run_id)}"
     cider_text = f"val CIDEr {summary['val_cider']:.3f}, " if summary["val_cider"] is not None else ""
     print(
         f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {cider_text}{seconds:.0f}s; "
-        f"adapter: {output_dir / 'adapter'}; MLflow {tracking.run_url(uri, exp_id, run_id)}",
+        f"adapter: {output_dir / 'adapter'}{mlflow_text}",
         flush=True,
     )
     return summary
 
 
+# ============================================================================ without Ray (torchrun)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of ``torchrun``'s (it sets TORCHELASTIC_RUN_ID and the ranks)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
+def tracking_configured(cfg: Config) -> bool:
+    """Without Ray, MLflow logs only when asked: ``tracking.uri`` or ``MLFLOW_TRACKING_URI``."""
+    return bool(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def run_local(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """The recipe without Ray: this process is one rank of ``torchrun`` (or the only one).
+
+    Rank 0 runs the driver's checks, validates the data and plans the run (as :func:`run`), then
+    hands the job to the other ranks; every rank trains; rank 0 writes the outputs. The config's
+    ``cluster.num_workers`` is the launcher's world size. Returns the summary on rank 0, None on the
+    others.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # one plain process: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    output_dir = Path(output_dir or cfg.output_dir)
+    runtime = LocalRuntime(cfg.cluster.use_gpu)
+    if cfg.cluster.num_workers != runtime.world:
+        if runtime.rank == 0:
+            print(f"[train] {runtime.world} processes: cluster.num_workers={runtime.world}", flush=True)
+        cfg.cluster.num_workers = runtime.world
+    deepspeed.init_distributed(dist_backend="nccl" if runtime.device.type == "cuda" else "gloo")
+    objects = dist.new_group(backend="gloo")  # the job travels as a pickled object, on the CPU
+    payload: list[Any] = [None]
+    prepared = exp_id = None
+    if runtime.rank == 0:
+        try:
+            job, prepared, exp_id = plan_local(cfg, output_dir)
+            payload = [job]
+        except Exception as e:
+            payload = [f"rank 0 refused the run: {console.headline(e)}"]
+            dist.broadcast_object_list(payload, src=0, group=objects)
+            raise
+    dist.broadcast_object_list(payload, src=0, group=objects)
+    job = payload[0]
+    if isinstance(job, str):
+        raise RuntimeError(job)
+    try:
+        tracked = runtime.rank == 0 and job.mlflow_run_id is not None
+        t0 = time.time()
+        with tracking.ends_on_error(job.mlflow_run_id, job.tracking_uri) if tracked else _nothing():
+            if not job.finished:
+                run_recipe(job, runtime)
+            barrier()
+            if runtime.rank != 0:
+                return None
+            _, checkpoint = runs.latest_checkpoint(job.run_dir, cfg.cluster.num_workers)
+            if checkpoint is None:
+                raise RuntimeError(f"training ended without a checkpoint under {job.run_dir}")
+            seconds = 0.0 if job.finished else time.time() - t0
+            return finish(job, checkpoint, output_dir, prepared, exp_id, seconds)
+    finally:
+        dist.destroy_process_group()
+
+
+def plan_local(cfg: Config, output_dir: Path) -> tuple[TrainJob, Prepared, str | None]:
+    """Rank 0's share of :func:`run_local`: every check, the data, the plan, the MLflow run."""
+    if is_remote(cfg.cluster.storage_path):
+        raise ValueError(
+            f"cluster.storage_path={cfg.cluster.storage_path}: without Ray the run folder must be a local "
+            "or shared file system path (every rank writes its checkpoint shard there)"
+        )
+    tracked = tracking_configured(cfg)
+    if tracked:
+        tracking.check_tracking(tracking.tracking_uri(cfg))
+    model_dir = check_paths(cfg)
+    identity = runs.identity(cfg, model_dir)
+    run_dir = runs.run_dir(cfg, identity)
+    runs.check_claim(run_dir, identity)
+    prepared = prepare_data(cfg, model_dir, output_dir, use_ray=False)
+    job = make_job(cfg, model_dir, prepared.table, run_dir, validation_set(cfg, model_dir), identity=identity)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    console.log_errors_to(output_dir)
+    prepared.write_rejects(rejects_path(cfg, output_dir))
+    exp_id = None
+    if tracked:
+        job.tracking_uri, exp_id, job.mlflow_run_id = open_mlflow_run(cfg, job.plan, run_dir)
+        print(f"[mlflow] {tracking.run_url(job.tracking_uri, exp_id, job.mlflow_run_id)}", flush=True)
+    print(
+        f"[train] {job.plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
+        f"({cfg.cluster.num_workers} processes x {cfg.train.per_device_batch_size} x {job.plan.grad_accum} "
+        f"accumulation, no Ray)" + (f", resuming at step {job.start_step}" if job.start_step else ""),
+        flush=True,
+    )
+    return job, prepared, exp_id
+
+
+def _nothing() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser("python -m raylora.train", __doc__, "train.lr=1e-4 lora.rank=16")
     parser.add_argument("--output", help="output directory (default: the config's output_dir)")
+    parser.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run the recipe in this process without Ray (one rank; under torchrun this is automatic)",
+    )
     args = parser.parse_args(argv)
 
-    def body() -> dict[str, Any]:
+    def body() -> dict[str, Any] | None:
         cfg = config_from_args(args)
+        if args.no_ray or launched_by_torchrun():
+            return run_local(cfg, args.output)
         return run(cfg, args.output)  # logs errors under the output folder once run has made it
 
     return run_command(body, command="train", verbose_flag=args.verbose)

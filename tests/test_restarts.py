@@ -105,6 +105,37 @@ def test_driver_killed_then_rerun_resumes_exactly(uninterrupted_run, ray_cluster
     assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
+@pytest.mark.slow
+def test_torchrun_crash_and_rerun_equal_the_ray_run(uninterrupted_run, tracking_uri, tmp_path):
+    """The recipe without Ray: ``torchrun --nproc-per-node 2 -m raylora.train`` (gloo, in-process
+    micro-batches, checkpoints in the run folder, MLflow from rank 0). Crashed at step 6 (checkpoint at
+    4) and run again, it ends with the uninterrupted Ray run's micro-batches, final loss and adapter,
+    bitwise, in one MLflow run; under the device audit."""
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "RAYLORA_FAIL_AT_STEP": "6"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
+        *("-m", "raylora.train", "--config", "demo", *overrides(tmp_path, "train.device_audit=true")),
+    ]
+    crashed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode != 0 and "simulated worker crash at step 6" in crashed.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in run_dir.glob("checkpoint_step_*")) == ["checkpoint_step_0000004"]
+    env.pop("RAYLORA_FAIL_AT_STEP")
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    assert "(2 processes x 4 x 1 accumulation, no Ray), resuming at step 4" in out
+    assert "[train] device audit: " in out and "all made on or moved to cpu" in out
+    metrics = assert_exact(tmp_path, uninterrupted_run)
+    assert metrics["steps_this_run"] == 8
+    run = MlflowClient(tracking_uri).get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["run_dir"] == str(run_dir) and run.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")][-1] == 12
+
+
 def _decode_actor_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [

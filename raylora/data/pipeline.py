@@ -21,7 +21,8 @@ Columns:
 :func:`rank_dataset` runs the builder in a Ray Data actor pool over one rank's micro-batches, in
 plan order (``preserve_order``); :func:`iter_rank_batches` reads them on the training worker with
 ``iter_torch_batches`` and fails loudly if a micro-batch is missing or out of order.
-:func:`iter_microbatches` is the same builder without Ray.
+:func:`iter_microbatches` is the same builder without Ray; :func:`iter_local_batches` gives one
+rank the same tensors as :func:`iter_rank_batches`, built in-process (the recipe under ``torchrun``).
 """
 
 from __future__ import annotations
@@ -208,6 +209,27 @@ def iter_microbatches(
     builder = MicroBatchBuilder(settings, max_packed_tokens)
     for row in microbatch_records(records, planned).to_pylist():
         yield builder.build(row["units"], row["step_label_tokens"])
+
+
+def iter_local_batches(
+    records: pa.Table,
+    planned: pa.Table,
+    rank: int,
+    world_size: int,
+    first_index: int,
+    settings: ImageSettings,
+    max_packed_tokens: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Rank ``rank``'s micro-batches from ``first_index`` on as torch tensors, built in this process:
+    what :func:`iter_rank_batches` yields from the Ray Data actor pool, column for column."""
+    import torch
+
+    mine = microbatch_records(records, planned, rank=rank, world_size=world_size, first_index=first_index)
+    builder = MicroBatchBuilder(settings, max_packed_tokens)
+    for row in mine.to_pylist():
+        built = builder.build(row["units"], row["step_label_tokens"])
+        built["index"] = np.asarray(row["index"], dtype=np.int64)
+        yield {k: torch.from_numpy(np.asarray(v)) for k, v in built.items()}
 
 
 def build_microbatch(
