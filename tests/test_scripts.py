@@ -1,4 +1,4 @@
-"""The scripts: download_internvl2_coco.sh without network, and bench_gpu.py's GPU path on the CPU.
+"""The scripts: download_internvl2_coco.sh without network, and the GPU check's stages on the CPU.
 
 Each run gets a PATH made of a temp bin folder holding only the tools the case wants. wget, curl and
 unzip there are stand-ins that log their calls: the dry run must never call them, and the real-mode
@@ -267,21 +267,66 @@ def test_real_mode_failures_say_what_and_how_to_retry(tmp_path: Path, work: Path
 
 
 @pytest.mark.slow
-def test_bench_gpu_runs_its_gpu_code_on_the_cpu(demo_root):
-    """bench_gpu.py is the first thing run on a GPU: its whole path (exactness check, both layouts,
-    the JSON line) runs here on the CPU with a small model, so a mistake shows before a GPU is rented."""
-    done = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py", "--cpu-dry-run", "--steps", "1"],
+def test_the_gpu_check_runs_every_stage_on_the_cpu(demo_root, tmp_path):
+    """scripts/gpu_check.sh is the first thing run on a GPU: every stage (environment, exactness, the
+    recipe's step under torchrun in both layouts, the demo through torchrun, generation and merge)
+    runs here on the CPU with narrow models, so a mistake shows before a GPU is lent; each stage is
+    recorded in gpu_check.json, which the last line names. A stage that fails is recorded and the
+    next one runs."""
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = ["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--steps", "4", "--demo-steps", "8"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    path = tmp_path / "out" / "gpu_check.json"
+    assert done.stdout.strip().splitlines()[-1] == f"[gpu_check] all stages ok: {path}"
+    report = json.loads(path.read_text())
+    stages = report["stages"]
+    assert list(stages) == [
+        "environment",
+        "demo_assets",
+        "exactness",
+        "recipe_tutorial",
+        "recipe_image_once",
+        "demo",
+        "generation_merge",
+    ]
+    assert all(s["status"] == "ok" for s in stages.values()) and report["cpu_dry_run"] is True
+    assert stages["environment"]["result"]["below_raylora_floors"] == []
+    assert stages["exactness"]["result"]["max_relative_gradient_error"]["sdpa"] <= 1e-4
+    for layout in ("tutorial", "image_once"):
+        step = stages[f"recipe_{layout}"]["result"]
+        assert step["samples_per_s"] > 0 and step["model_tflops_per_s"] > 0 and step["timed_steps"] == 2
+        assert step["checkpoint_written"] and "recompute not counted" in step["flops_counted"]
+        assert step["attention"].startswith("[train] attention: text model sdpa")
+    assert stages["recipe_image_once"]["result"]["units_per_step"] == [4]
+    demo = stages["demo"]["result"]
+    assert demo["steps"] == 8 and demo["loss_last3"] < demo["loss_first3"]
+    merge = stages["generation_merge"]["result"]
+    assert merge["images_per_s_batch16"] > 0 and merge["merged_max_abs_logit_diff"] < 1e-3
+
+    # a failing stage is recorded with its message, and the stages after it still run
+    bad = subprocess.run(
+        [
+            *cmd[:3],
+            "--steps",
+            "0",
+            "--stages",
+            "recipe_tutorial,generation_merge",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["ok"] and result["exactness"]["sdpa"] <= 1e-4
-    assert result["tutorial"]["samples_per_s"] > 0 and result["image_once"]["samples_per_s"] > 0
-    no_gpu = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py"], cwd=REPO, capture_output=True, text=True
+    assert bad.returncode == 1
+    stages = json.loads((tmp_path / "bad" / "gpu_check.json").read_text())["stages"]
+    assert list(stages) == ["environment", "demo_assets", "recipe_tutorial", "generation_merge"]
+    assert (
+        stages["recipe_tutorial"]["status"] == "error" and "max_steps" in stages["recipe_tutorial"]["error"]
     )
-    assert no_gpu.returncode == 0 and "no CUDA GPU here" in no_gpu.stdout
+    assert stages["generation_merge"]["status"] == "ok"
