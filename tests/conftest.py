@@ -91,3 +91,61 @@ def uninterrupted_run(ray_cluster, tracking_uri, tmp_path_factory) -> Path:
     summary = run(load("demo", overrides(root, "train.device_audit=true")))
     assert summary["steps"] == 12
     return root
+
+
+@pytest.fixture(scope="session")
+def watched_demo_run(ray_cluster, tracking_uri, tmp_path_factory):
+    """The default demo run (150 steps, 2 workers, ZeRO-2, validation on 64 images) in the session's
+    cluster, with the Ray dashboard's Train API and the Prometheus export read while it trains: what
+    tests/test_train.py's end-to-end test and tests/test_monitoring.py's dashboard test check."""
+    import threading
+    import types
+    import urllib.error
+
+    from raylora import runs
+    from raylora.cli import load
+    from raylora.train import check_paths, run
+    from tests.test_monitoring import _auth_token, _get, _metrics_export, _samples
+
+    root = tmp_path_factory.mktemp("demo_e2e")
+    cfg = load(
+        "demo",
+        [f"cluster.storage_path={root / 'runs'}", f"output_dir={root / 'out'}", "data.val_size=64"],
+    )
+    name = Path(runs.run_dir(cfg, runs.identity(cfg, check_paths(cfg)))).name
+    dashboard = "http://" + ray_cluster._private.worker.get_dashboard_url()
+    token = _auth_token()
+    seen: list[tuple[str, int]] = []  # (run status, workers of its latest attempt) while it runs
+    exported: list[float] = []  # ray_raylora_train_step values of the run in the Prometheus export
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                train_runs = _get(f"{dashboard}/api/train/v2/runs/v1", token)["train_runs"]
+            except urllib.error.HTTPError as e:  # 500 until the run creates Ray Train's state actor
+                assert e.code == 500, e
+                train_runs = []
+            for r in train_runs:
+                if r["name"] == name:
+                    seen.append((r["status"], len(r["attempts"][-1]["workers"]) if r["attempts"] else 0))
+            exported.extend(_samples(_metrics_export(), "raylora_train_step", name))
+            done.wait(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = run(cfg)
+    finally:
+        done.set()
+        watcher.join(timeout=60)
+    return types.SimpleNamespace(
+        cfg=cfg,
+        summary=summary,
+        root=root,
+        name=name,
+        dashboard=dashboard,
+        token=token,
+        seen=seen,
+        exported=exported,
+    )

@@ -7,25 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from raylora.cli import load
 from raylora.config import Config
 from raylora.monitoring import METRICS, STATE_TRACKING, TrainMetrics
-
-SHORT = [  # a short demo run: 2 workers, 16 optimizer steps, no validation
-    "train.max_steps=16",
-    "train.log_every_n_steps=1",
-    "train.checkpoint_every_n_steps=16",
-    "eval.every_n_steps=-1",
-]
 
 
 def _auth_token() -> str:
@@ -125,48 +115,16 @@ def test_train_metrics_reach_the_prometheus_export(ray_cluster) -> None:
 
 
 @pytest.mark.slow
-def test_the_dashboard_shows_a_demo_run(ray_cluster, tracking_uri, tmp_path: Path, demo_root: Path) -> None:
-    """During a short demo run the dashboard's Train API (with the token) lists it RUNNING with its
-    two workers, then FINISHED; its datasets are in the Data view; its loss and throughput reach the
-    Prometheus export while it trains."""
-    from raylora import runs
-    from raylora.train import check_paths, run
-
-    cfg = load(
-        "demo", [f"cluster.storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}", *SHORT]
-    )
-    name = Path(runs.run_dir(cfg, runs.identity(cfg, check_paths(cfg)))).name
-    dashboard = "http://" + ray_cluster._private.worker.get_dashboard_url()
-    token = _auth_token()
+def test_the_dashboard_shows_a_demo_run(watched_demo_run) -> None:
+    """During the demo run (tests/conftest.py's watched_demo_run, also the end-to-end test's) the
+    dashboard's Train API (with the token) lists it RUNNING with its two workers, then FINISHED; its
+    datasets are in the Data view; its loss and throughput reach the Prometheus export while it trains."""
+    w = watched_demo_run
+    dashboard, token, name, seen, exported = w.dashboard, w.token, w.name, w.seen, w.exported
     with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no data
         _get(f"{dashboard}/api/train/v2/runs/v1")
     assert refused.value.code == 401
-
-    seen: list[tuple[str, int]] = []  # (run status, workers of its latest attempt) while it runs
-    exported: list[float] = []  # ray_raylora_train_step values of the run in the Prometheus export
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            try:
-                train_runs = _get(f"{dashboard}/api/train/v2/runs/v1", token)["train_runs"]
-            except urllib.error.HTTPError as e:  # 500 until the run creates Ray Train's state actor
-                assert e.code == 500, e
-                train_runs = []
-            for r in train_runs:
-                if r["name"] == name:
-                    seen.append((r["status"], len(r["attempts"][-1]["workers"]) if r["attempts"] else 0))
-            exported.extend(_samples(_metrics_export(), "raylora_train_step", name))
-            done.wait(0.5)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        summary = run(cfg)
-    finally:
-        done.set()
-        watcher.join(timeout=60)
-    assert summary["steps"] == 16
+    assert w.summary["steps"] == 150
     deadline = time.time() + 15  # rank 0's gauges reach the export every few seconds (and stay a while)
     while not exported and time.time() < deadline:
         exported.extend(_samples(_metrics_export(), "raylora_train_step", name))
@@ -180,11 +138,11 @@ def test_the_dashboard_shows_a_demo_run(ray_cluster, tracking_uri, tmp_path: Pat
     (attempt,) = after["attempts"]
     assert attempt["status"] == "FINISHED" and len(attempt["workers"]) == 2
     assert sorted(w["world_rank"] for w in attempt["workers"]) == [0, 1]
-    assert after["run_settings"]["run_config"]["storage_path"] == str(tmp_path / "runs")
+    assert after["run_settings"]["run_config"]["storage_path"] == str(w.root / "runs")
     job = after["run_settings"]["train_loop_config"]["job"]  # a summary, not the config and its URIs
     assert job.startswith("TrainJob(run_dir=") and "tracking" not in job
 
     datasets = _get(f"{dashboard}/api/data/datasets/{after['job_id']}", token)["datasets"]
     assert datasets and all(d["operators"] for d in datasets)
 
-    assert exported and set(exported) <= set(range(1, 17)), exported  # the run's step gauge
+    assert exported and set(exported) <= set(range(1, 151)), exported  # the run's step gauge

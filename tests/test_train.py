@@ -27,6 +27,41 @@ def _cfg(tmp_path: Path, *overrides: str):
     )
 
 
+def start_without_ray(root: Path, *overrides: str, processes: int = 1, tracking_uri: str | None = None):
+    """``python -m raylora.train --no-ray`` (one process) or ``torchrun --nproc-per-node N -m
+    raylora.train``: the recipe without Ray, which test_restarts checks equals the Ray run bitwise.
+    Starts it; :func:`finished` waits for it and returns its metrics.json."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}"] if processes > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "raylora.train", "--config", "demo"]
+    cmd += ([] if processes > 1 else ["--no-ray"]) + [
+        f"cluster.storage_path={root / 'runs'}",
+        f"output_dir={root / 'out'}",
+        "data.val_size=16",
+        *overrides,
+    ]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    proc.root = root
+    return proc
+
+
+def finished(proc) -> dict:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads((proc.root / "out" / "metrics.json").read_text())
+
+
 # ------------------------------------------------------------------------------------------ LoRA
 
 
@@ -138,9 +173,7 @@ LORA_GAIN = 3.0
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_zero2(
-    ray_cluster, tracking_uri, tmp_path, demo_root, demo_settings, demo_base_model
-):
+def test_demo_end_to_end_zero2(watched_demo_run, tracking_uri, demo_root, demo_settings, demo_base_model):
     """The default demo (ZeRO-2, 2 workers, grouped by image; the tutorial's layout takes the same
     optimizer steps, test_one_step_image_once_equals_tutorial_layout): LoRA adds at least LORA_GAIN
     CIDEr to the base at every validation (the base captions in style A, ~2; a model that has not
@@ -153,10 +186,8 @@ def test_demo_end_to_end_zero2(
     from raylora.generation import GenerationSettings, generate_captions
     from raylora.metrics import cider
     from raylora.model import load_base_model
-    from raylora.train import run
 
-    cfg = _cfg(tmp_path, "data.val_size=64")
-    summary = run(cfg)
+    cfg, summary = watched_demo_run.cfg, watched_demo_run.summary  # (the dashboard test reads it too)
     assert summary["steps"] == 150 and summary["val_cider"] is not None
 
     # the base model's CIDEr with the same protocol and validation subset
@@ -211,13 +242,12 @@ def test_demo_end_to_end_zero2(
 
 
 @pytest.mark.slow
-def test_one_step_image_once_equals_tutorial_layout(ray_cluster, tracking_uri, tmp_path, demo_root):
-    """One optimizer step through Ray Train + DeepSpeed ZeRO-2 with 2 workers over the same 20 rows
-    (4 images x 5 captions): grouped + packed gives the tutorial layout's LoRA weights and grad norm."""
+def test_one_step_image_once_equals_tutorial_layout(tracking_uri, tmp_path, demo_root):
+    """One optimizer step through DeepSpeed ZeRO-2 with 2 ranks over the same 20 rows (4 images x 5
+    captions): grouped + packed gives the tutorial layout's LoRA weights and grad norm. The recipe runs
+    under torchrun here (test_restarts checks that it equals the Ray Train run bitwise)."""
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
-
-    from raylora.train import run
 
     rows = (demo_root / "data/annotations/demo_train.jsonl").read_text().splitlines()[:20]
     annotation = tmp_path / "four_images.jsonl"
@@ -228,26 +258,28 @@ def test_one_step_image_once_equals_tutorial_layout(ray_cluster, tracking_uri, t
         "train.max_steps=1",
         "eval.every_n_steps=-1",
     ]
-    grouped = run(
-        _cfg(
-            tmp_path / "grouped",
-            *common,
-            "data.group_by_image=true",
-            "data.max_packed_tokens=512",
-            "train.global_batch_size=4",
-            "train.per_device_batch_size=2",
-        )
+    grouped = start_without_ray(
+        tmp_path / "grouped",
+        *common,
+        "data.group_by_image=true",
+        "data.max_packed_tokens=512",
+        "train.global_batch_size=4",
+        "train.per_device_batch_size=2",
+        processes=2,
+        tracking_uri=tracking_uri,
     )
-    plain = run(
-        _cfg(
-            tmp_path / "plain",
-            *common,
-            "data.group_by_image=false",
-            "data.max_packed_tokens=0",
-            "train.global_batch_size=20",
-            "train.per_device_batch_size=10",
-        )
+    grouped = finished(grouped)
+    plain = start_without_ray(
+        tmp_path / "plain",
+        *common,
+        "data.group_by_image=false",
+        "data.max_packed_tokens=0",
+        "train.global_batch_size=20",
+        "train.per_device_batch_size=10",
+        processes=2,
+        tracking_uri=tracking_uri,
     )
+    plain = finished(plain)
     assert grouped["samples"] == plain["samples"] == 20 and grouped["steps"] == plain["steps"] == 1
     a = load_file(tmp_path / "grouped" / "out" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "plain" / "out" / "adapter" / "adapter_model.safetensors")
@@ -261,10 +293,9 @@ def test_one_step_image_once_equals_tutorial_layout(ray_cluster, tracking_uri, t
 
 
 @pytest.mark.slow
-def test_demo_base_matters(ray_cluster, tracking_uri, tmp_path, demo_root):
+def test_demo_base_matters(tmp_path, demo_root):
     """At equal LoRA steps, LoRA from the demo base beats LoRA from a random model of the same config."""
     from raylora.demo import build_random_model, save_model_dir
-    from raylora.train import run
 
     random_dir = tmp_path / "random_base"
     save_model_dir(build_random_model(demo_root / "tokenizer", seed=1), demo_root / "tokenizer", random_dir)
@@ -275,8 +306,12 @@ def test_demo_base_matters(ray_cluster, tracking_uri, tmp_path, demo_root):
         "train.global_batch_size=16",
         "cluster.cpus_per_worker=1",
     ]
-    demo_base = run(_cfg(tmp_path / "a", *common))
-    random_base = run(_cfg(tmp_path / "b", *common, f"model.path={random_dir}"))
+    # without Ray, one process each, side by side (one CPU thread each)
+    runs = (
+        start_without_ray(tmp_path / "a", *common),
+        start_without_ray(tmp_path / "b", *common, f"model.path={random_dir}"),
+    )
+    demo_base, random_base = (finished(r) for r in runs)
     assert demo_base["val_cider"] > random_base["val_cider"] + 1.0, (
         demo_base["val_cider"],
         random_base["val_cider"],
