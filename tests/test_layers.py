@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "raylora"
 
 # Bottom to top; a module may import its own layer or lower ones (function-local imports included).
 LAYERS = [
-    ["telemetry", "files", "console", "pages", "metrics", "metrics.ptb", "metrics.cider", "metrics.coco"],
+    ["telemetry", "versions", "device_audit", "files", "console", "pages", "metrics"]
+    + ["metrics.ptb", "metrics.cider", "metrics.coco"],
     ["config", "monitoring", "cluster"],
     ["data", "data.records", "data.tiling", "data.templates", "data.settings", "data.plan", "data.pipeline"],
     ["data.prepare"],
