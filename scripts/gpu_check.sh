@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one command that gives a verdict and figures from a GPU machine's first minutes.
 #
-#   OUT=DIR bash scripts/gpu_check.sh [--wheels WHEELS] [--cpu-dry-run] [--out DIR] [--budget-s 480]
+#   OUT=DIR bash scripts/gpu_check.sh [--wheels WHEELS] [--cpu-dry-run] [--out DIR] [--stages a,b]
 #
 # On a bare one-GPU machine without network: installs the wheels from WHEELS (default gpu_wheels/,
 # made by `bash scripts/gpu_wheels.sh gpu_wheels` on a networked machine) into a private folder
@@ -16,7 +16,7 @@ ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --wheels) WHEELS=$2; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exec python3 scripts/gpu_check.py --help ;;
+        -h|--help) sed -n "2,10p" "$0"; exec python3 scripts/gpu_check.py --help ;;
         *) ARGS+=("$1"); shift ;;
     esac
 done
