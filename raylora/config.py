@@ -64,6 +64,7 @@ class DataConfig:
     max_packed_tokens: int = 0  # > 0: pack a micro-batch's sequences into rows of at most this many tokens
     shuffle_seed: int = 42
     decode_actors: int = 1  # per training worker: Ray Data actors that decode, tile and tokenize its batches
+    # (0: the worker builds them itself, no actor pool: small data, debugging)
     decode_cpus: float = 1.0  # CPUs reserved per decode actor (workers x actors x this, besides the workers')
     rejects: str | None = None  # where rejected rows go; default <output>/rejects.jsonl
 
@@ -449,7 +450,7 @@ def validate(cfg: Config) -> None:
     check(d.max_num >= d.min_num, "data.max_num", f">= data.min_num ({d.min_num})")
     check(d.max_packed_tokens >= 0, "data.max_packed_tokens", "0 (off) or > 0")
     check(d.val_size >= 1, "data.val_size", ">= 1 image")
-    check(d.decode_actors >= 1, "data.decode_actors", ">= 1")
+    check(d.decode_actors >= 0, "data.decode_actors", ">= 0")
     check(d.decode_cpus >= 0, "data.decode_cpus", ">= 0")
     check(e.num_beams >= 1, "eval.num_beams", ">= 1")
     check(e.batch_size >= 1, "eval.batch_size", ">= 1")

@@ -153,6 +153,16 @@ class RayTrainRuntime:
         return ray.train.get_checkpoint()
 
     def microbatches(self, job: TrainJob, first: int):
+        if job.cfg.data.decode_actors == 0:  # built in this worker, in plan order (no actor pool)
+            return iter_local_batches(
+                resolve(job.records),
+                resolve(job.planned),
+                self.rank,
+                self.world,
+                first,
+                job.settings,
+                job.cfg.data.max_packed_tokens,
+            )
         dataset = rank_dataset(
             resolve(job.records),
             resolve(job.planned),

@@ -79,17 +79,27 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_run(ray_cluster, tracking_uri, tmp_path_factory) -> Path:
-    """The short ZeRO-3 demo run (tests/test_restarts.py's SHORT) every restart drill is compared with."""
-    from raylora.cli import load
-    from raylora.train import run
+def uninterrupted_run(tmp_path_factory) -> Path:
+    """The short ZeRO-3 demo run (tests/test_restarts.py's SHORT, 2 ranks) every restart drill is
+    compared with, run without Ray (``torchrun --nproc-per-node 2``) and under the device audit. The
+    Ray drills that end bitwise equal to it also show that Ray Train and torchrun train the same."""
+    import subprocess
+    import sys
+
     from tests.test_restarts import overrides
 
     root = tmp_path_factory.mktemp("uninterrupted")
-    # under the device audit: a tensor the recipe hands to a collective, DeepSpeed or the model off its
-    # device fails the run (on the parent commit: log_step's all_reduce of a host tensor)
-    summary = run(load("demo", overrides(root, "train.device_audit=true")))
-    assert summary["steps"] == 12
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "raylora.train"]
+    cmd += ["--config", "demo", *overrides(root, "train.device_audit=true")]
+    done = subprocess.run(
+        cmd, cwd=FIXTURES.parent.parent, env=env, capture_output=True, text=True, timeout=600
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    # a tensor handed to a collective, DeepSpeed or the model off the recipe's device fails the run
+    # (on the parent commit: log_step's all_reduce of a host tensor)
+    assert "[train] device audit: " in out and "[done] 12 steps" in out, out[-3000:]
     return root
 
 

@@ -152,8 +152,9 @@ def test_preflight_refuses_what_the_cluster_cannot_do(cluster, tmp_path):
 
 
 def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewhere(cluster, tmp_path):
-    """A 2-trial sweep on the cluster; its champion is registered in the server's registry, and
-    `merge --model-uri models:/...@champion` works from another folder, through the server only."""
+    """A sweep on the cluster (one trial: tests/test_sweep.py sweeps several); its champion is
+    registered in the server's registry, and `merge --model-uri models:/...@champion` works from
+    another folder, through the server only."""
     name = "raylora-rehearsal-lora"
     swept = command(
         cluster,
@@ -161,7 +162,7 @@ def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewher
         "--config",
         "demo",
         "--trials",
-        "2",
+        "1",
         f"cluster.storage_path={cluster['dir'] / 'storage'}",
         f"output_dir={tmp_path / 'out' / 'x'}",
         "data.val_size=16",

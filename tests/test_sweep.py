@@ -136,7 +136,9 @@ def _sweep_overrides(tmp_path: Path) -> list[str]:
         f"cluster.storage_path={tmp_path / 'runs'}",
         f"output_dir={tmp_path / 'out' / 'x'}",
         "data.val_size=16",
-        "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, data.decode_cpus: 0.45, "
+        # one worker per trial building its own micro-batches (no decode actor pool): the sweep is what
+        # these tests check
+        "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, data.decode_actors: 0, "
         f"train.max_steps: {TRIAL_STEPS}, eval.every_n_steps: {RUNG}, train.log_every_n_steps: {RUNG}}}",
         "sweep.searcher=random",
         "tracking.registered_model=raylora-test-lora",
