@@ -92,16 +92,20 @@ def test_driver_killed_then_rerun_resumes_exactly(uninterrupted_run, ray_cluster
     from safetensors.torch import load_file
 
     # data.decode_actors=0: each worker builds its own micro-batches (no Ray Data actor pool): the same
-    # micro-batches, so the same result as the baseline
-    proc = driver(tmp_path, ray_cluster, tracking_uri, "data.decode_actors=0")
-    wait_for_step(proc, tmp_path, 6)
-    proc.kill()
-    proc.wait()
+    # micro-batches, so the same result as the baseline. Under the device audit (Ray Train, 2 workers).
+    extra = ("data.decode_actors=0", "train.device_audit=true")
+    proc = driver(tmp_path, ray_cluster, tracking_uri, *extra)
+    try:
+        wait_for_step(proc, tmp_path, 6)
+    finally:
+        proc.kill()
+        proc.wait()
     (run_dir,) = (tmp_path / "runs").iterdir()
     first_run = (run_dir / "mlflow_run_id").read_text()
-    rerun = driver(tmp_path, ray_cluster, tracking_uri, "data.decode_actors=0")
+    rerun = driver(tmp_path, ray_cluster, tracking_uri, *extra)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]
+    assert "[train] device audit: " in out and "all made on or moved to cpu" in out
     assert "resuming at step 4" in out or "resuming at step 8" in out
     metrics = assert_exact(tmp_path, uninterrupted_run)
     assert metrics["mlflow_run_id"] == first_run and 0 < metrics["steps_this_run"] < 12
@@ -160,14 +164,16 @@ def test_a_decode_actor_kill_and_a_worker_crash_restart_exactly(
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("RAYLORA_FAIL_AT_STEP", "6")
-    proc = driver(tmp_path, ray_cluster, tracking_uri, "train.device_audit=true")  # Ray Train, audited
-    wait_for_step(proc, tmp_path, 3)
-    pids = _decode_actor_pids()
-    assert pids, "no decode actor found"
-    os.kill(pids[0], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
+    proc = driver(tmp_path, ray_cluster, tracking_uri)
+    try:  # a failed check stops the run: it would hold the session cluster's CPUs
+        wait_for_step(proc, tmp_path, 3)
+        pids = _decode_actor_pids()
+        assert pids, "no decode actor found"
+        os.kill(pids[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert "[train] device audit: " in out and "all made on or moved to cpu" in out
     (marker,) = (tmp_path / "runs").glob("*/injected_failure")
     assert marker.read_text() == "6"
     assert len(traces(tmp_path)[10]) == 2  # step 6's micro-batches were consumed twice: before and after

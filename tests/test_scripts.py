@@ -302,7 +302,7 @@ def test_the_gpu_check_runs_every_stage_on_the_cpu(demo_root, tmp_path):
         assert step["attention"].startswith("[train] attention: text model sdpa")
     assert stages["recipe_image_once"]["result"]["units_per_step"] == [4]
     demo = stages["demo"]["result"]
-    assert demo["steps"] == 8 and demo["loss_last3"] < demo["loss_first3"]
+    assert demo["steps"] == 8 and demo["loss_last3"] < demo["loss_first3"] and demo["val_cider"] >= 0
     merge = stages["generation_merge"]["result"]
     assert merge["images_per_s_batch16"] > 0 and merge["merged_max_abs_logit_diff"] < 1e-3
 
