@@ -143,6 +143,17 @@ def test_torchrun_crash_and_rerun_resume_exactly(uninterrupted_run, tracking_uri
     assert [m.step for m in MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")][-1] == 12
 
 
+def wait_for_decode_actor(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """The pid of a decode actor of the run, as soon as one runs (they decode this small run's
+    micro-batches within its first steps, then the pool ends)."""
+    deadline = time.time() + timeout
+    while not (pids := _decode_actor_pids()):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no decode actor found"
+        time.sleep(0.02)
+    return pids[0]
+
+
 def _decode_actor_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [
@@ -156,8 +167,8 @@ def _decode_actor_pids() -> list[int]:
 def test_a_decode_actor_kill_and_a_worker_crash_restart_exactly(
     uninterrupted_run, ray_cluster, tracking_uri, tmp_path, monkeypatch
 ):
-    """Two faults in one run. SIGKILL a rank's decode actor at step 3: Ray Data restarts it (or the
-    workers restart from the last checkpoint). Then the last rank dies at step 6: FailureConfig
+    """Two faults in one run. SIGKILL a rank's decode actor as soon as one runs: Ray Data restarts it
+    (or the workers restart from the last checkpoint). Then the last rank dies at step 6: FailureConfig
     restarts the workers from the step-4 checkpoint. Every micro-batch and the result are exact, and
     every optimizer step is logged once, none skipped (steps 5 and 6, trained twice, were logged
     twice before)."""
@@ -166,10 +177,7 @@ def test_a_decode_actor_kill_and_a_worker_crash_restart_exactly(
     monkeypatch.setenv("RAYLORA_FAIL_AT_STEP", "6")
     proc = driver(tmp_path, ray_cluster, tracking_uri)
     try:  # a failed check stops the run: it would hold the session cluster's CPUs
-        wait_for_step(proc, tmp_path, 3)
-        pids = _decode_actor_pids()
-        assert pids, "no decode actor found"
-        os.kill(pids[0], signal.SIGKILL)
+        os.kill(wait_for_decode_actor(proc), signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()
