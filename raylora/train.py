@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,15 +155,7 @@ class RayTrainRuntime:
 
     def microbatches(self, job: TrainJob, first: int):
         if job.cfg.data.decode_actors == 0:  # built in this worker, in plan order (no actor pool)
-            return iter_local_batches(
-                resolve(job.records),
-                resolve(job.planned),
-                self.rank,
-                self.world,
-                first,
-                job.settings,
-                job.cfg.data.max_packed_tokens,
-            )
+            return in_process_batches(job, self.rank, self.world, first)
         dataset = rank_dataset(
             resolve(job.records),
             resolve(job.planned),
@@ -213,19 +206,9 @@ class LocalRuntime:
         return None  # a rerun resumes from the run folder (TrainJob.resume_from)
 
     def microbatches(self, job: TrainJob, first: int):
-        return iter_local_batches(
-            resolve(job.records),
-            resolve(job.planned),
-            self.rank,
-            self.world,
-            first,
-            job.settings,
-            job.cfg.data.max_packed_tokens,
-        )
+        return in_process_batches(job, self.rank, self.world, first)
 
     def checkpoint_dir(self, job: TrainJob, step: int) -> Any:
-        from contextlib import nullcontext
-
         path = Path(job.run_dir) / f"checkpoint_step_{step:07d}"
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # a half-written one from a crashed run
@@ -245,6 +228,19 @@ class LocalRuntime:
         done = sorted(Path(job.run_dir).glob("checkpoint_step_*/train_state.json"))
         for state in done[:-keep] if keep > 0 else []:
             shutil.rmtree(state.parent, ignore_errors=True)
+
+
+def in_process_batches(job: TrainJob, rank: int, world: int, first: int):
+    """A rank's micro-batches built in this process (no Ray Data actor pool), in plan order."""
+    return iter_local_batches(
+        resolve(job.records),
+        resolve(job.planned),
+        rank,
+        world,
+        first,
+        job.settings,
+        job.cfg.data.max_packed_tokens,
+    )
 
 
 def barrier() -> None:
@@ -284,8 +280,6 @@ def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
 def checkpoint_directory(checkpoint: Any) -> Any:
     """A context giving a local directory of a checkpoint: a Ray Train ``Checkpoint``, a URI or a
     local path (a local one as it is, without Ray)."""
-    from contextlib import nullcontext
-
     if isinstance(checkpoint, str) and not is_remote(checkpoint):
         return nullcontext(checkpoint)
     if isinstance(checkpoint, str):
@@ -1005,7 +999,7 @@ def run_local(cfg: Config, output_dir: str | Path | None = None) -> dict[str, An
     try:
         tracked = runtime.rank == 0 and job.mlflow_run_id is not None
         t0 = time.time()
-        with tracking.ends_on_error(job.mlflow_run_id, job.tracking_uri) if tracked else _nothing():
+        with tracking.ends_on_error(job.mlflow_run_id, job.tracking_uri) if tracked else nullcontext():
             if not job.finished:
                 run_recipe(job, runtime)
             barrier()
@@ -1050,12 +1044,6 @@ def plan_local(cfg: Config, output_dir: Path) -> tuple[TrainJob, Prepared, str |
         flush=True,
     )
     return job, prepared, exp_id
-
-
-def _nothing() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def free_port() -> int:

@@ -323,13 +323,7 @@ def recipe_step(dry: bool, work: Path, demo_root: Path, layout: str, steps: int)
         build_model_dir(demo_root / "tokenizer", model_dir, arch, weights=False)
     result = work / f"recipe_{layout}.json"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "1",
-        "--master-port",
-        str(free_port()),
+        *torchrun(),
         str(Path(__file__).resolve()),
         "--worker",
         layout,
@@ -506,13 +500,7 @@ def demo(dry: bool, work: Path, steps: int) -> dict[str, Any]:
     the end (16 images) runs the recipe's captioning on the training model (flex_attention on a GPU)."""
     out = work / "demo"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "1",
-        "--master-port",
-        str(free_port()),
+        *torchrun(),
         "-m",
         "raylora.train",
         "--config",
@@ -626,12 +614,19 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def free_port() -> int:
-    import socket
+def torchrun() -> list[str]:
+    """``torchrun`` for one process on a free port (the stages' own launcher command)."""
+    from raylora.train import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "1",
+        "--master-port",
+        str(free_port()),
+    ]
 
 
 def run_logged(command: list[str], log: Path, timeout: int) -> str:
