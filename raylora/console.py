@@ -28,7 +28,8 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from io import StringIO
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,6 +51,8 @@ QUIET_LOGGERS = {
 # Loggers that set their own level when their library is imported: a filter drops what is below.
 FILTERED_LOGGERS = {
     "DeepSpeed": logging.ERROR,  # "Setting accelerator to CPU" when a command imports DeepSpeed
+    # "No CUDA runtime is found, using CUDA_HOME=..." when DeepSpeed imports it on a machine without a GPU
+    "torch.utils.cpp_extension": logging.ERROR,
 }
 
 # Environment of this process and of the Ray processes it starts (raylora.cluster.runtime_env),
@@ -398,6 +401,17 @@ def send(queue: Any, event: dict[str, Any]) -> bool:
     except Exception:
         return False
     return True
+
+
+@contextmanager
+def library_prints() -> Iterator[None]:
+    """A library's own ``print`` calls inside (DeepSpeed's "... built successfully" when it sets up its
+    CPU communication) are dropped, unless ``--verbose``."""
+    if verbose():
+        yield
+        return
+    with redirect_stdout(StringIO()):
+        yield
 
 
 @contextmanager

@@ -352,7 +352,8 @@ class LoRAFinetuneRecipe:
         self.scheduler = get_cosine_schedule_with_warmup(
             optimizer, math.ceil(total_steps * t.warmup_ratio), total_steps
         )
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        with console.library_prints():
+            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -863,15 +864,16 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
         return fit(job, output_dir, prepared, exp_id)
 
 
+def finished_line(job: TrainJob) -> str:
+    return f"[train] {redact(job.run_dir)} already finished ({job.start_step} steps); writing its outputs"
+
+
 def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dict[str, Any]:
     """Run the job's TorchTrainer (or, for a finished run, only write its outputs)."""
 
     cfg, plan = job.cfg, job.plan
     if job.finished:
-        print(
-            f"[train] {redact(job.run_dir)} already finished ({job.start_step} steps); writing its outputs",
-            flush=True,
-        )
+        print(finished_line(job), flush=True)
         return finish(job, job.resume_from, output_dir, prepared, exp_id, 0.0)
     print(
         f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
@@ -980,7 +982,8 @@ def run_local(cfg: Config, output_dir: str | Path | None = None) -> dict[str, An
         if runtime.rank == 0:
             print(f"[train] {runtime.world} processes: cluster.num_workers={runtime.world}", flush=True)
         cfg.cluster.num_workers = runtime.world
-    deepspeed.init_distributed(dist_backend="nccl" if runtime.device.type == "cuda" else "gloo")
+    with console.library_prints():
+        deepspeed.init_distributed(dist_backend="nccl" if runtime.device.type == "cuda" else "gloo")
     objects = dist.new_group(backend="gloo")  # the job travels as a pickled object, on the CPU
     payload: list[Any] = [None]
     prepared = exp_id = None
@@ -1037,6 +1040,9 @@ def plan_local(cfg: Config, output_dir: Path) -> tuple[TrainJob, Prepared, str |
     if tracked:
         job.tracking_uri, exp_id, job.mlflow_run_id = open_mlflow_run(cfg, job.plan, run_dir)
         print(f"[mlflow] {tracking.run_url(job.tracking_uri, exp_id, job.mlflow_run_id)}", flush=True)
+    if job.finished:
+        print(finished_line(job), flush=True)
+        return job, prepared, exp_id
     print(
         f"[train] {job.plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
         f"({cfg.cluster.num_workers} processes x {cfg.train.per_device_batch_size} x {job.plan.grad_accum} "

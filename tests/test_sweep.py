@@ -190,6 +190,10 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
         "train.trace_data=true",
         "train.max_steps=20",
         "sweep.final_train=true",
+        # the final training on one worker building its own micro-batches: the sweep's resume is the
+        # subject here; the decode pool and two workers are tested elsewhere
+        "cluster.num_workers=1",
+        "data.decode_actors=0",
     ]
     cmd = [sys.executable, "-m", "raylora.sweep", "--config", "demo", "--trials", "2"]
     cmd += overrides
