@@ -154,12 +154,25 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
+def validation_resources(cfg: Config) -> dict[str, float]:
+    """What the asynchronous validation task of a run takes (none when validation is inline or off)."""
+    e = cfg.eval
+    if e.validation != "async" or e.every_n_steps < 0 or not cfg.data.val:
+        return {"CPU": 0.0, "GPU": 0.0}
+    return {"CPU": e.validation_cpus, "GPU": e.validation_gpus}
+
+
 def job_resources(cfg: Config) -> tuple[dict[str, float], dict[str, float]]:
-    """(one training worker's bundle, the whole job's need): each worker with its decode actors."""
+    """(one training worker's bundle, the whole job's need): each worker with its decode actors, and
+    the validation task."""
     c = cfg.cluster
     bundle = {"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker if c.use_gpu else 0.0}
     per_worker_cpu = c.cpus_per_worker + cfg.data.decode_actors * cfg.data.decode_cpus
-    total = {"CPU": c.num_workers * per_worker_cpu, "GPU": c.num_workers * bundle["GPU"]}
+    validation = validation_resources(cfg)
+    total = {
+        "CPU": c.num_workers * per_worker_cpu + validation["CPU"],
+        "GPU": c.num_workers * bundle["GPU"] + validation["GPU"],
+    }
     return bundle, total
 
 
@@ -174,9 +187,15 @@ def check_resources(cfg: Config, nodes: list[dict[str, Any]]) -> None:
     c = cfg.cluster
     gpu = f" + {bundle['GPU']:g} GPU" if bundle["GPU"] else ""
     gpus = f", {total['GPU']:g} GPUs" if total["GPU"] else ""
+    validation = validation_resources(cfg)
+    validator = (
+        f" + a validation task ({validation['CPU']:g} CPU, {validation['GPU']:g} GPU)"
+        if any(validation.values())
+        else ""
+    )
     need = (
         f"{c.num_workers} workers x ({c.cpus_per_worker:g} CPU + {cfg.data.decode_actors} decode actor(s) x "
-        f"{cfg.data.decode_cpus:g} CPU{gpu}) = {total['CPU']:g} CPUs{gpus}"
+        f"{cfg.data.decode_cpus:g} CPU{gpu}){validator} = {total['CPU']:g} CPUs{gpus}"
     )
     cluster = f"{have['CPU']:g} CPUs, {have['GPU']:g} GPUs on {len(nodes)} node(s)"
     if c.autoscale:
@@ -187,8 +206,9 @@ def check_resources(cfg: Config, nodes: list[dict[str, Any]]) -> None:
     raise RuntimeError(
         f"the job needs {need}, but the cluster has {cluster}"
         + ("" if fits_a_node else f" and no node holds one worker ({bundle})")
-        + ": lower cluster.num_workers, cluster.cpus_per_worker / gpus_per_worker or data.decode_cpus, "
-        "add nodes, or set cluster.autoscale=true if an autoscaler can add them"
+        + ": lower cluster.num_workers, cluster.cpus_per_worker / gpus_per_worker or data.decode_cpus"
+        + (", or validate on the training ranks (eval.validation=inline)" if validator else "")
+        + ", add nodes, or set cluster.autoscale=true if an autoscaler can add them"
     )
 
 

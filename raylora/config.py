@@ -115,7 +115,9 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO CPU offload of optimizer states
     log_every_n_steps: int = 1
     checkpoint_every_n_steps: int = 100
-    num_to_keep: int = 2
+    num_to_keep: int = 2  # checkpoints kept: the best by val CIDEr (and always the latest, to resume)
+    select: str = "best"  # best | last: which checkpoint's adapter --output receives
+    early_stop_patience: int = 0  # > 0: stop after this many evaluations without a better val CIDEr
     group_by_length: bool = True
     trace_data: bool = False  # record every micro-batch's record ids per rank in <run dir>/data_trace/
     device_audit: bool = False  # fail on a tensor off the training device (raylora.device_audit; tests)
@@ -149,6 +151,12 @@ class EvalConfig:
     every_n_steps: int = 200  # 0: only at the end
     max_num: int = 6  # dynamic tiling for evaluation
     workers: int = 1  # model replicas in the captioning actor pool (one per GPU on a GPU cluster)
+    # during training: inline: the training ranks caption their shares of the validation set at the
+    # step; async (Ray): a validator actor of the run captions each validated checkpoint while training
+    # goes on, on validation_cpus / validation_gpus of its own (without Ray: always inline)
+    validation: str = "inline"
+    validation_cpus: float = 1.0
+    validation_gpus: float = 0.0
 
 
 @dataclass
@@ -438,6 +446,8 @@ def validate(cfg: Config) -> None:
     check(t.log_every_n_steps >= 1, "train.log_every_n_steps", ">= 1")
     check(t.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", ">= 1")
     check(t.num_to_keep >= 1, "train.num_to_keep", ">= 1")
+    check(t.select in ("best", "last"), "train.select", "best (highest val CIDEr) or last")
+    check(t.early_stop_patience >= 0, "train.early_stop_patience", "0 (off) or >= 1 evaluations")
     check(lo.rank >= 1, "lora.rank", ">= 1")
     check(_finite(lo.alpha) and lo.alpha > 0, "lora.alpha", "> 0")
     check(0 <= lo.dropout < 1, "lora.dropout", "in [0, 1)")
@@ -459,6 +469,9 @@ def validate(cfg: Config) -> None:
     check(0 <= e.min_new_tokens <= e.max_new_tokens, "eval.min_new_tokens", "in [0, eval.max_new_tokens]")
     check(e.max_num >= 1, "eval.max_num", ">= 1 tile")
     check(e.workers >= 1, "eval.workers", ">= 1")
+    check(e.validation in ("async", "inline"), "eval.validation", "async or inline")
+    check(e.validation_cpus >= 0, "eval.validation_cpus", ">= 0")
+    check(e.validation_gpus >= 0, "eval.validation_gpus", ">= 0")
     check(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "> 0")
     check(c.gpus_per_worker >= 0, "cluster.gpus_per_worker", ">= 0")
     check(c.max_failures >= -1, "cluster.max_failures", "-1 (no limit) or >= 0")

@@ -8,6 +8,12 @@ same folder and resumes; changing any of those values starts a new run beside it
 ``cluster.run_name`` is checked against the identity recorded in its folder (``raylora_run.json``):
 a different config is an error that names the differences, never a silent reuse.
 
+A run folder holds its checkpoints (``checkpoint_*``: ``train_state.json``, ``ds/`` and ``adapter/``)
+and ``validation/step_NNNNNNN.json``, the val CIDEr of every checkpoint validated (kept after the
+checkpoint is deleted: the run's whole history of scores). :func:`best_checkpoint` selects by them and
+:func:`latest_checkpoint` resumes from the newest checkpoint. ``early_stop.json`` records a run that
+stopped on a plateau of val CIDEr (``train.early_stop_patience``): such a run is finished.
+
 Everything here works on local paths and on URIs (``s3://``, ``gs://``) through pyarrow.
 """
 
@@ -15,15 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from raylora.config import Config
-from raylora.files import absolute, is_remote, read_text, write_text
+from raylora.files import absolute, is_remote, read_text, remove_dir, write_text
 
 RECORD = "raylora_run.json"
+VALIDATIONS = "validation"  # in the run folder: step_NNNNNNN.json = {"step", "val_cider", "val_images"}
+EARLY_STOP = "early_stop.json"  # in the run folder: {"step", "best_step", "best_val_cider", "patience"}
 # Config keys that do not change the trained weights: logging, checkpoint cadence, evaluation,
 # where things go, how the data is decoded, how micro-batches are laid out (packing makes the same
 # update), the cluster's shape beyond the number of workers.
@@ -45,6 +54,7 @@ NOT_IDENTITY = {
     "train.log_every_n_steps",
     "train.checkpoint_every_n_steps",
     "train.num_to_keep",
+    "train.select",
     "train.trace_data",
     "train.device_audit",
 }
@@ -100,25 +110,36 @@ def claim(directory: str, values: dict[str, Any]) -> None:
         write_text(f"{directory}/{RECORD}", json.dumps({"identity": values}, indent=2, default=str))
 
 
-def latest_checkpoint(directory: str, world_size: int) -> tuple[int, str | None]:
-    """(step, uri) of the newest *complete* checkpoint under ``directory`` (local path or URI).
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint of a run: its step, where it is, its val CIDEr if validated."""
+
+    step: int
+    path: str  # a local path, or a URI for remote storage
+    val_cider: float | None
+
+
+def checkpoints(directory: str, world_size: int) -> list[CheckpointInfo]:
+    """The *complete* checkpoints under ``directory`` (local path or URI), by step.
 
     Complete means rank 0's train_state.json plus every rank's DeepSpeed shard, so a checkpoint
     cut by a crash mid-upload, or one Ray had not registered yet when the driver died, is judged
     by its files rather than by Ray's bookkeeping.
     """
     try:
-        fs, base = pafs.FileSystem.from_uri(directory)
+        fs, base = pafs.FileSystem.from_uri(directory if is_remote(directory) else absolute(directory))
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
     except (OSError, ValueError):
-        return 0, None
-    best: tuple[int, str | None] = (0, None)
+        return []
+    scores = dict(validations(directory))
+    found = []
     for info in infos:
         if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith("checkpoint_"):
             continue
         try:
             with fs.open_input_stream(f"{info.path}/train_state.json") as f:
-                step = int(json.loads(f.read())["step"])
+                state = json.loads(f.read())
+            step = int(state["step"])
             files = [
                 i.base_name
                 for i in fs.get_file_info(pafs.FileSelector(f"{info.path}/ds/ds", allow_not_found=True))
@@ -128,7 +149,91 @@ def latest_checkpoint(directory: str, world_size: int) -> tuple[int, str | None]
         shards = [n for n in files if n.endswith("optim_states.pt")]
         if len(shards) < world_size and "mp_rank_00_model_states.pt" not in files:
             continue
-        if step > best[0]:
-            where = f"{directory.split('://')[0]}://{info.path}" if is_remote(directory) else info.path
-            best = (step, where)
-    return best
+        where = f"{directory.split('://')[0]}://{info.path}" if is_remote(directory) else info.path
+        found.append(CheckpointInfo(step, where, scores.get(step)))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(directory: str, world_size: int) -> tuple[int, str | None]:
+    """(step, uri) of the newest complete checkpoint under ``directory``; (0, None) if none."""
+    found = checkpoints(directory, world_size)
+    return (found[-1].step, found[-1].path) if found else (0, None)
+
+
+def best_checkpoint(directory: str, world_size: int) -> CheckpointInfo | None:
+    """The validated checkpoint with the highest val CIDEr (the earliest of equal ones); None if
+    no checkpoint was validated."""
+    scored = [c for c in checkpoints(directory, world_size) if c.val_cider is not None]
+    return max(scored, key=lambda c: (c.val_cider, -c.step)) if scored else None
+
+
+def select_checkpoint(directory: str, world_size: int, select: str) -> CheckpointInfo | None:
+    """``train.select``: the best validated checkpoint (the latest when none was validated), or the latest."""
+    found = checkpoints(directory, world_size)
+    if not found:
+        return None
+    best = best_checkpoint(directory, world_size) if select == "best" else None
+    return best or found[-1]
+
+
+def record_validation(directory: str, step: int, metrics: dict[str, Any]) -> None:
+    """The val CIDEr of the run's checkpoint at ``step``, once it is scored."""
+    write_text(f"{directory}/{VALIDATIONS}/step_{step:07d}.json", json.dumps({"step": step, **metrics}))
+
+
+def validations(directory: str) -> list[tuple[int, float]]:
+    """(step, val CIDEr) of every validation of the run, by step."""
+    try:
+        fs, base = pafs.FileSystem.from_uri(directory if is_remote(directory) else absolute(directory))
+        infos = fs.get_file_info(pafs.FileSelector(f"{base}/{VALIDATIONS}", allow_not_found=True))
+    except (OSError, ValueError):
+        return []
+    found = []
+    for info in infos:
+        if not info.base_name.startswith("step_"):
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                record = json.loads(f.read())
+            found.append((int(record["step"]), float(record["val_cider"])))
+        except (OSError, KeyError, ValueError):
+            continue
+    return sorted(found)
+
+
+def plateau(scores: list[tuple[int, float]], patience: int) -> dict[str, Any] | None:
+    """The early stop of ``train.early_stop_patience``: when the last ``patience`` evaluations (of
+    ``scores``, (step, val CIDEr) by step) are none better than the best before them, a record of it."""
+    if patience <= 0 or len(scores) <= patience:
+        return None
+    best_step, best = max(scores[:-patience], key=lambda s: (s[1], -s[0]))
+    if any(value > best for _, value in scores[-patience:]):
+        return None
+    return {"step": scores[-1][0], "best_step": best_step, "best_val_cider": best, "patience": patience}
+
+
+def check_early_stop(directory: str, patience: int) -> dict[str, Any] | None:
+    """After a validation: record the run's early stop in its folder when its scores plateaued."""
+    stop = plateau(validations(directory), patience)
+    if stop is not None and early_stop(directory) is None:
+        write_text(f"{directory}/{EARLY_STOP}", json.dumps(stop))
+    return stop
+
+
+def early_stop(directory: str) -> dict[str, Any] | None:
+    """The run's early stop record, if it stopped on a plateau."""
+    text = read_text(f"{directory}/{EARLY_STOP}")
+    return json.loads(text) if text else None
+
+
+def prune(directory: str, world_size: int, keep: int) -> None:
+    """Delete the complete checkpoints beyond the ``keep`` best by val CIDEr (unvalidated ones rank
+    lowest, then older before newer), never the latest: what Ray Train's CheckpointConfig does with
+    a score attribute, for runs without Ray."""
+    found = checkpoints(directory, world_size)
+    if len(found) <= keep:
+        return
+    ranked = sorted(found, key=lambda c: (c.val_cider is not None, c.val_cider or 0.0, c.step))
+    for c in ranked[:-keep]:
+        if c is not found[-1]:
+            remove_dir(c.path)

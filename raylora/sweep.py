@@ -4,11 +4,14 @@
     python -m raylora.sweep --config internvl2_2b_coco --trials 32
     python -m raylora.sweep --resume                          # continue an interrupted sweep
 
-Each trial builds and fits the same TorchTrainer as ``raylora.train`` (Train V2 pattern); the
-validation CIDEr it reports reaches Tune through Ray's TuneReportCallback, and ASHA stops weak
-trials at its rungs. The search space is the config's ``sweep`` section. MLflow gets a parent run
-for the sweep and a child run per trial; the best trial's adapter is registered as a new version of
-the registered model, and its ``champion`` alias moves only if it beats the current champion.
+Each trial builds and fits the same TorchTrainer as ``raylora.train`` (Train V2 pattern). Each
+validation score of the trial (asynchronous, while it trains on) reaches Tune as a result at the
+validated checkpoint's step, from the trial's score channel; ASHA stops weak trials at its rungs on
+the rung's score. A trial is scored by its best validation, and the champion is the best checkpoint
+of the best trial: that checkpoint's adapter is registered (its step a tag) as a new version of the
+registered model, and its ``champion`` alias moves only if it beats the current champion. The search
+space is the config's ``sweep`` section. MLflow gets a parent run for the sweep and a child run per
+trial.
 
 The final task (unless ``--no-merge``): the champion adapter is merged into a plain checkpoint by a
 Ray task with ``sweep.merge_resources`` (``raylora.merge``: verified, then registered as
@@ -35,23 +38,17 @@ import pyarrow.fs as pafs
 
 from raylora import console, registry, tracking
 from raylora.cli import config_from_args, config_parser
-from raylora.cluster import alive_nodes, init_ray, preflight
+from raylora.cluster import alive_nodes, init_ray, job_resources, preflight
 from raylora.config import MERGE_RESOURCES, Config, ConfigError, apply_override, validate
 from raylora.console import run_command
 from raylora.files import absolute, is_remote, redact
 from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
+from raylora.runs import best_checkpoint
 from raylora.sources import complete_adapter_dir
-from raylora.train import (
-    ValidationSet,
-    build_trainer,
-    check_paths,
-    checkpoint_state,
-    make_job,
-    prepare_data,
-    validation_set,
-)
+from raylora.train import async_validation, build_trainer, check_paths, make_job, prepare_data
 from raylora.train import run as train_run
+from raylora.validation import ValidationSet, validation_set
 
 # ray (Tune) and mlflow are imported inside the functions that use them: --help and config errors stay fast.
 
@@ -149,15 +146,11 @@ def default_point(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
-    """What one trial occupies: its Train workers plus its data actors."""
-    c = trial_config(cfg, {})
-    per_worker = (
-        c.cluster.cpus_per_worker + c.data.decode_actors * c.data.decode_cpus
-    )  # its own decode actors
-    cpus = c.cluster.num_workers * per_worker
-    need = {"CPU": round(cpus + TRIAL_FN_CPUS, 6)}
-    if c.cluster.use_gpu:
-        need["GPU"] = c.cluster.num_workers * c.cluster.gpus_per_worker
+    """What one trial occupies: its Train workers, their data actors and its validation task."""
+    _, total = job_resources(trial_config(cfg, {}))
+    need = {"CPU": round(total["CPU"] + TRIAL_FN_CPUS, 6)}
+    if total["GPU"]:
+        need["GPU"] = total["GPU"]
     return need
 
 
@@ -233,14 +226,18 @@ def trial_mlflow_run(sweep: Sweep, cfg: Config, trial_id: str, params: dict[str,
 
 
 def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
-    """One Tune trial: the training job of the trial's config; its reports reach Tune.
+    """One Tune trial: the training job of the trial's config, fitted in a thread; each validation
+    score it sends on its score channel (a Ray queue) is reported to Tune from here, as a result at
+    its step (``step``, ``total_steps``, ``val_cider``): ASHA's rung decisions wait for the rung's
+    score, while training goes on.
 
-    A trial whose run already reached its last step (a sweep driver killed after the trial's final
-    checkpoint) reports that checkpoint's metrics instead of training again.
+    A trial whose run already ended (a sweep driver killed after the trial's final checkpoint)
+    reports its best validation instead of training again.
     """
-    import ray.train
+    import threading
+
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Empty, Queue
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep.cfg, params)
@@ -248,10 +245,29 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
     run_id = trial_mlflow_run(sweep, cfg, trial_id, params, run_dir)
     job = make_job(cfg, sweep.model_dir, sweep.records, run_dir, sweep.validation, sweep.tracking_uri, run_id)
     if job.finished:
-        state = checkpoint_state(ray.train.Checkpoint(job.resume_from))
-        tune.report({**state, "checkpoint_path": job.resume_from})
+        best = best_checkpoint(run_dir, cfg.cluster.num_workers)
+        if best is not None:
+            tune.report({"step": best.step, "total_steps": job.plan.total_steps, METRIC: best.val_cider})
         return
-    build_trainer(job, callbacks=[TuneReportCallback()]).fit()
+    job.scores = Queue(actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            with async_validation(job) as validation:
+                build_trainer(job, validation=validation).fit()
+        except BaseException as e:  # raised again in the trial's own thread
+            failure.append(e)
+
+    trainer = threading.Thread(target=fit, name="raylora-trial-fit", daemon=True)
+    trainer.start()
+    while trainer.is_alive() or not job.scores.empty():
+        try:
+            tune.report(job.scores.get(timeout=1))
+        except Empty:
+            continue
+    if failure:
+        raise failure[0]
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -388,8 +404,9 @@ def trial_board() -> Any:
     return TrialBoardCallback()
 
 
-def trial_rows(results: Any) -> list[dict[str, Any]]:
-    """One row per trial: params, last CIDEr, steps, state, checkpoint.
+def trial_rows(results: Any, sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per trial: params, best CIDEr and its step and checkpoint (from the trial's run
+    folder), steps, state, the CIDEr history.
 
     State: failed, completed (reached its own last step: batch size changes the step count), or
     stopped early (by ASHA).
@@ -402,15 +419,19 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
             state = "failed"
         else:
             state = "completed" if steps >= m.get("total_steps", steps) else "stopped early"
+        trial_id = m.get("trial_id") or Path(r.path).name
+        workers = trial_config(sweep.cfg, dict(r.config)).cluster.num_workers
+        best = best_checkpoint(f"{sweep.storage}/trials/{trial_id}", workers)
         rows.append(
             {
-                "trial_id": m.get("trial_id") or Path(r.path).name,
+                "trial_id": trial_id,
                 "params": {k: v for k, v in r.config.items()},
-                "cider": m.get(METRIC),
+                "cider": best.val_cider if best else None,  # the trial's best validation
+                "best_step": best.step if best else None,
                 "steps": steps,
                 "total_steps": m.get("total_steps", steps),
                 "state": state,
-                "checkpoint": m.get("checkpoint_path"),
+                "checkpoint": best.path if best else None,
                 "history": r.metrics_dataframe[["step", METRIC]].dropna().values.tolist()
                 if r.metrics_dataframe is not None and METRIC in r.metrics_dataframe
                 else [],
@@ -422,16 +443,15 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
 
 def print_table(rows: list[dict[str, Any]]) -> str:
     keys = sorted({k for r in rows for k in r["params"]})
-    head = ["trial", *keys, "CIDEr", "steps", "state"]
+    head = ["trial", *keys, "best CIDEr", "at step", "steps", "state"]
     lines = [head]
     for r in sorted(rows, key=lambda r: -(r["cider"] or -1)):
         vals = [r["trial_id"]] + [
             f"{r['params'].get(k):.2e}" if isinstance(r["params"].get(k), float) else str(r["params"].get(k))
             for k in keys
         ]
-        lines.append(
-            vals + [f"{r['cider']:.3f}" if r["cider"] is not None else "-", str(r["steps"]), r["state"]]
-        )
+        best = [f"{r['cider']:.3f}" if r["cider"] is not None else "-", str(r.get("best_step") or "-")]
+        lines.append(vals + [*best, str(r["steps"]), r["state"]])
     widths = [max(len(str(x[i])) for x in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(x[i]).ljust(widths[i]) for i in range(len(head))) for x in lines)
 
@@ -523,9 +543,20 @@ def _curves_plot(
             xs, ys = zip(*((step * scale, c) for step, c in r["history"]))
             is_best = best is not None and r["trial_id"] == best["trial_id"]
             label = f"{r['trial_id'][-5:]}: {_short_params(r['params'])}" + (" (best)" if is_best else "")
-            ax.plot(
+            (line,) = ax.plot(
                 xs, ys, marker="o", label=label, linewidth=3 if is_best else 1.5, zorder=3 if is_best else 2
             )
+            if r.get("best_step") is not None:  # the trial's best validation: its checkpoint competes
+                ax.plot(
+                    r["best_step"] * scale,
+                    r["cider"],
+                    marker="*",
+                    markersize=16,
+                    color=line.get_color(),
+                    markeredgecolor="black",
+                    zorder=4,
+                    linestyle="none",
+                )
     xlabel = (
         "samples seen (optimizer steps x the trial's global batch size)" if by_samples else "optimizer step"
     )
@@ -579,7 +610,7 @@ def _run_cell(row: dict[str, Any], uri: str | None, experiment_id: str | None) -
 def _trial_table(rows: list[dict[str, Any]], best: dict | None, batch: int | None, run_cell: Any) -> str:
     """The HTML trial table, best CIDEr first: params, CIDEr, steps, samples seen, state, MLflow run."""
     keys = sorted({k for r in rows for k in r["params"]})
-    head = ["trial", *keys, "val CIDEr", "steps", "samples seen", "state", "MLflow run"]
+    head = ["trial", *keys, "best val CIDEr", "at step", "steps", "samples seen", "state", "MLflow run"]
     lines = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for r in sorted(rows, key=lambda r: -(r["cider"] if r["cider"] is not None else -1)):
         is_best = best is not None and r["trial_id"] == best["trial_id"]
@@ -587,6 +618,7 @@ def _trial_table(rows: list[dict[str, Any]], best: dict | None, batch: int | Non
         numbers = [
             *(html.escape(_value(r["params"].get(k, "-"))) for k in keys),
             f"{r['cider']:.3f}" if r["cider"] is not None else "-",
+            str(r["best_step"]) if r.get("best_step") is not None else "-",
             f"{r['steps']} / {r['total_steps']}",
             f"{int(r['steps'] * gbs):,}" if gbs else "-",
         ]
@@ -611,7 +643,8 @@ def _report_header(
     else:
         out += (
             f"<div class='champion'><p><b>Best trial {html.escape(best['trial_id'])}</b>: val CIDEr "
-            f"{best['cider']:.3f} with {html.escape(_short_params(best['params']))}."
+            f"{best['cider']:.3f} at step {best.get('best_step')} with "
+            f"{html.escape(_short_params(best['params']))}; that checkpoint's adapter is the champion."
             f"{_registry_line(registered)}</p></div>"
         )
     if uri and not tracking.is_server(uri):
@@ -649,10 +682,11 @@ def write_report(
     pngs = [out / "cider_vs_lr.png", out / "cider_vs_rank.png", out / "learning_curves.png"]
     header = _report_header(rows, best, registered, tracking_uri)
     captions = [
-        "Final validation CIDEr against the learning rate.",
-        "Final validation CIDEr against the LoRA rank.",
-        f"Validation CIDEr during training against {xlabel}: trials with different batch sizes take "
-        "different numbers of steps, so steps do not compare.",
+        "Each trial's best validation CIDEr against the learning rate.",
+        "Each trial's best validation CIDEr against the LoRA rank.",
+        f"Validation CIDEr during training against {xlabel}; a star marks each trial's best checkpoint "
+        "(the one it competes with). Trials with different batch sizes take different numbers of steps, "
+        "so steps do not compare.",
     ]
     figures = "".join(
         f"<figure><img src='{p.name}' alt='{p.stem}'><figcaption>{html.escape(c)}</figcaption></figure>"
@@ -713,14 +747,15 @@ def close_trial_runs(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
         row["mlflow_run_id"] = child
         c.set_tag(child, "trial_state", row["state"])
         if row["cider"] is not None:
-            c.log_metric(child, "final_cider", row["cider"])
+            c.log_metric(child, "best_cider", row["cider"], step=row["best_step"] or 0)
         status = {"failed": "FAILED", "stopped early": "KILLED"}.get(row["state"], "FINISHED")
         tracking.end_run(child, status, sweep.tracking_uri)
 
 
 def register_champion(sweep: Sweep, best: dict[str, Any], output: Path) -> tuple[str, int, bool]:
-    """The best trial's adapter (plus tokenizer, processor, raylora.json) as a new registry version;
-    ``champion`` moves to it if it beats the current one. Returns (name, version, moved)."""
+    """The adapter of the best trial's best checkpoint (plus tokenizer, processor, raylora.json) as a
+    new registry version, its step a tag; ``champion`` moves to it if it beats the current one.
+    Returns (name, version, moved)."""
     best_cfg = trial_config(sweep.cfg, best["params"])
     adapter = output / "champion_adapter"
     shutil.rmtree(adapter, ignore_errors=True)
@@ -739,6 +774,7 @@ def register_champion(sweep: Sweep, best: dict[str, Any], output: Path) -> tuple
         best_run or sweep.parent_run_id,
         tags={
             "trial_id": best["trial_id"],
+            "step": str(best["best_step"]),  # the trial's checkpoint registered: its best validation
             "base_model": sweep.cfg.model.path,
             "config_hash": best_cfg.fingerprint(),
             "sweep": sweep.name,
@@ -867,7 +903,7 @@ def run_sweep(
     except BaseException:
         tracking.end_run(sweep.parent_run_id, "FAILED", sweep.tracking_uri)
         raise
-    summary = finish_sweep(sweep, trial_rows(results), output, time.time() - t0)
+    summary = finish_sweep(sweep, trial_rows(results, sweep), output, time.time() - t0)
     if cfg.sweep.merge:
         summary.update(final_task(sweep, summary, output))
         (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -938,6 +974,7 @@ def finish_sweep(sweep: Sweep, rows: list[dict[str, Any]], output: Path, seconds
     summary = {
         "best_trial": best["trial_id"],
         "best_cider": best["cider"],
+        "best_step": best["best_step"],
         "best_params": best["params"],
         "registered_model": model_name,
         "version": version,
@@ -950,7 +987,8 @@ def finish_sweep(sweep: Sweep, rows: list[dict[str, Any]], output: Path, seconds
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(
-        f"[sweep] best trial {best['trial_id']}: CIDEr {best['cider']:.3f} with {best['params']}; "
+        f"[sweep] best trial {best['trial_id']}: CIDEr {best['cider']:.3f} at step {best['best_step']} "
+        f"with {best['params']}; "
         f"registered {model_name} v{version}"
         + (" as champion" if moved else " (champion kept: it scores higher)")
         + f"; {summary['stopped_early']} of {len(rows)} trials stopped early; report {output / 'report.html'}",

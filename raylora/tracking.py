@@ -143,6 +143,12 @@ def reopen_run(run_id: str, uri: str | None = None) -> bool:
     return True
 
 
+def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, value)
+
+
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     """FINISHED, FAILED or KILLED (runs opened by workers or trials would stay RUNNING otherwise)."""
     client(uri).set_terminated(run_id, status)

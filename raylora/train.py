@@ -11,7 +11,8 @@ Read top to bottom: :class:`LoRAFinetuneRecipe` is what every Ray Train worker r
 it, the driver: :func:`make_job` validates nothing itself but plans every micro-batch and decides,
 once, whether the run starts or resumes (and from which checkpoint); :func:`run` validates the
 data, opens the MLflow run, fits the TorchTrainer (or, for a finished run, only writes its outputs)
-and writes the adapter. Running the same command again resumes from the latest checkpoint;
+and writes the adapter of the checkpoint ``train.select`` picks (the best validation CIDEr; checkpoints
+are validated as :mod:`raylora.validation` says). Running the same command again resumes from the latest checkpoint;
 ``cluster.max_failures`` restarts crashed workers from it within a run.
 
 The same recipe runs without Ray (:func:`run_local`): under ``torchrun`` (one process per GPU,
@@ -44,12 +45,10 @@ from raylora.console import run_command, send, step_line
 from raylora.data.pipeline import iter_local_batches, iter_rank_batches, rank_dataset
 from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_units, unit_lengths
 from raylora.data.prepare import Prepared, prepare
-from raylora.data.records import EvalItem, read_gt, read_karpathy
 from raylora.data.settings import ImageSettings
 from raylora.files import absolute, atomic_dir, is_remote, redact, tree_size, writes_to
 from raylora.generation import GenerationSettings, generate_captions
 from raylora.loss import forward_loss, to_device
-from raylora.metrics import cider
 from raylora.model import (
     apply_lora,
     attention_for_layout,
@@ -64,6 +63,15 @@ from raylora.model import (
 )
 from raylora.monitoring import TrainMetrics, enable_train_state_tracking
 from raylora.sources import complete_adapter_dir, image_settings, resolve_model_dir
+from raylora.validation import (
+    SCORE,
+    Scored,
+    ValidationSet,
+    eval_line,
+    score_captions,
+    validation_actor,
+    validation_set,
+)
 
 # torch, deepspeed, ray and transformers are imported inside the functions that run on the workers
 # or fit the trainer: the driver's checks (config, paths, tracking store) answer in a second.
@@ -72,15 +80,6 @@ DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed_configs"
 
 
 # ================================================================================ the worker's job
-
-
-@dataclass(frozen=True)
-class ValidationSet:
-    """The fixed validation subset (first ``data.val_size`` images), its references and settings."""
-
-    items: list[EvalItem]
-    references: dict[int, list[str]]
-    settings: ImageSettings
 
 
 @dataclass
@@ -102,10 +101,13 @@ class TrainJob:
     fail_at_step: int | None = None  # RAYLORA_FAIL_AT_STEP: crash one worker once (the fault drill)
     progress: Any = None  # the driver's progress queue (raylora.console); None: rank 0 prints its lines
     identity: dict[str, Any] | None = None  # runs.identity: recorded in the run folder at the first step
+    early_stop: dict[str, Any] | None = None  # runs.early_stop: the run stopped on a plateau
+    scores: Any = None  # a sweep trial's score channel (raylora.validation.Scored.scores)
 
     @property
     def finished(self) -> bool:
-        return self.resume_from is not None and self.start_step >= self.plan.total_steps
+        done = self.start_step >= self.plan.total_steps or self.early_stop is not None
+        return self.resume_from is not None and done
 
     @property
     def run_name(self) -> str:
@@ -169,13 +171,19 @@ class RayTrainRuntime:
         )
         return iter_rank_batches(dataset, first, self.world)
 
-    def report(self, job: TrainJob, metrics: dict[str, Any], directory: str) -> None:
-        """Rank 0's train_state.json, then every rank's files to Ray Train's checkpoint."""
+    def report(self, job: TrainJob, metrics: dict[str, Any], directory: str, validate: bool) -> None:
+        """Rank 0's train_state.json, then every rank's files to Ray Train's checkpoint; ``validate``:
+        Ray Train's asynchronous validation scores it. Ray keeps the ``train.num_to_keep`` best by
+        :data:`SCORE` (the val CIDEr, -inf until validated) and always the latest."""
         import ray.train
 
         if self.rank == 0:
             Path(directory, "train_state.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray.train.report(
+            {**metrics, SCORE: metrics.get("val_cider", float("-inf"))},
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            validation=validate,
+        )
 
     def checkpoint_dir(self, job: TrainJob, step: int) -> Any:
         return tempfile.TemporaryDirectory(prefix="raylora-ckpt-")
@@ -216,18 +224,15 @@ class LocalRuntime:
         path.mkdir(parents=True, exist_ok=True)
         return nullcontext(str(path))
 
-    def report(self, job: TrainJob, metrics: dict[str, Any], directory: str) -> None:
+    def report(self, job: TrainJob, metrics: dict[str, Any], directory: str, validate: bool) -> None:
         """Once every rank's shard is written, rank 0's train_state.json completes the checkpoint
-        (:func:`raylora.runs.latest_checkpoint` judges by it) and the ones beyond
-        ``train.num_to_keep`` go."""
+        (:func:`raylora.runs.latest_checkpoint` judges by it); then the ``train.num_to_keep`` best by
+        val CIDEr and the latest stay (validation is inline here: ``validate`` is never set)."""
         barrier()
         if self.rank != 0:
             return
         Path(directory, "train_state.json").write_text(json.dumps(metrics))
-        keep = job.cfg.train.num_to_keep
-        done = sorted(Path(job.run_dir).glob("checkpoint_step_*/train_state.json"))
-        for state in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(state.parent, ignore_errors=True)
+        runs.prune(job.run_dir, self.world, job.cfg.train.num_to_keep)
 
 
 def in_process_batches(job: TrainJob, rank: int, world: int, first: int):
@@ -313,6 +318,10 @@ class LoRAFinetuneRecipe:
         )
         ray_run = isinstance(self.runtime, RayTrainRuntime)
         self.ray_metrics = TrainMetrics(job.run_name) if self.is_rank0 and ray_run else None  # Prometheus
+        # validation by the training ranks at the step: eval.validation=inline, and always without Ray
+        # (asynchronous validation is Ray Train's); rank 0 publishes the score
+        self.inline_validation = job.cfg.eval.validation == "inline" or not ray_run
+        self.scored = scored(job, run_name=job.run_name if ray_run else None) if self.is_rank0 else None
 
     def setup(self) -> None:
         """Model, LoRA, optimizer, scheduler and the DeepSpeed engine."""
@@ -415,7 +424,7 @@ class LoRAFinetuneRecipe:
     def train(self) -> None:
         """The loop: an optimizer step every ``grad_accum`` micro-batches; log, evaluate, checkpoint."""
         cfg, total, accum = self.cfg, self.plan.total_steps, self.plan.grad_accum
-        window, last_eval = StepWindow(), {}
+        window = StepWindow()
         self.started = (self.step, time.time())
         self.engine.train()
         for micro, batch in enumerate(self.batches(), 1):
@@ -430,14 +439,19 @@ class LoRAFinetuneRecipe:
             if done or self.step % cfg.train.log_every_n_steps == 0:
                 self.last_loss = self.log_step(window)
                 window = StepWindow()
-            evaluate = self.job.validation is not None and (
+            validate = self.job.validation is not None and (
                 done or (cfg.eval.every_n_steps > 0 and self.step % cfg.eval.every_n_steps == 0)
             )
-            if evaluate:
-                last_eval = self.evaluate()
-            if evaluate or done or self.step % cfg.train.checkpoint_every_n_steps == 0:
+            scores = self.evaluate() if validate and self.inline_validation else {}
+            if validate or done or self.step % cfg.train.checkpoint_every_n_steps == 0:
                 loss = window.mean_loss() if window.labels else self.last_loss
-                self.save_checkpoint({"step": self.step, "total_steps": total, "loss": loss, **last_eval})
+                state = {"step": self.step, "total_steps": total, "loss": loss, **scores}
+                self.save_checkpoint(state, validate=validate and not self.inline_validation)
+                if scores and self.scored is not None:  # after its checkpoint: early stopping reads it
+                    self.scored.publish(self.step, scores, eval_line(self.step, scores, self.decoding))
+                if not done and self.stopped_early():
+                    self.print(f"[train] early stop at step {self.step}: {self.early_stop_text()}")
+                    return
             if done:
                 return
         raise RuntimeError(
@@ -495,7 +509,8 @@ class LoRAFinetuneRecipe:
         return metrics["loss"]
 
     def evaluate(self) -> dict[str, float]:
-        """Caption the fixed validation subset (sharded over ranks) and score it with fast CIDEr."""
+        """Inline validation: caption the fixed validation subset with the live model (sharded over
+        ranks) and score it with fast CIDEr."""
         import torch.distributed as dist
 
         val, e = self.job.validation, self.cfg.eval
@@ -511,29 +526,43 @@ class LoRAFinetuneRecipe:
         )
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, [(it.image_id, c) for it, c in zip(mine, caps)])
-        captions: dict[int, list[str]] = {}
+        captions: dict[int, str] = {}
         for part in gathered:
             for image_id, caption in part:
-                captions.setdefault(image_id, [caption])
-        metrics = {"val_cider": float(cider(val.references, captions)), "val_images": len(captions)}
-        if self.logger is not None:
-            self.logger.log(metrics, self.step)
-        if self.ray_metrics is not None:
-            self.ray_metrics.record(metrics)
-        self.print(
-            f"[eval] step {self.step}: val CIDEr {metrics['val_cider']:.3f} on {len(captions)} images ({gen.decoding})"
-        )
-        return metrics
+                captions.setdefault(image_id, caption)
+        self.decoding = gen.decoding
+        return score_captions(val, captions)
 
-    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
+    def stopped_early(self) -> bool:
+        """``train.early_stop_patience``: whether the run's scores plateaued (rank 0 reads the run
+        folder's record, every rank gets the answer)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.cfg.train.early_stop_patience <= 0:
+            return False
+        found = self.is_rank0 and runs.early_stop(self.job.run_dir) is not None
+        flag = torch.tensor([1.0 if found else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def early_stop_text(self) -> str:
+        stop = runs.early_stop(self.job.run_dir) or {}
+        return (
+            f"no better val CIDEr in {stop.get('patience')} evaluations after step {stop.get('best_step')} "
+            f"({stop.get('best_val_cider', float('nan')):.3f})"
+        )
+
+    def save_checkpoint(self, metrics: dict[str, Any], validate: bool = False) -> None:
         """DeepSpeed state (all ranks), the PEFT adapter (for the original base, whatever
-        ``lora.init``) and train_state.json, reported to Ray Train."""
+        ``lora.init``) and train_state.json, reported to Ray Train (``validate``: for its
+        asynchronous validation)."""
         with self.runtime.checkpoint_dir(self.job, self.step) as d:
             self.engine.save_checkpoint(os.path.join(d, "ds"), tag="ds", exclude_frozen_parameters=True)
             state = lora_state_dict(self.engine.module)  # collective under ZeRO-3
             if self.is_rank0:
                 save_adapter(self.engine.module, Path(d) / "adapter", state, self.lora_init)
-            self.runtime.report(self.job, metrics, d)
+            self.runtime.report(self.job, metrics, d, validate)
 
     def claim_run(self) -> None:
         """Rank 0 records the run's identity in its folder once a step has run: a run exists from
@@ -586,6 +615,30 @@ class StepWindow:
 
     def mean_loss(self) -> float:
         return self.loss / max(self.labels, 1)
+
+
+def scored(job: TrainJob, run_name: str | None = None) -> Scored:
+    """Where a validation score of ``job`` goes (MLflow, the Ray gauge of ``run_name``, the console,
+    a sweep trial's score channel) and its early stop rule."""
+    return Scored(
+        run_dir=job.run_dir,
+        total_steps=job.plan.total_steps,
+        early_stop_patience=job.cfg.train.early_stop_patience,
+        tracking_uri=job.tracking_uri,
+        mlflow_run_id=job.mlflow_run_id,
+        run_name=run_name,
+        progress=job.progress,
+        scores=job.scores,
+        echo=job.progress is None and job.scores is None,
+    )
+
+
+def async_validation(job: TrainJob) -> Any:
+    """A context giving the ValidationConfig of a job whose validation is asynchronous (its
+    validator actor runs while the context is open), else None."""
+    if job.validation is None or job.cfg.eval.validation != "async":
+        return nullcontext(None)
+    return validation_actor(job.validation, job.model_dir, job.cfg, scored(job, job.run_name))
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -668,26 +721,6 @@ def train_settings(cfg: Config, model_dir: Path) -> ImageSettings:
     )
 
 
-def validation_set(cfg: Config, model_dir: Path) -> ValidationSet | None:
-    """The fixed validation subset (first data.val_size images) and its references, if configured."""
-    if not cfg.data.val or cfg.eval.every_n_steps < 0:
-        return None
-    items = read_karpathy(cfg.data.val, cfg.data.val_root, limit=cfg.data.val_size)
-    references = read_gt(cfg.data.val_gt, [i.image_id for i in items])
-    missing = [i.image_id for i in items if i.image_id not in references]
-    if missing:
-        raise ValueError(f"{cfg.data.val_gt}: no reference captions for image ids {missing[:5]}")
-    settings = image_settings(
-        model_dir,
-        cfg.model.template,
-        cfg.model.system_message,
-        cfg.data,
-        max_num=cfg.eval.max_num,
-        max_seq_length=cfg.model.max_seq_length,
-    )
-    return ValidationSet(items, references, settings)
-
-
 def make_job(
     cfg: Config,
     model_dir: Path,
@@ -729,6 +762,7 @@ def make_job(
         mlflow_run_id=mlflow_run_id,
         fail_at_step=int(fail_at) if fail_at else None,
         identity=identity if identity is not None else runs.identity(cfg, model_dir),
+        early_stop=runs.early_stop(run_dir) if resume_from else None,
     )
 
 
@@ -774,8 +808,9 @@ def worker_failure_notice(queue: Any, max_failures: int) -> Any:
     return WorkerFailureNotice()
 
 
-def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
-    """The TorchTrainer of a job: scaling, storage, checkpoints and failure handling."""
+def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, validation: Any = None) -> Any:
+    """The TorchTrainer of a job: scaling, storage, checkpoints (the best kept by validation score),
+    failure handling; ``validation``: the ValidationConfig of :func:`async_validation`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -797,10 +832,15 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None) -> Any:
         run_config=ray.train.RunConfig(
             name=job.run_name,
             storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             callbacks=callbacks,
         ),
+        validation_config=validation,
     )
 
 
@@ -874,7 +914,7 @@ def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dic
     cfg, plan = job.cfg, job.plan
     if job.finished:
         print(finished_line(job), flush=True)
-        return finish(job, job.resume_from, output_dir, prepared, exp_id, 0.0)
+        return finish(job, output_dir, prepared, exp_id, 0.0)
     print(
         f"[train] {plan.total_steps} optimizer steps of {cfg.train.global_batch_size} samples "
         f"({cfg.cluster.num_workers} workers x {cfg.train.per_device_batch_size} x {plan.grad_accum} accumulation)"
@@ -886,10 +926,11 @@ def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dic
     with console.step_progress(plan.total_steps) as channel:
         job.progress = channel.queue
         notice = worker_failure_notice(channel.queue, cfg.cluster.max_failures)
-        result = build_trainer(job, callbacks=[notice]).fit()
+        with async_validation(job) as validation:
+            result = build_trainer(job, [notice], validation).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see the logs under {redact(job.run_dir)}")
-    return finish(job, result.checkpoint, output_dir, prepared, exp_id, time.time() - t0)
+    return finish(job, output_dir, prepared, exp_id, time.time() - t0)
 
 
 def write_outputs(job: TrainJob, checkpoint_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
@@ -905,48 +946,86 @@ def write_outputs(job: TrainJob, checkpoint_dir: Path, output_dir: Path, summary
 
 
 def finish(
-    job: TrainJob, checkpoint: Any, output_dir: Path, prepared: Prepared, exp_id: str, seconds: float
+    job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str | None, seconds: float
 ) -> dict[str, Any]:
-    """Outputs from the final checkpoint, artifacts to MLflow, the summary line."""
-    uri, run_id = job.tracking_uri, job.mlflow_run_id
+    """Outputs from the selected checkpoint (``train.select``: the best val CIDEr, or the latest),
+    artifacts to MLflow, the summary line."""
+    cfg, uri, run_id = job.cfg, job.tracking_uri, job.mlflow_run_id
+    found = runs.checkpoints(job.run_dir, cfg.cluster.num_workers)
+    if not found:
+        raise RuntimeError(f"training ended without a checkpoint under {redact(job.run_dir)}")
+    latest = found[-1]
+    chosen = runs.select_checkpoint(job.run_dir, cfg.cluster.num_workers, cfg.train.select) or latest
     per_step = job.plan.microbatches_per_step
     samples = resolve(job.planned).column("samples").to_numpy()  # records (captions) per micro-batch
-    with checkpoint_directory(checkpoint) as d:
+    with checkpoint_directory(latest.path) as d:
         state = json.loads(Path(d, "train_state.json").read_text())
-        steps_run = state["step"] - job.start_step if seconds else 0
-        samples_run = int(samples[job.start_step * per_step : state["step"] * per_step].sum())
-        summary = {
-            "final_loss": state.get("loss"),
-            "steps": state["step"],
-            "steps_this_run": steps_run,
-            "samples": int(samples[: state["step"] * per_step].sum()),
-            "samples_per_s": samples_run / seconds if steps_run else 0.0,
-            "seconds": round(seconds, 1),
-            "val_cider": state.get("val_cider"),
-            "rows_ok": prepared.rows_ok,
-            "rows_rejected": len(prepared.rejects),
-            "mlflow_run_id": run_id,
-            "checkpoint": checkpoint if isinstance(checkpoint, str) else checkpoint.path,
-        }
-        history = tracking.metric_history(run_id, "tokens_per_s", uri) if run_id else []
-        if history:
-            summary["tokens_per_s"] = sum(m.value for m in history) / len(history)
+    steps_run = state["step"] - job.start_step if seconds else 0
+    samples_run = int(samples[job.start_step * per_step : state["step"] * per_step].sum())
+    evaluations = [list(v) for v in runs.validations(job.run_dir)]
+    summary = {
+        "final_loss": state.get("loss"),
+        "steps": state["step"],
+        "steps_this_run": steps_run,
+        "samples": int(samples[: state["step"] * per_step].sum()),
+        "samples_per_s": samples_run / seconds if steps_run else 0.0,
+        "seconds": round(seconds, 1),
+        # the adapter's checkpoint: its step and val CIDEr, and how it was chosen
+        "val_cider": chosen.val_cider,
+        "selected": {"by": cfg.train.select, "step": chosen.step, "val_cider": chosen.val_cider},
+        "evaluations": evaluations,  # [step, val CIDEr] of every validation of the run
+        "early_stop": runs.early_stop(job.run_dir),
+        "rows_ok": prepared.rows_ok,
+        "rows_rejected": len(prepared.rejects),
+        "mlflow_run_id": run_id,
+        "checkpoint": chosen.path,
+    }
+    history = tracking.metric_history(run_id, "tokens_per_s", uri) if run_id else []
+    if history:
+        summary["tokens_per_s"] = sum(m.value for m in history) / len(history)
+    with checkpoint_directory(chosen.path) as d:
         write_outputs(job, Path(d), output_dir, summary)
-    mlflow_text = ""
-    if run_id:  # without Ray and without a tracking URI nothing is tracked
-        tracking.log_artifacts(run_id, output_dir / "adapter", "adapter", uri)
-        for name in ("metrics.json", "config.yaml", "rejects.jsonl"):
-            if (output_dir / name).is_file():
-                tracking.log_artifacts(run_id, output_dir / name, None, uri)
-        tracking.end_run(run_id, "FINISHED", uri)
-        mlflow_text = f"; MLflow {tracking.run_url(uri, exp_id, run_id)}"
-    cider_text = f"val CIDEr {summary['val_cider']:.3f}, " if summary["val_cider"] is not None else ""
+    mlflow_text = log_outputs(job, output_dir, summary, exp_id) if run_id else ""
     print(
-        f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {cider_text}{seconds:.0f}s; "
-        f"adapter: {output_dir / 'adapter'}{mlflow_text}",
+        f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {seconds:.0f}s; "
+        f"adapter: {output_dir / 'adapter'} ({selection_text(chosen, latest, evaluations, cfg.train.select)})"
+        f"{mlflow_text}",
         flush=True,
     )
     return summary
+
+
+def log_outputs(job: TrainJob, output_dir: Path, summary: dict[str, Any], exp_id: str | None) -> str:
+    """The selection (tags, ``selected_val_cider``), the outputs as artifacts, the run FINISHED; the
+    summary line's MLflow part."""
+    uri, run_id, selected = job.tracking_uri, job.mlflow_run_id, summary["selected"]
+    tags = {"selected_by": selected["by"], "selected_step": str(selected["step"])}
+    if summary["early_stop"]:
+        tags["early_stopped_at_step"] = str(summary["early_stop"]["step"])
+    tracking.set_tags(run_id, tags, uri)
+    if selected["val_cider"] is not None:
+        tracking.MetricLogger(uri, run_id).log(
+            {"selected_val_cider": selected["val_cider"]}, selected["step"]
+        )
+    tracking.log_artifacts(run_id, output_dir / "adapter", "adapter", uri)
+    for name in ("metrics.json", "config.yaml", "rejects.jsonl"):
+        if (output_dir / name).is_file():
+            tracking.log_artifacts(run_id, output_dir / name, None, uri)
+    tracking.end_run(run_id, "FINISHED", uri)
+    return f"; MLflow {tracking.run_url(uri, exp_id, run_id)}"
+
+
+def selection_text(
+    chosen: runs.CheckpointInfo, latest: runs.CheckpointInfo, evaluations: list, select: str
+) -> str:
+    """Which checkpoint the adapter is, for the summary line."""
+    if chosen.val_cider is None:
+        return f"step {chosen.step}, not validated"
+    text = f"step {chosen.step}, val CIDEr {chosen.val_cider:.3f}"
+    if select == "best" and len(evaluations) > 1:
+        text += f", the best of {len(evaluations)} evaluations"
+    last_step, last = evaluations[-1]
+    return text if last_step == chosen.step else f"{text}; the last, step {last_step}: {last:.3f}"
 
 
 # ============================================================================ without Ray (torchrun)
@@ -1008,11 +1087,8 @@ def run_local(cfg: Config, output_dir: str | Path | None = None) -> dict[str, An
             barrier()
             if runtime.rank != 0:
                 return None
-            _, checkpoint = runs.latest_checkpoint(job.run_dir, cfg.cluster.num_workers)
-            if checkpoint is None:
-                raise RuntimeError(f"training ended without a checkpoint under {job.run_dir}")
             seconds = 0.0 if job.finished else time.time() - t0
-            return finish(job, checkpoint, output_dir, prepared, exp_id, seconds)
+            return finish(job, output_dir, prepared, exp_id, seconds)
     finally:
         dist.destroy_process_group()
 

@@ -168,6 +168,7 @@ def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewher
         "data.val_size=16",
         "sweep.searcher=random",
         f"tracking.registered_model={name}",
+        "eval.validation=async",  # the trial's validator actor scores its checkpoints; Tune gets the scores
         "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, data.decode_cpus: 0.45, "
         "train.max_steps: 10, eval.every_n_steps: 5, train.log_every_n_steps: 5}",
     )

@@ -18,6 +18,7 @@ LAYERS = [
     ["tracking", "runs"],
     ["registry"],
     ["sources"],
+    ["validation"],
     ["serving", "serving_model"],
     ["demo"],
     ["cli"],

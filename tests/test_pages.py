@@ -104,11 +104,12 @@ def _gallery_inputs() -> tuple[list[dict], dict[int, str], dict[int, list[str]],
 
 
 def _trial_rows() -> list[dict]:
-    """Five trials as ``trial_rows`` makes them: two batch sizes, one stopped early, one failed."""
+    """Five trials as ``trial_rows`` makes them: two batch sizes, one stopped early, one failed; the
+    champion's best validation is before its last."""
     rows = []
     specs = [
         ("a1b2c_00000", 16, 1e-4, 8, "completed", [0.21, 0.35, 0.42, 0.47]),
-        ("a1b2c_00001", 64, 3e-4, 8, "completed", [0.30, 0.52, 0.61, 0.66]),
+        ("a1b2c_00001", 64, 3e-4, 8, "completed", [0.30, 0.66, 0.61, 0.52]),
         ("a1b2c_00002", 8, 2e-5, 16, "stopped early", [0.05]),
         ("a1b2c_00003", 32, 1.5e-4, 16, "completed", [0.25, 0.50]),
         ("a1b2c_00004", 128, 9e-4, 8, "failed", []),
@@ -116,11 +117,13 @@ def _trial_rows() -> list[dict]:
     for k, (tid, rank, lr, gbs, state, curve) in enumerate(specs):
         every = 10 if gbs == 8 else 20  # a run of 40 steps at batch 8, 40 at 16: same samples
         history = [[every * (i + 1) // (gbs // 8), c] for i, c in enumerate(curve)]
+        best = max(history, key=lambda h: h[1]) if history else [None, None]
         rows.append(
             {
                 "trial_id": tid,
                 "params": {"lora.rank": rank, "train.lr": lr, "train.global_batch_size": gbs},
-                "cider": curve[-1] if curve else None,
+                "cider": best[1],
+                "best_step": best[0],
                 "steps": history[-1][0] if history else 0,
                 "total_steps": 40 if gbs == 8 else 20,
                 "state": state,
@@ -196,7 +199,9 @@ def test_report_in_chromium(tmp_path: Path) -> None:
     assert check.images == 3
     text = (tmp_path / "report.html").read_text()
     assert "<table>" in text and "<pre>" not in text
-    assert text.count("<tr class='best'>") == 1 and "Best trial a1b2c_00001</b>: val CIDEr 0.660" in text
+    assert text.count("<tr class='best'>") == 1
+    assert "Best trial a1b2c_00001</b>: val CIDEr 0.660 at step 20" in text  # its best, not its last
+    assert "<td class='num'>0.660</td><td class='num'>20</td><td class='num'>40 / 40</td>" in text
     assert "version 3 and is now the registry's <b>champion</b>" in text
     for k in range(5):
         assert f"href='http://127.0.0.1:5000/#/experiments/7/runs/{f'{k:x}' * 32}'" in text
@@ -250,5 +255,5 @@ def test_report_curves_by_step_when_batch_size_unknown(tmp_path: Path) -> None:
         r["params"].pop("train.global_batch_size")
     write_report(rows, tmp_path, "raylora sweep")
     text = (tmp_path / "report.html").read_text()
-    assert "against optimizer step:" in text and "<td class='num'>-</td><td><span class='state" in text
+    assert "against optimizer step;" in text and "<td class='num'>-</td><td><span class='state" in text
     assert check_page(tmp_path / "report.html").ok

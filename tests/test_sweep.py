@@ -288,6 +288,16 @@ def _check_champion(
     assert run["status"] == "FINISHED" and len(run["attempts"][-1]["workers"]) == 1
     mv = client.get_model_version("raylora-test-lora", str(summary["version"]))  # the best trial's adapter
     assert float(mv.tags["cider"]) == pytest.approx(summary["best_cider"])
+    # the champion is the best checkpoint of the best trial: the highest val CIDEr any trial logged at
+    # any step, that step recorded, that checkpoint's adapter registered (bit for bit)
+    logged = [
+        (m.value, m.step, r.info.run_id)
+        for r in children
+        for m in client.get_metric_history(r.info.run_id, "val_cider")
+    ]
+    top = max(v for v, _, _ in logged)
+    assert float(mv.tags["cider"]) == pytest.approx(top) and mv.tags["step"] == str(summary["best_step"])
+    assert (top, summary["best_step"]) in {(v, s) for v, s, _ in logged}
     assert (
         mv.tags["trial_id"] == summary["best_trial"]
         and "config_hash" in mv.tags
@@ -297,11 +307,21 @@ def _check_champion(
     assert json.loads((source.adapter_dir / "raylora.json").read_text())["template"] == "Hermes-2"
     weights = load_file(source.adapter_dir / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    rows = json.loads((Path(summary["report"]).parent / "trials.json").read_text())
+    (row,) = [r for r in rows if r["trial_id"] == summary["best_trial"]]
+    assert row["best_step"] == summary["best_step"] and row["cider"] == pytest.approx(top)
+    checkpoint = Path(row["checkpoint"])
+    assert json.loads((checkpoint / "train_state.json").read_text())["step"] == row["best_step"]
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        source.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
+    for r in rows:  # a trial ASHA stopped early keeps its best checkpoint
+        if r["state"] == "stopped early":
+            assert r["checkpoint"] and Path(r["checkpoint"]).is_dir() and r["best_step"] <= r["steps"]
     states = {r.data.tags["trial_state"] for r in children}
     assert states <= {"completed", "stopped early", "failed"} and "completed" in states
     report = Path(summary["report"])
     assert report.is_file() and (report.parent / "cider_vs_lr.png").is_file()
-    rows = json.loads((report.parent / "trials.json").read_text())
     assert max(r["cider"] or 0 for r in rows) == pytest.approx(summary["best_cider"])
     _check_final_task(summary, client, demo_root)
 

@@ -173,12 +173,15 @@ LORA_GAIN = 3.0
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_zero2(watched_demo_run, tracking_uri, demo_root, demo_settings, demo_base_model):
+def test_demo_end_to_end_zero2(
+    watched_demo_run, tracking_uri, demo_root, demo_settings, demo_base_model, tmp_path
+):
     """The default demo (ZeRO-2, 2 workers, grouped by image; the tutorial's layout takes the same
     optimizer steps, test_one_step_image_once_equals_tutorial_layout): LoRA adds at least LORA_GAIN
     CIDEr to the base at every validation (the base captions in style A, ~2; a model that has not
-    learned style B stays there), adapter == trained weights, and the MLflow store holds params, a
-    loss curve, eval CIDEr and the adapter."""
+    learned style B stays there); the adapter is the best validated checkpoint (== its trained weights,
+    and raylora.evaluate scores it as logged); the MLflow store holds params, a loss curve, eval CIDEr,
+    the selection and the adapter."""
     from mlflow.tracking import MlflowClient
     from peft import PeftModel
 
@@ -202,8 +205,26 @@ def test_demo_end_to_end_zero2(watched_demo_run, tracking_uri, demo_root, demo_s
     )
     base_cider = cider(gts, {i.image_id: [c] for i, c in zip(items, caps)})
     client = MlflowClient(tracking_uri)
-    curve = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "val_cider")]
+    history = client.get_metric_history(summary["mlflow_run_id"], "val_cider")
+    curve = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(curve) == 3 and min(curve) >= base_cider + LORA_GAIN, (curve, base_cider)
+
+    # the adapter is the checkpoint with the highest val CIDEr (validated asynchronously, logged at its
+    # step), and raylora.evaluate of it on the same validation images gives that CIDEr
+    best = max(sorted(history, key=lambda m: m.step), key=lambda m: m.value)
+    assert summary["selected"] == {"by": "best", "step": best.step, "val_cider": pytest.approx(best.value)}
+    assert summary["val_cider"] == pytest.approx(best.value)
+    assert summary["evaluations"] == [
+        [m.step, pytest.approx(m.value)] for m in sorted(history, key=lambda m: m.step)
+    ]
+    assert json.loads((Path(summary["checkpoint"]) / "train_state.json").read_text())["step"] == best.step
+    from raylora.evaluate import main as evaluate_main
+
+    evaluated = tmp_path / "eval_val"
+    argv = ["--config", "demo", "--model", str(Path(cfg.output_dir) / "adapter"), "--split", "val"]
+    assert evaluate_main([*argv, "--limit", "64", "--no-mlflow", "--output", str(evaluated)]) == 0
+    scores = json.loads((evaluated / "metrics.json").read_text())
+    assert scores["CIDEr"] == pytest.approx(best.value, abs=1e-6), (scores["CIDEr"], best.step, best.value)
 
     # the exported adapter gives the trained model's logits
     out = Path(cfg.output_dir)
@@ -233,12 +254,45 @@ def test_demo_end_to_end_zero2(watched_demo_run, tracking_uri, demo_root, demo_s
     assert r.info.status == "FINISHED"
     assert r.data.params["lora.rank"] == "16" and r.data.params["train.zero_stage"] == "2"
     assert len(client.get_metric_history(r.info.run_id, "loss")) >= 10
-    assert client.get_metric_history(r.info.run_id, "val_cider")[-1].value == pytest.approx(
-        summary["val_cider"]
+    assert metrics["selected"]["step"] == best.step and r.data.tags["selected_step"] == str(best.step)
+    assert client.get_metric_history(r.info.run_id, "selected_val_cider")[-1].value == pytest.approx(
+        best.value
     )
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
     assert r.data.tags["base_model"] == str(demo_root / "base") and "git_commit" in r.data.tags
+
+
+def test_early_stop_on_a_plateau_without_ray(tracking_uri, tmp_path, capsys):
+    """train.early_stop_patience=2, with a learning rate too small to change a caption: every
+    validation scores the same, so the run stops two evaluations after its first (inline validation:
+    at that step); the adapter is the first validated checkpoint; the run records the stop, and the
+    same command again finds it finished."""
+    from mlflow.tracking import MlflowClient
+
+    from raylora.train import main
+
+    argv = ["--no-ray", "--config", "demo", "--output", str(tmp_path / "out")]
+    argv += [f"cluster.storage_path={tmp_path / 'runs'}", "train.max_steps=12", "train.lr=1e-12"]
+    argv += ["eval.every_n_steps=2", "train.checkpoint_every_n_steps=2", "data.val_size=8"]
+    argv += ["train.early_stop_patience=2", "train.log_every_n_steps=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[train] early stop at step 6: no better val CIDEr in 2 evaluations after step 2" in out, out
+    assert "[train] step 8/12" not in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["selected"]["step"] == 2
+    assert metrics["early_stop"] == {
+        "step": 6,
+        "best_step": 2,
+        "best_val_cider": pytest.approx(metrics["val_cider"]),
+        "patience": 2,
+    }
+    assert [s for s, _ in metrics["evaluations"]] == [2, 4, 6]
+    run = MlflowClient(tracking_uri).get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["early_stopped_at_step"] == "6" and run.data.tags["selected_step"] == "2"
+    assert main(argv) == 0
+    assert "already finished (6 steps)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
