@@ -44,7 +44,7 @@ from raylora.console import run_command
 from raylora.files import absolute, is_remote, redact
 from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
-from raylora.runs import best_checkpoint
+from raylora.runs import best_checkpoint, validations
 from raylora.sources import complete_adapter_dir
 from raylora.train import async_validation, build_trainer, check_paths, make_job, prepare_data
 from raylora.train import run as train_run
@@ -231,8 +231,9 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
     its step (``step``, ``total_steps``, ``val_cider``): ASHA's rung decisions wait for the rung's
     score, while training goes on.
 
-    A trial whose run already ended (a sweep driver killed after the trial's final checkpoint)
-    reports its best validation instead of training again.
+    A resumed trial (a sweep driver killed mid-trial) first reports the validations its run folder
+    holds (Tune may not have received the last one); a trial whose run already ended reports them
+    and does not train again.
     """
     import threading
 
@@ -244,10 +245,9 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
     run_dir = f"{sweep.storage}/trials/{trial_id}"
     run_id = trial_mlflow_run(sweep, cfg, trial_id, params, run_dir)
     job = make_job(cfg, sweep.model_dir, sweep.records, run_dir, sweep.validation, sweep.tracking_uri, run_id)
+    for step, cider in validations(run_dir) if job.start_step else []:
+        tune.report({"step": step, "total_steps": job.plan.total_steps, METRIC: cider})
     if job.finished:
-        best = best_checkpoint(run_dir, cfg.cluster.num_workers)
-        if best is not None:
-            tune.report({"step": best.step, "total_steps": job.plan.total_steps, METRIC: best.val_cider})
         return
     job.scores = Queue(actor_options={"num_cpus": 0})
     failure: list[BaseException] = []

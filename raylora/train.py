@@ -1049,12 +1049,28 @@ def run_local(cfg: Config, output_dir: str | Path | None = None) -> dict[str, An
     ``cluster.num_workers`` is the launcher's world size. Returns the summary on rank 0, None on the
     others.
     """
+    if "RANK" in os.environ:  # a launcher's process
+        return run_rank(cfg, output_dir)
+    # one plain process: a world of one, for this call only (a later one picks its own port)
+    world = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    world["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+    before = {k: os.environ.get(k) for k in world}
+    os.environ.update(world)
+    try:
+        return run_rank(cfg, output_dir)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_rank(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """:func:`run_local` in one rank's process (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT`` set)."""
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:  # one plain process: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     output_dir = Path(output_dir or cfg.output_dir)
     runtime = LocalRuntime(cfg.cluster.use_gpu)
     if cfg.cluster.num_workers != runtime.world:
@@ -1089,8 +1105,8 @@ def run_local(cfg: Config, output_dir: str | Path | None = None) -> dict[str, An
                 return None
             seconds = 0.0 if job.finished else time.time() - t0
             return finish(job, output_dir, prepared, exp_id, seconds)
-    finally:
-        dist.destroy_process_group()
+    finally:  # DeepSpeed's: it also drops the process groups it cached (another run in this process)
+        deepspeed.comm.destroy_process_group()
 
 
 def plan_local(cfg: Config, output_dir: Path) -> tuple[TrainJob, Prepared, str | None]:

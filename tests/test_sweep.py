@@ -187,6 +187,7 @@ def test_sweep_resume_continues_the_interrupted_trial(ray_cluster, tracking_uri,
     # base schedule 20 steps, trials truncated to TRIAL_STEPS; the final training and merge at the end
     overrides = _sweep_overrides(tmp_path) + [
         "sweep.max_concurrent=1",
+        "sweep.grace_period=2",  # no rung before a trial's last step: the interrupted trial runs on
         "train.trace_data=true",
         "train.max_steps=20",
         "sweep.final_train=true",

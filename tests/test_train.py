@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -276,7 +277,11 @@ def test_early_stop_on_a_plateau_without_ray(tracking_uri, tmp_path, capsys):
     argv += [f"cluster.storage_path={tmp_path / 'runs'}", "train.max_steps=12", "train.lr=1e-12"]
     argv += ["eval.every_n_steps=2", "train.checkpoint_every_n_steps=2", "data.val_size=8"]
     argv += ["train.early_stop_patience=2", "train.log_every_n_steps=2"]
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in launcher}
     assert main(argv) == 0
+    # a run in this process leaves no world behind (processes it starts later would all take its port)
+    assert {k: os.environ.get(k) for k in launcher} == before
     out = capsys.readouterr().out
     assert "[train] early stop at step 6: no better val CIDEr in 2 evaluations after step 2" in out, out
     assert "[train] step 8/12" not in out
