@@ -68,6 +68,7 @@ from raylora.validation import (
     Scored,
     ValidationSet,
     eval_line,
+    reported_metrics,
     score_captions,
     validation_actor,
     validation_set,
@@ -174,13 +175,13 @@ class RayTrainRuntime:
     def report(self, job: TrainJob, metrics: dict[str, Any], directory: str, validate: bool) -> None:
         """Rank 0's train_state.json, then every rank's files to Ray Train's checkpoint; ``validate``:
         Ray Train's asynchronous validation scores it. Ray keeps the ``train.num_to_keep`` best by
-        :data:`SCORE` (the val CIDEr, -inf until validated) and always the latest."""
+        :data:`SCORE` (the val CIDEr; UNSCORED until validated) and always the latest."""
         import ray.train
 
         if self.rank == 0:
             Path(directory, "train_state.json").write_text(json.dumps(metrics))
         ray.train.report(
-            {**metrics, SCORE: metrics.get("val_cider", float("-inf"))},
+            reported_metrics(metrics),
             checkpoint=ray.train.Checkpoint.from_directory(directory),
             validation=validate,
         )

@@ -37,7 +37,15 @@ from raylora.generation import GenerationSettings, generate_captions
 from raylora.metrics import cider
 from raylora.sources import ModelSource, image_settings, load_model
 
-SCORE = "score"  # Ray Train's checkpoint score: the val CIDEr once validated, -inf before
+SCORE = "score"  # Ray Train's checkpoint score: the val CIDEr once validated, UNSCORED before
+# below every CIDEr (>= 0), and plain JSON: Ray keeps its checkpoint state as JSON, where -inf becomes
+# null, which its ranking of the restored checkpoints cannot compare (a resumed run failed on it)
+UNSCORED = -1.0
+
+
+def reported_metrics(state: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a checkpoint is reported to Ray Train with: its train state and its score."""
+    return {**state, SCORE: state.get("val_cider", UNSCORED)}
 
 
 @dataclass(frozen=True)

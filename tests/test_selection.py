@@ -102,3 +102,14 @@ def test_selection_and_early_stop_keys_are_checked():
     assert cfg.train.early_stop_patience == 0 and cfg.eval.validation == "inline"
     recipe = load_config("internvl2_2b_coco", ["eval.validation=async"])
     assert (recipe.eval.validation_gpus, recipe.eval.validation_cpus) == (1, 1)
+
+
+def test_the_reported_score_survives_rays_json_state():
+    """The CI report: a rerun after a driver kill failed in Ray Train's controller ("unsupported operand
+    type(s) for *: 'float' and 'NoneType'"): an unvalidated checkpoint was reported with score -inf,
+    which Ray's checkpoint state (JSON) restores as null. The score is plain JSON, below any CIDEr."""
+    from raylora.validation import SCORE, reported_metrics
+
+    unscored = reported_metrics({"step": 4, "total_steps": 12, "loss": 4.2})
+    assert json.loads(json.dumps(unscored, allow_nan=False)) == unscored
+    assert unscored[SCORE] < 0 <= reported_metrics({"step": 8, "val_cider": 0.0})[SCORE]
