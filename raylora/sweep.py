@@ -298,6 +298,11 @@ def build_tuner(sweep: Sweep, trials: int, concurrency: int, restore: bool) -> A
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
+        if not console.verbose():  # Optuna's "A new study created in memory ..." INFO line
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+
         searcher = ConcurrencyLimiter(
             OptunaSearch(metric=METRIC, mode="max", points_to_evaluate=first, seed=cfg.train.seed),
             max_concurrent=concurrency,
