@@ -742,7 +742,7 @@ def open_parent_run(cfg: Config, storage: str, name: str, trials: int, resume: b
 
 
 def close_trial_runs(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
-    """Each trial's child run gets its final state (tag and status) and final CIDEr."""
+    """Each trial's child run gets its final state (tag and status) and its best CIDEr (at its step)."""
     c = tracking.client(sweep.tracking_uri)
     for row in rows:
         marker = Path(sweep.storage) / "trials" / row["trial_id"] / "mlflow_run_id"
