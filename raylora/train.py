@@ -70,6 +70,7 @@ from raylora.validation import (
     eval_line,
     reported_metrics,
     score_captions,
+    start_validator,
     validation_actor,
     validation_set,
 )
@@ -634,12 +635,16 @@ def scored(job: TrainJob, run_name: str | None = None) -> Scored:
     )
 
 
-def async_validation(job: TrainJob) -> Any:
+def validates_async(cfg: Config, validation: ValidationSet | None) -> bool:
+    return validation is not None and cfg.eval.validation == "async"
+
+
+def async_validation(job: TrainJob, validator: Any = None) -> Any:
     """A context giving the ValidationConfig of a job whose validation is asynchronous (its
-    validator actor runs while the context is open), else None."""
-    if job.validation is None or job.cfg.eval.validation != "async":
+    validator actor, ``validator`` if started already, runs while the context is open), else None."""
+    if not validates_async(job.cfg, job.validation):
         return nullcontext(None)
-    return validation_actor(job.validation, job.model_dir, job.cfg, scored(job, job.run_name))
+    return validation_actor(job.validation, job.model_dir, job.cfg, scored(job, job.run_name), validator)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -892,8 +897,28 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     runs.check_claim(run_dir, identity)  # another config's run is never resumed
     init_ray(cfg)
     preflight(cfg, absolute(cfg.cluster.storage_path), tracking.tracking_uri(cfg))
-    prepared = prepare_data(cfg, model_dir, output_dir)
     validation = validation_set(cfg, model_dir)
+    validator = start_validator(validation, str(model_dir), cfg) if validates_async(cfg, validation) else None
+    try:
+        return prepare_and_fit(cfg, model_dir, output_dir, run_dir, identity, validation, validator)
+    finally:
+        if validator is not None:
+            ray.kill(validator)
+
+
+def prepare_and_fit(
+    cfg: Config,
+    model_dir: Path,
+    output_dir: Path,
+    run_dir: str,
+    identity: dict[str, Any],
+    validation: ValidationSet | None,
+    validator: Any,
+) -> dict[str, Any]:
+    """:func:`run` from the data check on."""
+    import ray
+
+    prepared = prepare_data(cfg, model_dir, output_dir)
     job = make_job(cfg, model_dir, ray.put(prepared.table), run_dir, validation, identity=identity)
     output_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run writes nothing
     console.log_errors_to(output_dir)
@@ -902,14 +927,16 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     job.tracking_uri, job.mlflow_run_id = uri, run_id
     print(f"[mlflow] {tracking.run_url(uri, exp_id, run_id)}", flush=True)
     with tracking.ends_on_error(run_id, uri):
-        return fit(job, output_dir, prepared, exp_id)
+        return fit(job, output_dir, prepared, exp_id, validator)
 
 
 def finished_line(job: TrainJob) -> str:
     return f"[train] {redact(job.run_dir)} already finished ({job.start_step} steps); writing its outputs"
 
 
-def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dict[str, Any]:
+def fit(
+    job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str, validator: Any = None
+) -> dict[str, Any]:
     """Run the job's TorchTrainer (or, for a finished run, only write its outputs)."""
 
     cfg, plan = job.cfg, job.plan
@@ -927,7 +954,7 @@ def fit(job: TrainJob, output_dir: Path, prepared: Prepared, exp_id: str) -> dic
     with console.step_progress(plan.total_steps) as channel:
         job.progress = channel.queue
         notice = worker_failure_notice(channel.queue, cfg.cluster.max_failures)
-        with async_validation(job) as validation:
+        with async_validation(job, validator) as validation:
             result = build_trainer(job, [notice], validation).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see the logs under {redact(job.run_dir)}")

@@ -167,7 +167,6 @@ class Validator:
         e: EvalConfig,
         dtype: str,
         use_gpu: bool,
-        scored: Scored,
     ):
         import peft  # noqa: F401  (loaded now, off the training path)
         import torch  # noqa: F401
@@ -180,19 +179,18 @@ class Validator:
             dtype,
             use_gpu,
         )
-        self.scored = scored
         self.decoding = GenerationSettings.from_config(e).decoding
         validation.settings.conversation_tokenizer()
 
-    def validate(self, checkpoint: Any) -> dict[str, float]:
-        """Score a Ray Train checkpoint's adapter; publish the score (:class:`Scored`)."""
+    def validate(self, checkpoint: Any, scored: Scored) -> dict[str, float]:
+        """Score a Ray Train checkpoint's adapter; publish the score (``scored``)."""
         t0 = time.time()
         with checkpoint.as_directory() as d:
             step = int(json.loads(Path(d, "train_state.json").read_text())["step"])
             metrics = score_adapter(
                 Path(d, "adapter"), self.model_dir, self.validation, self.eval, self.dtype, self.use_gpu
             )
-        self.scored.publish(step, metrics, eval_line(step, metrics, self.decoding, time.time() - t0))
+        scored.publish(step, metrics, eval_line(step, metrics, self.decoding, time.time() - t0))
         return metrics
 
 
@@ -203,28 +201,41 @@ class CheckpointValidator:
     metrics Ray merges into the checkpoint's (its score included)."""
 
     actor: Any
+    scored: Scored
 
     def __call__(self, checkpoint: Any) -> dict[str, float]:
         import ray
 
-        metrics = ray.get(self.actor.validate.remote(checkpoint))
+        metrics = ray.get(self.actor.validate.remote(checkpoint, self.scored))
         return {**metrics, SCORE: metrics["val_cider"]}
 
 
+def start_validator(validation: ValidationSet, model_dir: str, cfg: Config) -> Any:
+    """The run's :class:`Validator` actor, started now: as early as the driver knows the validation
+    set, so its imports overlap the data check and the workers' start."""
+    import ray
+
+    e = cfg.eval
+    return (
+        ray.remote(Validator)
+        .options(num_cpus=e.validation_cpus, num_gpus=e.validation_gpus)
+        .remote(validation, model_dir, e, cfg.model.dtype, cfg.cluster.use_gpu)
+    )
+
+
 @contextmanager
-def validation_actor(validation: ValidationSet, model_dir: str, cfg: Config, scored: Scored) -> Iterator[Any]:
+def validation_actor(
+    validation: ValidationSet, model_dir: str, cfg: Config, scored: Scored, actor: Any = None
+) -> Iterator[Any]:
     """Ray Train's ValidationConfig for a run whose validation is asynchronous: the run's
-    :class:`Validator` actor, started now and stopped on exit."""
+    :class:`Validator` (``actor``, or one started now), stopped on exit."""
     import ray
     import ray.train
 
-    e = cfg.eval
-    actor = (
-        ray.remote(Validator)
-        .options(num_cpus=e.validation_cpus, num_gpus=e.validation_gpus)
-        .remote(validation, model_dir, e, cfg.model.dtype, cfg.cluster.use_gpu, scored)
-    )
+    actor = actor or start_validator(validation, model_dir, cfg)
     try:
-        yield ray.train.ValidationConfig(fn=CheckpointValidator(actor), ray_remote_kwargs={"num_cpus": 0})
+        yield ray.train.ValidationConfig(
+            fn=CheckpointValidator(actor, scored), ray_remote_kwargs={"num_cpus": 0}
+        )
     finally:
         ray.kill(actor)
