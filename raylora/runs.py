@@ -127,7 +127,7 @@ def checkpoints(directory: str, world_size: int) -> list[CheckpointInfo]:
     by its files rather than by Ray's bookkeeping.
     """
     try:
-        fs, base = pafs.FileSystem.from_uri(directory if is_remote(directory) else absolute(directory))
+        fs, base = _filesystem(directory)
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
     except (OSError, ValueError):
         return []
@@ -138,8 +138,7 @@ def checkpoints(directory: str, world_size: int) -> list[CheckpointInfo]:
             continue
         try:
             with fs.open_input_stream(f"{info.path}/train_state.json") as f:
-                state = json.loads(f.read())
-            step = int(state["step"])
+                step = int(json.loads(f.read())["step"])
             files = [
                 i.base_name
                 for i in fs.get_file_info(pafs.FileSelector(f"{info.path}/ds/ds", allow_not_found=True))
@@ -160,20 +159,24 @@ def latest_checkpoint(directory: str, world_size: int) -> tuple[int, str | None]
     return (found[-1].step, found[-1].path) if found else (0, None)
 
 
-def best_checkpoint(directory: str, world_size: int) -> CheckpointInfo | None:
+def best_of(found: list[CheckpointInfo]) -> CheckpointInfo | None:
     """The validated checkpoint with the highest val CIDEr (the earliest of equal ones); None if
-    no checkpoint was validated."""
-    scored = [c for c in checkpoints(directory, world_size) if c.val_cider is not None]
+    none was validated."""
+    scored = [c for c in found if c.val_cider is not None]
     return max(scored, key=lambda c: (c.val_cider, -c.step)) if scored else None
 
 
-def select_checkpoint(directory: str, world_size: int, select: str) -> CheckpointInfo | None:
-    """``train.select``: the best validated checkpoint (the latest when none was validated), or the latest."""
-    found = checkpoints(directory, world_size)
+def best_checkpoint(directory: str, world_size: int) -> CheckpointInfo | None:
+    """:func:`best_of` the run's complete checkpoints."""
+    return best_of(checkpoints(directory, world_size))
+
+
+def choose(found: list[CheckpointInfo], select: str) -> CheckpointInfo | None:
+    """``train.select`` among ``found`` (by step): the best validated checkpoint (the latest when none
+    was validated), or the latest; None if there is none."""
     if not found:
         return None
-    best = best_checkpoint(directory, world_size) if select == "best" else None
-    return best or found[-1]
+    return (best_of(found) if select == "best" else None) or found[-1]
 
 
 def record_validation(directory: str, step: int, metrics: dict[str, Any]) -> None:
@@ -184,7 +187,7 @@ def record_validation(directory: str, step: int, metrics: dict[str, Any]) -> Non
 def validations(directory: str) -> list[tuple[int, float]]:
     """(step, val CIDEr) of every validation of the run, by step."""
     try:
-        fs, base = pafs.FileSystem.from_uri(directory if is_remote(directory) else absolute(directory))
+        fs, base = _filesystem(directory)
         infos = fs.get_file_info(pafs.FileSelector(f"{base}/{VALIDATIONS}", allow_not_found=True))
     except (OSError, ValueError):
         return []
@@ -199,6 +202,10 @@ def validations(directory: str) -> list[tuple[int, float]]:
         except (OSError, KeyError, ValueError):
             continue
     return sorted(found)
+
+
+def _filesystem(directory: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(directory if is_remote(directory) else absolute(directory))
 
 
 def plateau(scores: list[tuple[int, float]], patience: int) -> dict[str, Any] | None:

@@ -5,8 +5,8 @@
     python -m raylora.sweep --resume                          # continue an interrupted sweep
 
 Each trial builds and fits the same TorchTrainer as ``raylora.train`` (Train V2 pattern). Each
-validation score of the trial (asynchronous, while it trains on) reaches Tune as a result at the
-validated checkpoint's step, from the trial's score channel; ASHA stops weak trials at its rungs on
+validation score of the trial reaches Tune, while the trial trains on, as a result at the validated
+checkpoint's step, from the trial's score channel; ASHA stops weak trials at its rungs on
 the rung's score. A trial is scored by its best validation, and the champion is the best checkpoint
 of the best trial: that checkpoint's adapter is registered (its step a tag) as a new version of the
 registered model, and its ``champion`` alias moves only if it beats the current champion. The search

@@ -982,8 +982,7 @@ def finish(
     found = runs.checkpoints(job.run_dir, cfg.cluster.num_workers)
     if not found:
         raise RuntimeError(f"training ended without a checkpoint under {redact(job.run_dir)}")
-    latest = found[-1]
-    chosen = runs.select_checkpoint(job.run_dir, cfg.cluster.num_workers, cfg.train.select) or latest
+    latest, chosen = found[-1], runs.choose(found, cfg.train.select)
     per_step = job.plan.microbatches_per_step
     samples = resolve(job.planned).column("samples").to_numpy()  # records (captions) per micro-batch
     with checkpoint_directory(latest.path) as d:
@@ -1016,7 +1015,7 @@ def finish(
     mlflow_text = log_outputs(job, output_dir, summary, exp_id) if run_id else ""
     print(
         f"[done] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {seconds:.0f}s; "
-        f"adapter: {output_dir / 'adapter'} ({selection_text(chosen, latest, evaluations, cfg.train.select)})"
+        f"adapter: {output_dir / 'adapter'} ({selection_text(chosen, evaluations, cfg.train.select)})"
         f"{mlflow_text}",
         flush=True,
     )
@@ -1043,9 +1042,7 @@ def log_outputs(job: TrainJob, output_dir: Path, summary: dict[str, Any], exp_id
     return f"; MLflow {tracking.run_url(uri, exp_id, run_id)}"
 
 
-def selection_text(
-    chosen: runs.CheckpointInfo, latest: runs.CheckpointInfo, evaluations: list, select: str
-) -> str:
+def selection_text(chosen: runs.CheckpointInfo, evaluations: list, select: str) -> str:
     """Which checkpoint the adapter is, for the summary line."""
     if chosen.val_cider is None:
         return f"step {chosen.step}, not validated"

@@ -3,19 +3,20 @@ with CIDEr (the objective of run selection, sweeps and early stopping).
 
 Where it runs is ``eval.validation``:
 
-- ``async`` (Ray Train, the default): Ray Train's asynchronous validation (``ray.train.ValidationConfig``,
-  alpha in Ray 2.60). Each checkpoint the recipe reports with ``validation=True`` is captioned by a Ray
-  task with ``eval.validation_cpus`` / ``eval.validation_gpus`` of its own while training goes on
-  (Ray runs one at a time, in report order). The task loads the base model with the checkpoint's
-  adapter merged, exactly as ``python -m raylora.evaluate`` loads an adapter, so evaluating the
-  selected adapter on the same images gives the CIDEr logged at its step.
-- ``inline`` (and always without Ray): the training ranks caption their share of the validation set
-  with the live model at the step (the recipe's ``evaluate``); training waits.
+- ``inline`` (the default, and always without Ray): the training ranks caption their share of the
+  validation set with the live model at the step (the recipe's ``evaluate``); training waits.
+- ``async`` (Ray Train): Ray Train's asynchronous validation (``ray.train.ValidationConfig``, alpha in
+  Ray 2.60). The run's :class:`Validator` actor, with ``eval.validation_cpus`` / ``eval.validation_gpus``
+  of its own, captions each checkpoint the recipe reports with ``validation=True`` while training goes
+  on (Ray hands them over one at a time, in report order). It loads the base model with the
+  checkpoint's adapter merged, exactly as ``python -m raylora.evaluate`` loads an adapter, so
+  evaluating the selected adapter on the same images gives the CIDEr logged at its step.
 
-Either way the score lands in the checkpoint's folder (:func:`raylora.runs.record_validation` or its
-``train_state.json``), where the run's selection (:func:`raylora.runs.best_checkpoint`) and early
-stopping (:func:`raylora.runs.check_early_stop`) read it; in MLflow at its step; on the console; and,
-in a sweep trial, on the trial's score channel to Tune (ASHA decides at a rung on the rung's score).
+Either way :meth:`Scored.publish` records the score in the run folder
+(:func:`raylora.runs.record_validation`), where the run's selection (:func:`raylora.runs.best_checkpoint`)
+and early stopping (:func:`raylora.runs.check_early_stop`) read it; in MLflow at its step; on the
+console; and, in a sweep trial, on the trial's score channel to Tune (ASHA decides at a rung on the
+rung's score).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ class Scored:
     progress: Any = None  # the driver's console queue (None: printed when ``echo``, else not shown)
     scores: Any = None  # a sweep trial's score channel (a Ray queue), None outside sweeps
     echo: bool = False  # print the line (rank 0 without Ray)
+    gauges: Any = field(default=None, init=False, repr=False)  # the Ray gauges, made at the first score
 
     def publish(self, step: int, metrics: dict[str, float], line: str) -> dict[str, Any] | None:
         """Record a checkpoint's score in the run folder, log, show and forward it; returns the
@@ -141,9 +143,9 @@ class Scored:
         if self.run_name is not None:
             from raylora.monitoring import TrainMetrics
 
-            if "_gauges" not in self.__dict__:
-                self._gauges = TrainMetrics(self.run_name)
-            self._gauges.record(metrics)
+            if self.gauges is None:
+                self.gauges = TrainMetrics(self.run_name)
+            self.gauges.record(metrics)
         if self.progress is not None:
             send(self.progress, {"line": line})
         elif self.echo:
@@ -156,8 +158,9 @@ class Scored:
 
 class Validator:
     """The validation actor of a run (``eval.validation_cpus`` / ``eval.validation_gpus``): started
-    with the run, it imports the libraries and builds the tokenizer while the trainer starts, so
-    the first checkpoint's validation does not pay for them; then it scores each checkpoint it is
+    as early as the validation set is known, it imports the libraries and builds the tokenizer while
+    the data is checked and the trainer starts, so the first checkpoint's validation does not pay for
+    them; then it scores each checkpoint it is
     handed (:meth:`validate`), one at a time."""
 
     def __init__(

@@ -37,9 +37,9 @@ def test_the_best_validated_checkpoint_is_selected(tmp_path):
     starts from the latest."""
     run = _run(tmp_path, {50: 6.79, 100: 6.01, 150: 6.02})
     assert load_config("demo").train.select == "best"
-    best = runs.select_checkpoint(str(run), 1, "best")
+    best = runs.choose(runs.checkpoints(str(run), 1), "best")
     assert (best.step, best.val_cider) == (50, 6.79) and best.path.endswith("checkpoint_step_0000050")
-    assert runs.select_checkpoint(str(run), 1, "last").step == 150
+    assert runs.choose(runs.checkpoints(str(run), 1), "last").step == 150
     assert runs.latest_checkpoint(str(run), 1)[0] == 150
     assert runs.validations(str(run)) == [(50, 6.79), (100, 6.01), (150, 6.02)]
 
@@ -51,7 +51,7 @@ def test_ties_unscored_and_incomplete_checkpoints(tmp_path):
     # no validation at all: best falls back to the latest
     bare = _run(tmp_path / "bare", {10: None, 20: None})
     assert runs.best_checkpoint(str(bare), 1) is None
-    assert runs.select_checkpoint(str(bare), 1, "best").step == 20
+    assert runs.choose(runs.checkpoints(str(bare), 1), "best").step == 20
     # a checkpoint missing a rank's shard (cut by a crash) is not complete, scored or not
     two = _run(tmp_path / "two", {10: 1.0}, world=2)
     cut = _checkpoint(two, 20, world=1)
