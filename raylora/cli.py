@@ -10,7 +10,7 @@ from pathlib import Path
 from raylora import demo
 from raylora.config import Config, ConfigError, load_config
 from raylora.console import add_verbose_flag
-from raylora.data.templates import TEMPLATES
+from raylora.families import AUTO, named_templates
 
 DEMO = "demo"  # model.path / data.train / --model value that selects the built-in demo assets
 RECIPE_CONFIG = "internvl2_2b_coco"
@@ -79,8 +79,9 @@ def model_spec(spec: str) -> str:
 def load(name: str | Path, overrides: list[str] | None = None) -> Config:
     """A config as the commands use it: loaded, template checked, ``demo`` expanded."""
     cfg = load_config(name, overrides)
-    if cfg.model.template not in TEMPLATES:
-        raise ConfigError(f"model.template {cfg.model.template!r} unknown; valid: {', '.join(TEMPLATES)}")
+    known = named_templates()
+    if cfg.model.template not in (AUTO, *known):
+        raise ConfigError(f"model.template {cfg.model.template!r} unknown; valid: auto, {', '.join(known)}")
     return expand_demo(cfg)
 
 

@@ -32,8 +32,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "pretrained/InternVL2-2B"  # native or original InternVL checkpoint dir, or "demo"
-    template: str = "internlm2-chat"  # internlm2-chat | Hermes-2 | phi3-chat | internvl2_5
-    system_message: str | None = None  # None: the template's default (same in training and eval)
+    template: str = "auto"  # auto: the checkpoint's own | internlm2-chat | Hermes-2 | phi3-chat | internvl2_5
+    system_message: str | None = (
+        "auto"  # auto (or null): the checkpoint's record, else the template's default
+    )
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     attn_implementation: str = (
         "auto"  # auto (flash_attention_2 if available on GPU, else sdpa) | sdpa | eager
@@ -53,10 +55,12 @@ class DataConfig:
     test: str = "data/coco/annotations/coco_karpathy_test.json"  # what raylora.evaluate scores by default
     test_gt: str = "data/coco/annotations/coco_karpathy_test_gt.json"
     test_root: str = "data/coco"
-    image_size: int = 448  # tile side in pixels
-    min_num: int = 1
+    image_size: int | None = None  # tiling families: the tile side in pixels (None: the checkpoint's)
+    min_num: int = 1  # tiling families (InternVL): tiles per image
     max_num: int = 6
     use_thumbnail: bool = True
+    min_pixels: int | None = None  # pixel-bounded families (Qwen-VL): bounds of the resized image, which
+    max_pixels: int | None = None  # bound its image tokens (pixels / 28^2); None: the checkpoint's
     strict: bool = False  # fail at the first bad row instead of rejecting it
     # Image-once training: the rows sharing an image and prompt (COCO: an image and its 5 captions)
     # become one sequence, the image prefix computed once; the batch sizes then count images.
@@ -455,7 +459,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.init {lo.init!r} unknown; valid: {', '.join(LORA_INITS)}")
     check(m.max_seq_length >= 16, "model.max_seq_length", ">= 16 tokens")
     check(m.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "auto, bf16, fp16 or fp32")
-    check(d.image_size >= 14, "data.image_size", ">= 14 pixels")
+    check(d.image_size is None or d.image_size >= 14, "data.image_size", ">= 14 pixels (or null)")
+    check(d.min_pixels is None or d.min_pixels > 0, "data.min_pixels", "> 0 (or null)")
+    check(
+        d.max_pixels is None or d.max_pixels >= (d.min_pixels or 1),
+        "data.max_pixels",
+        ">= data.min_pixels (or null)",
+    )
     check(d.min_num >= 1, "data.min_num", ">= 1 tile")
     check(d.max_num >= d.min_num, "data.max_num", f">= data.min_num ({d.min_num})")
     check(d.max_packed_tokens >= 0, "data.max_packed_tokens", "0 (off) or > 0")

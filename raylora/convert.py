@@ -45,9 +45,9 @@ from typing import Any
 import torch
 
 from raylora.console import add_verbose_flag, run_command, verbose
-from raylora.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from raylora.families.internvl import LLM_FAMILIES
+from raylora.families.internvl.tiling import IMAGENET_MEAN, IMAGENET_STD
 from raylora.files import atomic_dir, cache_root, file_lock
-from raylora.model import LLM_FAMILIES
 
 logger = logging.getLogger(__name__)
 # transformers is imported inside the functions that build configs and models (seconds at start-up).
@@ -57,7 +57,7 @@ CONVERTER_VERSION = 2
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
-# llm_config["architectures"][0] -> LLM family (the per-family facts live in raylora.model.LLM_FAMILIES)
+# llm_config["architectures"][0] -> LLM family (the per-family facts live in raylora.families.internvl.LLM_FAMILIES)
 ARCHITECTURES = {family.architecture: name for name, family in LLM_FAMILIES.items()}
 # Defaults of the original InternLM2Config (InternLM's configuration_internlm2.py, the remote code of the
 # InternLM2 checkpoints), for an llm_config that leaves keys out. The other LLMs' original configs are

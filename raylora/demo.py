@@ -15,6 +15,7 @@ only for the tokenizer they were trained with (its fingerprint is recorded besid
 
     python -m raylora.demo            # build (or show) the cached assets
     python -m raylora.demo --rebuild --pretrain   # pre-train the base here instead of the shipped weights
+    python -m raylora.demo build --family qwen2_5_vl --out DIR   # a tiny random checkpoint of a family
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ from raylora.console import add_verbose_flag, run_command
 from raylora.data.pipeline import iter_microbatches
 from raylora.data.plan import make_plan, plan_microbatches
 from raylora.data.prepare import prepare
-from raylora.data.templates import get_template
+from raylora.families import named_templates, tiny_builders
 from raylora.files import atomic_dir, cache_root, file_lock
 from raylora.loss import forward_loss
-from raylora.model import internvl_image_processor, save_processor
 from raylora.sources import image_settings
 
 # torch, transformers and tokenizers are imported inside the builders: reading the cache stays fast.
@@ -49,6 +49,7 @@ IMAGE_SIZE = 112
 PROMPT = "Provide a one-sentence caption for the provided image."
 SYSTEM_MESSAGE = "You are a helpful assistant that describes images."
 TEMPLATE = "Hermes-2"
+DEMO_FAMILY = "internvl"  # the demo base's family (tiny_builders)
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -74,15 +75,7 @@ STYLE_B_SINGLE = (
     "you can see a {c1} {s1} in the middle",
 )
 SPLITS = {"base": 2000, "train": 1200, "val": 64, "test": 64}
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<video>",
-]
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # before the family's own tokens
 
 
 def demo_dir() -> Path:
@@ -201,17 +194,20 @@ def all_caption_text() -> list[str]:
     return words
 
 
-def build_tokenizer(out: Path):
-    """A byte-level BPE trained on the demo's text, with InternVL's special tokens and chat template."""
+def build_tokenizer(out: Path, family: str = DEMO_FAMILY, system_message: str | None = SYSTEM_MESSAGE):
+    """A byte-level BPE trained on the demo's text, with a family's special tokens and chat template
+    (``system_message`` its default system prompt; the demo base's tokenizer by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    builder = tiny_builders()[family]
+    template = demo_template() if family == DEMO_FAMILY else builder.template
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=CHATML_TOKENS + list(builder.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -222,53 +218,23 @@ def build_tokenizer(out: Path):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         bos_token=None,
-        extra_special_tokens={
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>",
-            "video_token": "<video>",
-        },
+        extra_special_tokens=dict(builder.extra),
     )
-    fast.chat_template = get_template(TEMPLATE).jinja(SYSTEM_MESSAGE)
+    fast.chat_template = (
+        builder.jinja
+        if builder.jinja and family != DEMO_FAMILY
+        else template.jinja(system_message, builder.image_item)
+    )
     fast.save_pretrained(out)
     return fast
 
 
+def demo_template():
+    """The demo base's chat template."""
+    return named_templates()[TEMPLATE]
+
+
 # ----------------------------------------------------------------------------------------- model
-
-
-def tiny_config(vocab_size: int, image_token_id: int, eos_token_id: int, pad_token_id: int):
-    """InternVL config at demo scale: 112 px tiles, 64-wide 2-layer ViT, 128-wide 2-layer Qwen2."""
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
-
-    vision = InternVLVisionConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        image_size=[IMAGE_SIZE, IMAGE_SIZE],
-        patch_size=[14, 14],
-    )
-    text = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-    return InternVLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        image_seq_length=(IMAGE_SIZE // 14) ** 2 // 4,
-        downsample_ratio=0.5,
-        tie_word_embeddings=False,
-    )
 
 
 def build_random_model(tokenizer_dir: Path, seed: int = 0):
@@ -279,15 +245,12 @@ def build_random_model(tokenizer_dir: Path, seed: int = 0):
     CPU instruction sets: the same seed gives the same bits on every machine.
     """
     import torch
-    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = tiny_config(
-        len(tok), tok.convert_tokens_to_ids("<IMG_CONTEXT>"), tok.eos_token_id, tok.pad_token_id
-    )
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(cfg)
-    init_weights(model, seed, layer_scale=cfg.vision_config.layer_scale_init_value)
+    model = tiny_builders()[DEMO_FAMILY].model(tok)
+    init_weights(model, seed, layer_scale=model.config.vision_config.layer_scale_init_value)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
@@ -320,19 +283,12 @@ def init_weights(model, seed: int, std: float = 0.02, layer_scale: float = 0.1) 
 
 
 def write_processor(out: Path, tokenizer_dir: Path) -> None:
-    """transformers' InternVL processor files for the demo (GotOcr2 tiling, 16 tokens per tile)."""
+    """transformers' processor files for the demo base (GotOcr2 tiling, 16 tokens per tile)."""
     from transformers import AutoTokenizer
 
-    image_processor = internvl_image_processor(IMAGE_SIZE, max_patches=6)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    save_processor(
-        out,
-        tok,
-        image_processor,
-        IMAGE_SIZE,
-        (IMAGE_SIZE // 14) ** 2 // 4,
-        get_template(TEMPLATE).jinja(SYSTEM_MESSAGE),
-    )
+    builder = tiny_builders()[DEMO_FAMILY]
+    builder.processor(out, tok, demo_template().jinja(SYSTEM_MESSAGE, builder.image_item))
 
 
 def pretrain_base(model, data_root: Path, model_dir: Path, steps: int, log=print) -> dict:
@@ -496,6 +452,34 @@ def save_model_dir(model, tokenizer_dir: Path, out: Path) -> None:
     (out / "raylora.json").write_text(json.dumps({"template": TEMPLATE, "system_message": SYSTEM_MESSAGE}))
 
 
+def build_checkpoint(family: str, out: Path, seed: int = 0, log=print) -> Path:
+    """A tiny random checkpoint of ``family``'s real shape (:func:`raylora.families.tiny_builders`) in
+    ``out``: weights from :func:`init_weights`, a BPE tokenizer trained on the demo's text with the
+    family's special tokens and chat template (its own default system prompt), the family's
+    transformers processor files. What the per-family CPU tests train, merge and serve."""
+    import torch
+    from transformers import AutoTokenizer
+
+    builders = tiny_builders()
+    if family not in builders:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(builders)}")
+    builder = builders[family]
+    with atomic_dir(Path(out), overwrite=True) as tmp:
+        build_tokenizer(tmp, family, system_message=None)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        torch.manual_seed(seed)
+        model = builder.model(tok)
+        init_weights(
+            model, seed, layer_scale=getattr(model.config.vision_config, "layer_scale_init_value", 0.1)
+        )
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp)
+        builder.processor(tmp, tok, tok.chat_template)
+    log(f"[demo] tiny {family} checkpoint written to {out}")
+    return Path(out)
+
+
 def data_paths(root: Path) -> dict[str, Path]:
     """The demo dataset of the demo dir ``root`` in data-config terms (``data.train``, ``data.root``, ...)."""
     data = root / "data"
@@ -511,7 +495,29 @@ def data_paths(root: Path) -> dict[str, Path]:
     }
 
 
+def build_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m raylora.demo build",
+        description="Build a tiny random checkpoint of a model family's real shape (narrow widths), with "
+        "an offline tokenizer carrying the family's special tokens and chat template: what the CPU tests "
+        "train, merge and serve.",
+    )
+    p.add_argument("--family", required=True, choices=sorted(tiny_builders()), help="the model family")
+    p.add_argument("--out", required=True, help="the checkpoint folder to write (replaced if it exists)")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    add_verbose_flag(p)
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        build_checkpoint(args.family, Path(args.out), args.seed)
+
+    return run_command(body, command="demo build", verbose_flag=args.verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build"]:
+        return build_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m raylora.demo",
         description=__doc__,

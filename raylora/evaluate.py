@@ -125,10 +125,9 @@ def caption_items(
 
 def protocol(gen: GenerationSettings, settings: ImageSettings) -> str:
     """The evaluation protocol in one line (the gallery's header)."""
-    tiles = f"{settings.min_num}..{settings.max_num} tiles of {settings.image_size} px"
     return (
         f'prompt "{gen.prompt}"; {gen.decoding}, {gen.min_new_tokens} to {gen.max_new_tokens} new tokens; '
-        f"{tiles}{' + thumbnail' if settings.use_thumbnail else ''}; template {settings.template}"
+        f"{settings.family.describe_images(settings)}; template {settings.template.name}"
     )
 
 
@@ -237,7 +236,7 @@ def evaluate(
     settings = eval_settings(spec, cfg)
     gen = GenerationSettings.from_config(cfg.eval)
     print(
-        f"[eval] {len(items)} images from {items_path} with {spec} ({settings.template}, batch {gen.batch_size}); "
+        f"[eval] {len(items)} images from {items_path} with {spec} ({settings.template.name}, batch {gen.batch_size}); "
         f"{gen.describe()}",
         flush=True,
     )
@@ -272,7 +271,7 @@ def evaluate(
         "images_per_s": len(items) / max(seconds, 1e-9),
         "model": spec,
         "split": items_path,
-        "generation": {**gen.protocol(), "max_num": settings.max_num, "template": settings.template},
+        "generation": {**gen.protocol(), "max_num": settings.max_num, "template": settings.template.name},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if log_mlflow:

@@ -12,7 +12,7 @@ import numpy as np
 from raylora.config import EvalConfig
 from raylora.data.pipeline import ImageSettings
 from raylora.data.templates import ConversationTokenizer
-from raylora.data.tiling import normalize
+from raylora.families import IMAGE_COLUMNS, family_of_model, image_columns
 
 # torch is imported inside the functions: modules that only build prompts do not pay for it.
 
@@ -66,9 +66,10 @@ def prompt_batch(
     paths: Sequence[str | BinaryIO],
     prompt: str,
 ) -> dict[str, np.ndarray]:
-    """Tiles + left-padded prompt ids for a list of images (paths or binary file objects, each read once)."""
-    tiles = [settings.tile(p) for p in paths]
-    ids = [conv_tok.encode_prompt(prompt, [len(t)]) for t in tiles]
+    """Pixels (and patch grids) + left-padded prompt ids for a list of images (paths or binary file
+    objects, each read once)."""
+    images = [settings.image_input(p) for p in paths]
+    ids = [conv_tok.encode_prompt(prompt, [im.units]) for im in images]
     pad = conv_tok.tokenizer.pad_token_id or 0
     width = max(len(i) for i in ids)
     input_ids = np.full((len(ids), width), pad, dtype=np.int64)
@@ -76,12 +77,7 @@ def prompt_batch(
     for row, seq in enumerate(ids):
         input_ids[row, width - len(seq) :] = seq
         mask[row, width - len(seq) :] = 1
-    return {
-        "pixel_values": np.concatenate(tiles, axis=0),
-        "num_tiles": np.asarray([len(t) for t in tiles]),
-        "input_ids": input_ids,
-        "attention_mask": mask,
-    }
+    return {**image_columns(images), "input_ids": input_ids, "attention_mask": mask}
 
 
 def generate_batch(
@@ -98,11 +94,13 @@ def generate_batch(
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     input_ids = torch.from_numpy(batch["input_ids"]).to(device)
+    images = {k: torch.from_numpy(np.asarray(batch[k])).to(device) for k in IMAGE_COLUMNS if k in batch}
+    images["input_ids"] = input_ids
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
-            pixel_values=normalize(torch.from_numpy(batch["pixel_values"]).to(device), dtype),
+            **family_of_model(model).model_inputs(images, dtype),
             do_sample=False,
             num_beams=gen.num_beams,
             min_new_tokens=gen.min_new_tokens,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raylora.data.tiling import normalize
+from raylora.families import Family, family_of_model
 
 # torch is imported inside the functions: the data side imports this package without needing it.
 
@@ -75,22 +75,26 @@ def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_loss(model: Any, batch: dict[str, Any], dtype: Any, backend: str = "sdpa") -> tuple[Any, int]:
+def forward_loss(
+    model: Any, batch: dict[str, Any], dtype: Any, backend: str = "sdpa", family: Family | None = None
+) -> tuple[Any, int]:
     """(sum of the label tokens' cross-entropies, number of label tokens) of one micro-batch.
 
     ``batch`` holds torch tensors on the model's device; ``backend`` is the text model's attention
-    implementation (it decides the mask's form).
+    implementation (it decides the mask's form); ``family`` the model's (read from its config when
+    not given) turns the image columns and position ids into the forward's inputs.
     """
     import torch.nn.functional as F
 
+    family = family or family_of_model(model)
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
-        "pixel_values": normalize(batch["pixel_values"], dtype),
         "attention_mask": attention_mask(batch, backend, dtype),
         "logits_to_keep": batch["logit_mask"].bool(),
+        **family.model_inputs(batch, dtype),
     }
-    if int(batch["structured"]):
-        kwargs["position_ids"] = batch["position_ids"]
+    if int(batch["structured"]) or family.position_axes > 1:
+        kwargs["position_ids"] = family.text_positions(batch)
     logits = model(**kwargs).logits  # (kept positions, vocab)
     loss = F.cross_entropy(logits[batch["target_logits"]].float(), batch["target_ids"], reduction="sum")
     return loss, int(batch["label_tokens"])

@@ -54,12 +54,10 @@ from typing import Any
 from raylora import registry, tracking
 from raylora.config import Config
 from raylora.console import add_verbose_flag, run_command
-from raylora.data.templates import ConversationTokenizer, get_template
-from raylora.data.tiling import normalize
 from raylora.demo import demo_dir, draw_scenes
+from raylora.families import IMAGE_COLUMNS, family_of_model
 from raylora.files import atomic_dir
 from raylora.generation import GenerationSettings, generate_captions, prompt_batch
-from raylora.model import internvl_image_processor, model_info, save_processor
 from raylora.sources import ModelSource, SourceError, load_model, resolve_source
 
 # torch and transformers are imported inside the functions: --help and argument errors stay fast.
@@ -130,12 +128,13 @@ def _logits(model: Any, batch: dict[str, Any]) -> Any:
 
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     mask = torch.from_numpy(batch["attention_mask"])
+    images = {k: torch.from_numpy(batch[k]) for k in (*IMAGE_COLUMNS, "input_ids") if k in batch}
     with torch.no_grad():
         out = model(
             input_ids=torch.from_numpy(batch["input_ids"]),
             attention_mask=mask,
-            pixel_values=normalize(torch.from_numpy(batch["pixel_values"]), dtype),
             logits_to_keep=VERIFY_POSITIONS,
+            **family_of_model(model).model_inputs(images, dtype),
         )
     logits = out.logits.float()
     keep = mask[:, -logits.shape[1] :].unsqueeze(-1).bool()
@@ -254,8 +253,8 @@ class MergeVerifier:
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         with Image.open(self.images[0]) as im:
             plain = processor(images=[im.convert("RGB")], text=[text], return_tensors="np")
-        tiles = len(self.settings.tile(self.images[0]))
-        ok = plain["input_ids"][0].tolist() == self.conv_tok.encode_prompt(self.prompt, [tiles]).tolist()
+        units = self.settings.image_input(self.images[0]).units
+        ok = plain["input_ids"][0].tolist() == self.conv_tok.encode_prompt(self.prompt, [units]).tolist()
         self.report["processor_prompt_matches"] = ok
         if not ok:
             self.log(
@@ -280,35 +279,16 @@ class MergeVerifier:
 # ------------------------------------------------------------------------------------------ save
 
 
-def _image_processor(source: ModelSource, image_size: int) -> Any:
-    from transformers import AutoImageProcessor
-
-    for d in (source.tokenizer_dir, source.base_dir):
-        if (d / "preprocessor_config.json").is_file() or (d / "processor_config.json").is_file():
-            try:
-                return AutoImageProcessor.from_pretrained(d)
-            except (OSError, ValueError, KeyError):
-                continue
-    return internvl_image_processor(image_size, max_patches=12)
-
-
 def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: dict[str, Any]) -> None:
     """Weights, config, generation config, tokenizer + chat template, processor files, raylora.json."""
     import torch
     from transformers import AutoTokenizer
 
-    try:
-        from transformers import InternVLVideoProcessor  # noqa: F401
-    except ImportError as e:  # the video processor is torchvision-based
-        raise MergeError(
-            f"transformers' InternVL processor needs a video processor, which needs torchvision: {e}"
-        ) from None
-
-    info = model_info(source.base_dir)
-    jinja = get_template(source.template).jinja(source.system_message)
+    settings = source.image_settings()
+    jinja = settings.template.jinja(settings.system_message, settings.family.image_tokens.jinja_item)
     tok = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     tok.chat_template = jinja
-    stop_ids = ConversationTokenizer(tok, source.template, info.tokens_per_tile).stop_token_ids()
+    stop_ids = settings.conversation_tokenizer().stop_token_ids()
 
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -318,8 +298,10 @@ def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: 
     gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
 
-    image_processor = _image_processor(source, info.image_size)
-    save_processor(out, tok, image_processor, info.image_size, info.tokens_per_tile, jinja)
+    try:
+        settings.family.save_processor(out, source.base_dir, tok, jinja)
+    except ImportError as e:  # transformers' video processors are torchvision-based
+        raise MergeError(f"transformers' processor for this model needs torchvision: {e}") from None
     (out / "raylora.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     stray = sorted(p.name for p in out.rglob("*.py"))
     if stray:

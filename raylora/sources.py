@@ -33,8 +33,9 @@ from typing import Any
 from raylora import registry, tracking
 from raylora.config import DataConfig
 from raylora.data.settings import ImageSettings
+from raylora.families import AUTO, chat_template, family_of, family_of_config, named_templates
 from raylora.files import cache_root, is_remote, redact
-from raylora.model import LLM_FAMILIES, RECORD, init_mutates_base, load_base_model, model_info, torch_dtype
+from raylora.model import RECORD, init_mutates_base, load_base_model, torch_dtype
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 MLMODEL = "MLmodel"
@@ -49,31 +50,42 @@ class SourceError(ValueError):
 
 def image_settings(
     model_dir: str | Path,
-    template: str,
-    system_message: str | None = None,
+    template: str = AUTO,
+    system_message: str | None = AUTO,
     data: DataConfig | None = None,
     max_num: int | None = None,
     max_seq_length: int = INFERENCE_MAX_LENGTH,
     tokenizer_dir: str | Path | None = None,
 ) -> ImageSettings:
-    """The ImageSettings of a model: tile size and tokens per tile from its config.json, tiling from
-    ``data`` (``max_num`` overrides its max tiles), the tokenizer of ``tokenizer_dir`` or the model."""
-    info = model_info(model_dir)
-    data = data or DataConfig(image_size=info.image_size)
-    if data.image_size != info.image_size:
+    """The ImageSettings of a model: its family (:func:`raylora.families.family_of`), chat template
+    (``auto``: the checkpoint's record, else its own chat template) and system message (``auto``: the
+    record's, else the template's default), image options from ``data`` (``max_num`` overrides its
+    max tiles), the tokenizer of ``tokenizer_dir`` or the model."""
+    model_dir = Path(model_dir)
+    family = family_of(model_dir)
+    data = data or DataConfig()
+    size = getattr(family, "image_size", None)
+    if data.image_size is not None and size is not None and data.image_size != size:
         raise ValueError(
-            f"data.image_size is {data.image_size} but the model {model_dir} takes {info.image_size} px "
-            f"tiles; set data.image_size={info.image_size}"
+            f"data.image_size is {data.image_size} but the model {model_dir} takes {size} px "
+            f"tiles; set data.image_size={size} (or leave it out)"
         )
+    record = read_record(tokenizer_dir or model_dir) or read_record(model_dir)
+    if template in (AUTO, "", None) and record.get("template") not in (None, "", AUTO):
+        template = str(record["template"])
+    if system_message in (AUTO, None):
+        system_message = record.get("system_message") if record.get("system_message") != AUTO else None
+    chat = chat_template(family, Path(tokenizer_dir or model_dir), template)
     return ImageSettings(
         tokenizer_path=str(tokenizer_dir or model_dir),
-        template=template,
+        template=chat,
+        family=family,
         system_message=system_message,
-        image_size=info.image_size,
         min_num=data.min_num,
         max_num=data.max_num if max_num is None else max_num,
         use_thumbnail=data.use_thumbnail,
-        tokens_per_tile=info.tokens_per_tile,
+        min_pixels=data.min_pixels,
+        max_pixels=data.max_pixels,
         max_seq_length=max_seq_length,
     )
 
@@ -91,40 +103,48 @@ def read_record(model_dir: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def complete_adapter_dir(adapter: Path, model_dir: Path, template: str, system_message: str | None) -> None:
+def complete_adapter_dir(adapter: Path, model_dir: Path, settings: ImageSettings) -> None:
     """Add to a saved PEFT adapter dir what loading it needs: the base's tokenizer and processor
-    files, and raylora.json (template, system message, base model dir; the LoRA settings that
+    files, and raylora.json (the template the run trained with, by name, or ``auto`` for the
+    checkpoint's own; the system message; the base model dir; the LoRA settings that
     :func:`raylora.model.save_adapter` recorded are kept)."""
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
-    for name in ("preprocessor_config.json", "processor_config.json"):
+    for name in (
+        "preprocessor_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+    ):
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, adapter / name)
+    template = settings.template.name
     record = {
         **read_record(adapter),
-        "template": template,
-        "system_message": system_message,
+        "template": template if template in named_templates() else AUTO,
+        "system_message": settings.system_message,
         "base_model": str(model_dir),
     }
     (adapter / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
 
 
 def infer_template(model_dir: Path) -> str:
-    """``raylora_template`` of config.json, else the InternVL2 template of the LLM family."""
+    """``raylora_template`` of config.json (what an original checkpoint was trained with, kept by
+    the converter), else the family's default template by name, or ``auto`` when that is the
+    checkpoint's own chat template (read again wherever the model is used)."""
     cfg = _read_json(model_dir / "config.json")
     if cfg.get("raylora_template"):
         return str(cfg["raylora_template"])
-    text = cfg.get("text_config") or cfg.get("llm_config") or {}
-    llm = text.get("model_type") or ""
-    arch = " ".join(text.get("architectures") or []).lower()
-    for key, family in LLM_FAMILIES.items():
-        if llm == key or key in arch:
-            return family.template
-    raise SourceError(
-        f"{model_dir}: cannot tell the chat template (no raylora.json, no raylora_template in config.json, "
-        f"unknown LLM type {llm!r}); write raylora.json with {{'template': ...}} next to the weights"
-    )
+    try:
+        family = family_of_config(cfg, str(model_dir / "config.json"))
+        name = family.default_template(model_dir).name
+    except ValueError as e:
+        raise SourceError(
+            f"{model_dir}: cannot tell the chat template ({e}); write raylora.json with "
+            "{'template': ...} next to the weights"
+        ) from None
+    return name if name in named_templates() else AUTO
 
 
 # ------------------------------------------------------------------------------------ resolution

@@ -46,7 +46,7 @@ from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
 from raylora.runs import best_checkpoint, validations
 from raylora.sources import complete_adapter_dir
-from raylora.train import async_validation, build_trainer, check_paths, make_job, prepare_data
+from raylora.train import async_validation, build_trainer, check_paths, make_job, prepare_data, train_settings
 from raylora.train import run as train_run
 from raylora.validation import ValidationSet, validation_set
 
@@ -765,7 +765,7 @@ def register_champion(sweep: Sweep, best: dict[str, Any], output: Path) -> tuple
     adapter = output / "champion_adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.copytree(_local_checkpoint(best["checkpoint"]) / "adapter", adapter)
-    complete_adapter_dir(adapter, sweep.model_dir, best_cfg.model.template, best_cfg.model.system_message)
+    complete_adapter_dir(adapter, sweep.model_dir, train_settings(best_cfg, sweep.model_dir))
     best_run = best.get("mlflow_run_id")
     if best_run:
         tracking.log_artifacts(best_run, adapter, "adapter", sweep.tracking_uri)

@@ -341,7 +341,8 @@ class LoRAFinetuneRecipe:
         attn, self.text_attention, notice = attention_for_layout(attn, structured, self.device.type)
         self.print(f"[train] {attention_line(attn)}" + (f" ({notice})" if notice else ""))
         model = self.load_model(self.job.model_dir, self.dtype, attn)
-        model = apply_lora(model, cfg, model.config.text_config.model_type)
+        self.family = self.job.settings.family
+        model = apply_lora(model, cfg, self.family)
         # pissa/olora moved the adapter's initial value out of the base weights: rank 0 keeps it to
         # save adapters for the original base (recomputed identically on a resume: same weights, seed)
         self.lora_init = lora_init_snapshot(model) if self.is_rank0 else None
@@ -470,7 +471,7 @@ class LoRAFinetuneRecipe:
         Returns (summed cross-entropy, label tokens) of this micro-batch.
         """
         batch = to_device(batch, self.device)
-        loss_sum, tokens = forward_loss(self.engine, batch, self.dtype, self.text_attention)
+        loss_sum, tokens = forward_loss(self.engine, batch, self.dtype, self.text_attention, self.family)
         scale = self.plan.grad_accum * self.world / int(batch["step_label_tokens"])
         self.engine.backward(loss_sum * scale)
         self.engine.step()
@@ -968,7 +969,7 @@ def write_outputs(job: TrainJob, checkpoint_dir: Path, output_dir: Path, summary
     with writes_to(output_dir, needed):  # a full disk: one line, the old adapter kept whole
         with atomic_dir(output_dir / "adapter", overwrite=True) as adapter:
             shutil.copytree(checkpoint_dir / "adapter", adapter, dirs_exist_ok=True)
-            complete_adapter_dir(adapter, Path(job.model_dir), cfg.model.template, cfg.model.system_message)
+            complete_adapter_dir(adapter, Path(job.model_dir), job.settings)
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
 

@@ -102,7 +102,7 @@ def score_adapter(
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     s = validation.settings
-    source = ModelSource(Path(model_dir), Path(adapter_dir), s.template, s.system_message)
+    source = ModelSource(Path(model_dir), Path(adapter_dir), s.template.name, s.system_message)
     model = load_model(source, dtype=torch_dtype(dtype, device), merge=True).to(device).eval()
     gen = GenerationSettings.from_config(e)
     paths = [it.image for it in validation.items]

@@ -12,7 +12,7 @@ run on the calling thread. The sides are timed in turns, 10 images at a time, --
 no side more than another. Images/s of CPU time are printed beside the wall-clock ones.
 
 Sides:
-  raylora         ImageSettings.tile(path): decode, grid tiles + thumbnail, uint8 (N, 3, 448, 448)
+  raylora         ImageSettings.image_input(path): decode, grid tiles + thumbnail, uint8 (N, 3, 448, 448)
   hf_default      transformers' GotOcr2ImageProcessor (torchvision), crop_to_patches, max 6 + thumbnail,
                   rescaled and normalised to float (what it does by default)
   hf_pil          the same processor's PIL variant
@@ -85,8 +85,8 @@ def hf_processor_classes() -> tuple[type, type]:
 
 
 def hf_processor(cls: type, normalise: bool = True) -> Any:
-    """InternVL's configuration (:func:`raylora.model.internvl_image_processor`) in processor ``cls``."""
-    from raylora.model import internvl_image_processor
+    """InternVL's configuration (:func:`raylora.families.internvl.image_processor_for`) in processor ``cls``."""
+    from raylora.families.internvl import image_processor_for as internvl_image_processor
 
     return internvl_image_processor(IMAGE_SIZE, MAX_TILES, cls, do_rescale=normalise, do_normalize=normalise)
 
@@ -95,8 +95,8 @@ def sides(settings: Any) -> dict[str, Callable[[str], Any]]:
     from PIL import Image
 
     from raylora.data.records import load_rgb
-    from raylora.data.tiling import choose_grid
-    from raylora.model import internvl_image_processor
+    from raylora.families.internvl import image_processor_for as internvl_image_processor
+    from raylora.families.internvl.tiling import choose_grid
 
     tv_cls, pil_cls = hf_processor_classes()
     hf_default = internvl_image_processor(IMAGE_SIZE, MAX_TILES)
@@ -110,7 +110,7 @@ def sides(settings: Any) -> dict[str, Callable[[str], Any]]:
         return image.resize((IMAGE_SIZE * cols, IMAGE_SIZE * rows), Image.BICUBIC)
 
     return {
-        "raylora": settings.tile,
+        "raylora": lambda p: settings.image_input(p).pixels,
         "hf_default": lambda p: hf_default(images=load_rgb(p), return_tensors="pt")["pixel_values"],
         "hf_pil": lambda p: hf_pil(images=load_rgb(p), return_tensors="np")["pixel_values"],
         "floor": floor,
@@ -192,7 +192,7 @@ def pixel_differences(paths: list[str], settings: Any) -> dict[str, int]:
     for path in dict.fromkeys(paths):
         image = load_rgb(path)
         ref = internvl_reference(image).astype(np.int16)
-        got = {"raylora": settings.tile(path)}
+        got = {"raylora": settings.image_input(path).pixels}
         for name, proc in hf.items():
             got[name] = np.asarray(proc(images=image, return_tensors="np")["pixel_values"])
         for name, tiles in got.items():
@@ -288,7 +288,8 @@ def ray_pipeline(root: Path, paths: list[str], settings: Any, batches: int, repe
 def bench_settings() -> Any:
     """InternVL2's tiling (448 px tiles, 1..6 + thumbnail, 256 tokens a tile) with the demo tokenizer."""
     from raylora.data.settings import ImageSettings
-    from raylora.demo import SYSTEM_MESSAGE, TEMPLATE, build_tokenizer, demo_dir
+    from raylora.demo import SYSTEM_MESSAGE, build_tokenizer, demo_dir, demo_template
+    from raylora.families.internvl import InternVL
 
     tok = demo_dir() / "tokenizer"
     if not (tok / "tokenizer.json").exists():
@@ -296,11 +297,10 @@ def bench_settings() -> Any:
         build_tokenizer(tok)
     return ImageSettings(
         tokenizer_path=str(tok),
-        template=TEMPLATE,
+        template=demo_template(),
+        family=InternVL(image_size=IMAGE_SIZE, tokens_per_tile=256),
         system_message=SYSTEM_MESSAGE,
-        image_size=IMAGE_SIZE,
         max_num=MAX_TILES,
-        tokens_per_tile=256,
         max_seq_length=4096,
     )
 

@@ -109,7 +109,7 @@ def report(title: str, result: dict) -> None:
 
 def lora_model(model_dir: Path):
     torch.manual_seed(0)
-    return apply_lora(load_base_model(model_dir), load("demo"), "qwen2").train()
+    return apply_lora(load_base_model(model_dir), load("demo")).train()
 
 
 def recipe_shaped_model(tokenizer_dir: Path, out: Path) -> Path:

@@ -48,7 +48,7 @@ def plain_loop(root: Path, steps: int, cfg) -> float:
         {k: torch.as_tensor(v) for k, v in b.items()} for b in iter_microbatches(records, planned, settings)
     ]
     torch.manual_seed(cfg.train.seed)
-    model = apply_lora(load_base_model(root / "base"), cfg, "qwen2").train()
+    model = apply_lora(load_base_model(root / "base"), cfg).train()
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)

@@ -185,9 +185,9 @@ def build_model_dir(
         LlamaConfig,
     )
 
-    from raylora.data.templates import get_template
-    from raylora.demo import SYSTEM_MESSAGE, TEMPLATE
-    from raylora.model import internvl_image_processor, save_processor
+    from raylora.demo import SYSTEM_MESSAGE, TEMPLATE, demo_template
+    from raylora.families.internvl import image_processor_for
+    from raylora.families.internvl.family import write_processor_files
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     text = {**arch["text"], "vocab_size": arch["text"]["vocab_size"] or len(tok)}
@@ -203,13 +203,13 @@ def build_model_dir(
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     tok.save_pretrained(out)
-    save_processor(
+    write_processor_files(
         out,
         tok,
-        internvl_image_processor(size, max_patches=6),
+        image_processor_for(size, max_patches=6),
         size,
         (size // 14) ** 2 // 4,
-        get_template(TEMPLATE).jinja(SYSTEM_MESSAGE),
+        demo_template().jinja(SYSTEM_MESSAGE, "<IMG_CONTEXT>\n"),
     )
     (out / "raylora.json").write_text(json.dumps({"template": TEMPLATE, "system_message": SYSTEM_MESSAGE}))
     if weights:
@@ -306,7 +306,7 @@ def lora_model(model_dir: Path, attn: Any, dtype: Any, dev: str, rank: int) -> A
 
     cfg = load("internvl2_2b_coco", ["lora.dropout=0", f"lora.rank={rank}", f"lora.alpha={2 * rank}"])
     torch.manual_seed(0)
-    model = apply_lora(load_base_model(model_dir, dtype, attn).to(dev), cfg, "llama")
+    model = apply_lora(load_base_model(model_dir, dtype, attn).to(dev), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -592,7 +592,7 @@ def generation_merge(dry: bool, work: Path, demo_root: Path) -> dict[str, Any]:
 def prompt_inputs(conv_tok: Any, settings: Any, images: list[str], dev: str, model: Any) -> dict[str, Any]:
     import torch
 
-    from raylora.data.tiling import normalize
+    from raylora.families import family_of_model
     from raylora.generation import prompt_batch
 
     batch = prompt_batch(conv_tok, settings, images, "Provide a one-sentence caption for the provided image.")
@@ -600,7 +600,9 @@ def prompt_inputs(conv_tok: Any, settings: Any, images: list[str], dev: str, mod
     return {
         "input_ids": torch.from_numpy(batch["input_ids"]).to(dev),
         "attention_mask": torch.from_numpy(batch["attention_mask"]).to(dev),
-        "pixel_values": normalize(torch.from_numpy(batch["pixel_values"]).to(dev), dtype),
+        **family_of_model(model).model_inputs(
+            {"pixel_values": torch.from_numpy(batch["pixel_values"]).to(dev)}, dtype
+        ),
     }
 
 

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from raylora.data import tiling
 from raylora.data.pipeline import iter_microbatches, iter_rank_batches, rank_dataset, to_torch
 from raylora.data.plan import grad_accum_steps, make_plan, plan_microbatches
 from raylora.data.prepare import prepare
 from raylora.data.records import REASONS, DataError, load_rgb, read_specs
 from raylora.data.settings import ImageSettings
-from raylora.data.templates import IGNORE_INDEX, TEMPLATES, ConversationTokenizer, RowRejected
+from raylora.data.templates import IGNORE_INDEX, ConversationTokenizer, RowRejected
+from raylora.families.internvl import InternVL, tiling
+from raylora.families.internvl.templates import TEMPLATES, image_tokens
 
 from .conftest import COCO
 
@@ -196,7 +197,7 @@ def test_template_expansion_and_labels(demo_tokenizer_dir, name):
 
     tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
     t = TEMPLATES[name]
-    ct = ConversationTokenizer(tok, name, tokens_per_tile=256, max_seq_length=8192)
+    ct = ConversationTokenizer(tok, t, image_tokens(256), max_seq_length=8192)
     conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle"}]
     ids, labels = ct.encode_conversation(conv, [7])
     img = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -217,7 +218,7 @@ def test_multi_turn_supervises_every_answer(demo_tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
-    ct = ConversationTokenizer(tok, "internlm2-chat", tokens_per_tile=4)
+    ct = ConversationTokenizer(tok, TEMPLATES["internlm2-chat"], image_tokens(4))
     conv = [
         {"from": "human", "value": "<image>\nfirst"},
         {"from": "gpt", "value": "one"},
@@ -232,7 +233,10 @@ def test_too_long_is_rejected_not_truncated(demo_tokenizer_dir):
     from transformers import AutoTokenizer
 
     ct = ConversationTokenizer(
-        AutoTokenizer.from_pretrained(demo_tokenizer_dir), "Hermes-2", 256, max_seq_length=1000
+        AutoTokenizer.from_pretrained(demo_tokenizer_dir),
+        TEMPLATES["Hermes-2"],
+        image_tokens(256),
+        max_seq_length=1000,
     )
     with pytest.raises(RowRejected) as e:
         ct.encode_conversation([{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}], [7])
@@ -243,7 +247,10 @@ def test_generation_prompt_matches_training_prefix(demo_tokenizer_dir):
     from transformers import AutoTokenizer
 
     ct = ConversationTokenizer(
-        AutoTokenizer.from_pretrained(demo_tokenizer_dir), "Hermes-2", 16, system_message="sys"
+        AutoTokenizer.from_pretrained(demo_tokenizer_dir),
+        TEMPLATES["Hermes-2"],
+        image_tokens(16),
+        system_message="sys",
     )
     prompt = "Provide a one-sentence caption for the provided image."
     train_ids, labels = ct.encode_conversation(
@@ -259,7 +266,10 @@ def test_generation_prompt_matches_training_prefix(demo_tokenizer_dir):
 
 def _coco_settings(demo_tokenizer_dir, max_seq_length=4096):
     return ImageSettings(
-        str(demo_tokenizer_dir), "internlm2-chat", None, 448, 1, 6, True, 256, max_seq_length
+        str(demo_tokenizer_dir),
+        TEMPLATES["internlm2-chat"],
+        InternVL(image_size=448, tokens_per_tile=256),
+        max_seq_length=max_seq_length,
     )
 
 
@@ -678,7 +688,8 @@ def test_plain_iterator_feeds_the_model(demo_settings, demo_root, demo_base_mode
         )
     )
     assert batch["pixel_values"].dtype == np.uint8
-    assert batch["pixel_values"].shape[0] == batch["num_tiles"].sum()
+    tiles = prepared.table.column("tiles").to_pylist()
+    assert batch["pixel_values"].shape[0] == sum(sum(tiles[i]) for i in batch["record_index"])
     assert np.isfinite(_loss(demo_base_model, batch))
 
 
@@ -725,7 +736,9 @@ def test_ray_pipeline_end_to_end(ray_cluster, demo_settings, demo_base_model):
             assert set(batch) - {"index"} == set(expected)
             assert all(np.array_equal(batch[c], expected[c]) for c in expected)
     batch = per_rank[0][0]
-    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == batch["num_tiles"].sum()
+    tiles = prepared.table.column("tiles").to_pylist()
+    assert batch["input_ids"].shape[0] == 2
+    assert batch["pixel_values"].shape[0] == sum(sum(tiles[i]) for i in batch["record_index"])
     assert np.isfinite(_loss(demo_base_model, batch))
 
 

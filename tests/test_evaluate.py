@@ -158,7 +158,7 @@ def test_eval_settings_follow_the_model(demo_root):
     from raylora.evaluate import eval_settings
 
     s = eval_settings(str(demo_root / "base"), load_config("demo"))
-    assert s.image_size == 112 and s.tokens_per_tile == 16 and s.template == "Hermes-2"
+    assert s.family.image_size == 112 and s.tokens_per_unit == 16 and s.template.name == "Hermes-2"
     assert replace(s, max_num=1).max_num == 1
 
 

@@ -58,13 +58,13 @@ def train_and_save(base_dir: Path, overrides: list[str], batch, out: Path):
     """apply_lora, a few AdamW steps, then the recipe's save path: (trained model, adapter dir)."""
     import torch
 
-    from raylora.demo import SYSTEM_MESSAGE, TEMPLATE
+    from raylora.demo import demo_image_settings
     from raylora.loss import forward_loss
     from raylora.model import apply_lora, load_base_model, lora_init_snapshot, lora_state_dict, save_adapter
     from raylora.sources import complete_adapter_dir
 
     torch.manual_seed(0)
-    model = apply_lora(load_base_model(base_dir), load_config("demo", overrides), "qwen2")
+    model = apply_lora(load_base_model(base_dir), load_config("demo", overrides))
     initial = lora_init_snapshot(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
@@ -75,7 +75,7 @@ def train_and_save(base_dir: Path, overrides: list[str], batch, out: Path):
         optimizer.zero_grad()
     model.eval()
     save_adapter(model, out, lora_state_dict(model), initial)
-    complete_adapter_dir(out, base_dir, TEMPLATE, SYSTEM_MESSAGE)
+    complete_adapter_dir(out, base_dir, demo_image_settings(base_dir))
     return model, out
 
 
@@ -140,27 +140,25 @@ def test_variant_trains_saves_and_merges(variant, demo_root, micro_batch, tmp_pa
 def test_pissa_needs_its_initial_adapter_to_save(demo_root, tmp_path):
     from raylora.model import apply_lora, load_base_model, lora_init_snapshot, lora_state_dict, save_adapter
 
-    model = apply_lora(load_base_model(demo_root / "base"), load_config("demo", ["lora.init=olora"]), "qwen2")
+    model = apply_lora(load_base_model(demo_root / "base"), load_config("demo", ["lora.init=olora"]))
     assert lora_init_snapshot(model)
     with pytest.raises(ValueError, match="changed the base weights"):
         save_adapter(model, tmp_path / "adapter", lora_state_dict(model))
-    plain = apply_lora(load_base_model(demo_root / "base"), load_config("demo"), "qwen2")
+    plain = apply_lora(load_base_model(demo_root / "base"), load_config("demo"))
     assert lora_init_snapshot(plain) is None
 
 
 def test_unconverted_pissa_adapters_are_flagged(demo_root, tmp_path):
     """An adapter saved by plain PEFT after a pissa init: PEFT redoes the SVD when loading it."""
-    from raylora.demo import SYSTEM_MESSAGE, TEMPLATE
+    from raylora.demo import demo_image_settings
     from raylora.model import apply_lora, load_base_model
     from raylora.sources import SourceError, complete_adapter_dir, resolve_source
 
     for init in ("pissa", "pissa_niter_2"):
-        model = apply_lora(
-            load_base_model(demo_root / "base"), load_config("demo", [f"lora.init={init}"]), "qwen2"
-        )
+        model = apply_lora(load_base_model(demo_root / "base"), load_config("demo", [f"lora.init={init}"]))
         adapter = tmp_path / init
         model.save_pretrained(adapter)
-        complete_adapter_dir(adapter, demo_root / "base", TEMPLATE, SYSTEM_MESSAGE)
+        complete_adapter_dir(adapter, demo_root / "base", demo_image_settings(demo_root / "base"))
         if init == "pissa":
             with pytest.warns(UserWarning, match="not converted"):
                 resolve_source(adapter)
@@ -192,7 +190,7 @@ from pathlib import Path
 import deepspeed, torch
 from peft import PeftModel
 from raylora.config import load_config
-from raylora.data.tiling import normalize
+from raylora.families.internvl.tiling import normalize
 from raylora.loss import forward_loss
 from raylora.model import apply_lora, load_base_model, lora_init_snapshot, lora_state_dict, save_adapter
 from raylora.train import deepspeed_config
@@ -203,7 +201,7 @@ base_dir, out, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = load_config("demo", ["lora.use_dora=true", "lora.init=pissa", "train.zero_stage=3",
                            "train.per_device_batch_size=4", "train.global_batch_size=4", "cluster.num_workers=1"])
 torch.manual_seed(0)
-model = apply_lora(load_base_model(base_dir), cfg, "qwen2")
+model = apply_lora(load_base_model(base_dir), cfg)
 initial = lora_init_snapshot(model)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
 deepspeed.init_distributed(dist_backend="gloo")

@@ -25,19 +25,19 @@ def make_demo_adapter(base_dir: Path, out: Path, seed: int = 0, scale: float = 0
     import torch
 
     from raylora.config import load_config
-    from raylora.demo import SYSTEM_MESSAGE, TEMPLATE
+    from raylora.demo import demo_image_settings
     from raylora.model import apply_lora, load_base_model
     from raylora.sources import complete_adapter_dir
 
     torch.manual_seed(seed)  # lora_A's init
-    model = apply_lora(load_base_model(base_dir), load_config("demo"), "qwen2")
+    model = apply_lora(load_base_model(base_dir), load_config("demo"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     model.save_pretrained(out)
-    complete_adapter_dir(out, base_dir, TEMPLATE, SYSTEM_MESSAGE)
+    complete_adapter_dir(out, base_dir, demo_image_settings(base_dir))
     return out
 
 

@@ -41,7 +41,7 @@ def lora_model(demo_base_model):
     from raylora.model import apply_lora
 
     torch.manual_seed(0)
-    model = apply_lora(copy.deepcopy(demo_base_model), load("demo"), "qwen2")
+    model = apply_lora(copy.deepcopy(demo_base_model), load("demo"))
     with torch.no_grad():  # a trained-looking adapter: lora_B is zero at init
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -123,7 +123,8 @@ def test_wrong_layouts_fail_the_same_check(coco, lora_model, wrong):
     _, ref = loss_and_grads(lora_model, [build(records, settings, [[r]]) for u in units for r in u])
     layout = build(records, settings, units)
     if wrong == "contiguous positions":
-        layout["position_ids"] = torch.arange(layout["input_ids"].shape[1]).expand_as(layout["input_ids"])
+        contiguous = torch.arange(layout["input_ids"].shape[1]).expand_as(layout["input_ids"])
+        layout["position_ids"] = contiguous[:, None]  # (rows, 1 position axis, L)
     else:
         layout["branch_ids"] = layout["branch_ids"].clamp(max=0)  # every caption in the shared branch
     _, grads = loss_and_grads(lora_model, [layout])

@@ -11,7 +11,8 @@ import torch
 
 from raylora.cli import load
 from raylora.config import load_config
-from raylora.model import apply_lora, lora_target_regex
+from raylora.families.internvl import InternVL
+from raylora.model import apply_lora
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def test_lora_targets_llm_only(demo_base_model):
     import copy
 
     cfg = load_config("demo")
-    model = apply_lora(copy.deepcopy(demo_base_model), cfg, "qwen2")
+    model = apply_lora(copy.deepcopy(demo_base_model), cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("language_model.layers" in n and "lora_" in n for n in names)
     hit = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names}
@@ -82,7 +83,7 @@ def test_lora_vision_and_projector_only_when_asked(demo_base_model):
     import copy
 
     cfg = load_config("demo", ["lora.vision_lora=true", "lora.train_projector=true"])
-    model = apply_lora(copy.deepcopy(demo_base_model), cfg, "qwen2")
+    model = apply_lora(copy.deepcopy(demo_base_model), cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("vision_tower" in n and "lora_" in n for n in names)
     assert any("multi_modal_projector" in n for n in names)
@@ -109,7 +110,11 @@ def test_recipe_trainable_params_internlm2_1_8b():
     )
     with torch.device("meta"):
         llm = LlamaForCausalLM(cfg)
-    pattern = re.compile(lora_target_regex("llama", None, False).replace("language_model", "model"))
+    pattern = re.compile(
+        InternVL(text_model_type="llama")
+        .lora_target_regex(None, None, False)
+        .replace("language_model", "model")
+    )
     rank = 128
     total = sum(
         rank * (m.in_features + m.out_features)
@@ -144,7 +149,7 @@ def _lora_from_ds_checkpoint(ckpt: Path, base_dir: Path, cfg):
     """The trained LoRA tensors as DeepSpeed saved them (ZeRO-1/2: mp_rank_00_model_states.pt)."""
     from raylora.model import load_base_model
 
-    model = apply_lora(load_base_model(base_dir), cfg, "qwen2")
+    model = apply_lora(load_base_model(base_dir), cfg)
     states = torch.load(
         ckpt / "ds" / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
     )["module"]
@@ -155,7 +160,7 @@ def _lora_from_ds_checkpoint(ckpt: Path, base_dir: Path, cfg):
 
 
 def _logits(model, batch):
-    from raylora.data.tiling import normalize
+    from raylora.families.internvl.tiling import normalize
 
     with torch.no_grad():
         return model(

@@ -19,7 +19,6 @@ from raylora.config import DataConfig, ModelConfig
 from raylora.console import add_verbose_flag, run_command
 from raylora.data.prepare import prepare
 from raylora.data.records import DataError
-from raylora.model import model_info
 from raylora.sources import image_settings, resolve_source
 
 DATA_DEFAULTS, MODEL_DEFAULTS = DataConfig(), ModelConfig()
@@ -29,7 +28,7 @@ def check(args: argparse.Namespace) -> int:
     default_model = RECIPE_PATHS[0] if (Path(RECIPE_PATHS[0]) / "config.json").is_file() else DEMO
     source = resolve_source(model_spec(args.model or default_model))
     data = DataConfig(
-        image_size=args.image_size or model_info(source.base_dir).image_size,
+        image_size=args.image_size,
         min_num=args.min_num,
         max_num=args.max_num,
         use_thumbnail=not args.no_thumbnail,
@@ -56,10 +55,7 @@ def check(args: argparse.Namespace) -> int:
     rejects = Path(args.rejects) if args.rejects else Path(args.annotation).with_suffix(".rejects.jsonl")
     prepared.write_rejects(rejects)
     print(f"annotation: {args.annotation} (images under {root})")
-    print(
-        f"tokenizer: {settings.tokenizer_path} [{settings.template}], tiles of {settings.image_size}px, "
-        f"{settings.min_num}..{settings.max_num} per image"
-    )
+    print(settings.describe())
     print(f"rows: {stats['rows_total']} total, {stats['rows_ok']} ok, {stats['rows_rejected']} rejected")
     for reason, n in stats["rejects"].items():
         print(f"  rejected {reason}: {n}")

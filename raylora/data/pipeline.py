@@ -1,13 +1,15 @@
-"""From planned micro-batches to tensors: decode, tile, tokenize and lay out, on Ray Data or in-process.
+"""From planned micro-batches to tensors: decode, preprocess, tokenize and lay out, on Ray Data or in-process.
 
 :class:`MicroBatchBuilder` turns one planned micro-batch (its units) into named numpy columns. Each
 unit becomes a run of tokens: a record as it is, or (``group_by_image``) the shared prefix once
-followed by every caption, position ids restarting after the prefix for each caption. Units are laid
+followed by every caption, each caption with the position ids of its own row. Units are laid
 out one per padded row, or packed into rows of at most ``max_packed_tokens`` (first-fit decreasing).
 Columns:
 
-* ``pixel_values`` (uint8 tiles, each image once, in the order its tokens appear), ``num_tiles``;
-* ``input_ids``, ``position_ids``, ``attention_mask`` (1 = token, 0 = padding), ``segment_ids`` (the
+* ``pixel_values`` (each image once, in the order its tokens appear, as the model family's
+  preprocessing leaves it) and, for families with patch grids, ``image_grid_thw``;
+* ``position_ids`` (rows, the family's position axes, L);
+* ``input_ids``, ``attention_mask`` (1 = token, 0 = padding), ``segment_ids`` (the
   unit of each token within its row, -1 for padding) and ``branch_ids`` (0 for a record or a shared
   prefix, k for the k-th caption of a group): the attention mask is built on the device from them;
 * ``logit_mask`` (the positions whose logits predict a label), ``target_logits`` (for each label
@@ -41,6 +43,7 @@ from raylora.data.plan import microbatch_records
 from raylora.data.records import DataError
 from raylora.data.settings import ImageSettings
 from raylora.data.templates import IGNORE_INDEX
+from raylora.families import ImageInput, image_columns
 
 # ray and torch are imported inside the functions that use them: the data checks start fast without them.
 
@@ -49,9 +52,9 @@ from raylora.data.templates import IGNORE_INDEX
 class EncodedUnit:
     """One unit's tokens as laid out in its sequence (positions relative to the unit's start)."""
 
-    tiles: list[np.ndarray]
+    images: list[ImageInput]
     input_ids: np.ndarray
-    position_ids: np.ndarray
+    position_ids: np.ndarray  # (position axes, L): the family's position ids of each token
     branch_ids: np.ndarray
     predictors: np.ndarray  # for each label token, the position whose logit predicts it
     targets: np.ndarray  # the label tokens
@@ -74,25 +77,29 @@ class MicroBatchBuilder:
         self.pad_id = 0 if pad is None else int(pad)
 
     def encode_unit(self, unit: list[dict[str, Any]]) -> EncodedUnit:
-        """Tiles (decoded once) and tokens of a unit: a record, or a shared prefix and its captions."""
+        """Images (decoded once) and tokens of a unit: a record, or a shared prefix and its captions.
+
+        Every token gets the position ids it has in its own row (the family's, e.g. multimodal
+        rotary positions): a grouped caption's are those of the prefix + that caption alone."""
         first = unit[0]
-        tiles = [self.settings.tile(p) for p in first["images"]]
-        got = [len(t) for t in tiles]
+        images = [self.settings.image_input(p) for p in first["images"]]
+        got = [im.units for im in images]
         for s in unit:
             if got != list(s["tiles"]):
                 raise DataError(
-                    f"{s['source']}:{s['line']}: image changed since validation ({got} tiles, expected "
-                    f"{list(s['tiles'])}); run the job again to re-validate"
+                    f"{s['source']}:{s['line']}: image changed since validation ({got} image units, "
+                    f"expected {list(s['tiles'])}); run the job again to re-validate"
                 )
         rows = [self.conv_tok.encode_conversation(json.loads(s["conversations"]), got) for s in unit]
+        family = self.settings.family
         if len(unit) == 1:
             ids, labels = rows[0]
             supervised = np.nonzero(labels[1:] != IGNORE_INDEX)[0] + 1
             zeros = np.zeros(len(ids), np.int64)
             return EncodedUnit(
-                tiles,
+                images,
                 ids,
-                np.arange(len(ids)),
+                family.positions(ids, images),
                 zeros,
                 supervised - 1,
                 labels[supervised],
@@ -101,7 +108,14 @@ class MicroBatchBuilder:
             )
         p = int(first["prefix_length"])
         prefix = rows[0][0][:p]
-        ids, pos, branch, predictors, targets = [prefix], [np.arange(p)], [np.zeros(p, np.int64)], [], []
+        row_positions = [family.positions(row_ids, images) for row_ids, _ in rows]
+        ids, pos, branch, predictors, targets = (
+            [prefix],
+            [row_positions[0][:, :p]],
+            [np.zeros(p, np.int64)],
+            [],
+            [],
+        )
         offset = p
         for k, ((row_ids, row_labels), s) in enumerate(zip(rows, unit), 1):
             if not np.array_equal(row_ids[:p], prefix) or (row_labels[:p] != IGNORE_INDEX).any():
@@ -112,7 +126,7 @@ class MicroBatchBuilder:
             answer, labels = row_ids[p:], row_labels[p:]
             supervised = np.nonzero(labels != IGNORE_INDEX)[0]
             ids.append(answer)
-            pos.append(p + np.arange(len(answer)))  # each caption sees exactly its own row's positions
+            pos.append(row_positions[k - 1][:, p:])  # each caption gets exactly its own row's positions
             branch.append(np.full(len(answer), k, np.int64))
             predictors.append(np.where(supervised == 0, p - 1, offset + supervised - 1))
             targets.append(labels[supervised])
@@ -120,7 +134,7 @@ class MicroBatchBuilder:
         cat = np.concatenate
         records = [s["record"] for s in unit]
         return EncodedUnit(
-            tiles, cat(ids), cat(pos), cat(branch), cat(predictors), cat(targets), len(unit), records
+            images, cat(ids), cat(pos, axis=1), cat(branch), cat(predictors), cat(targets), len(unit), records
         )
 
     def pack(self, units: list[EncodedUnit]) -> list[list[int]]:
@@ -151,26 +165,26 @@ class MicroBatchBuilder:
         layout = self.pack(encoded)
         width = max(sum(len(encoded[i].input_ids) for i in row) for row in layout)
         shape = (len(layout), width)
+        axes = self.settings.family.position_axes
         cols = {
             "input_ids": np.full(shape, self.pad_id, np.int64),
-            "position_ids": np.zeros(shape, np.int64),
+            "position_ids": np.zeros((len(layout), axes, width), np.int64),
             "attention_mask": np.zeros(shape, np.int64),
             "segment_ids": np.full(shape, -1, np.int64),
             "branch_ids": np.full(shape, -1, np.int64),
         }
-        tiles, num_tiles, predictors, targets = [], [], [], []
+        images, predictors, targets = [], [], []
         for r, row in enumerate(layout):
             at = 0
             for segment, i in enumerate(row):
                 u = encoded[i]
                 span = slice(at, at + len(u.input_ids))
                 cols["input_ids"][r, span] = u.input_ids
-                cols["position_ids"][r, span] = u.position_ids
+                cols["position_ids"][r, :, span] = u.position_ids
                 cols["attention_mask"][r, span] = 1
                 cols["segment_ids"][r, span] = segment
                 cols["branch_ids"][r, span] = u.branch_ids
-                tiles += u.tiles  # image tokens and tiles stay in the same order
-                num_tiles.append(sum(len(t) for t in u.tiles))
+                images += u.images  # image tokens and pixels stay in the same order
                 predictors.append(r * width + at + u.predictors)
                 targets.append(u.targets)
                 at += len(u.input_ids)
@@ -182,8 +196,7 @@ class MicroBatchBuilder:
         structured = any(len(row) > 1 for row in layout) or bool((cols["branch_ids"] > 0).any())
         return {
             **cols,
-            "pixel_values": np.concatenate(tiles, axis=0),
-            "num_tiles": np.asarray(num_tiles, np.int64),
+            **image_columns(images),
             "logit_mask": logit_mask,
             "target_logits": np.searchsorted(kept, flat_predictors).astype(np.int64),
             "target_ids": target_ids.astype(np.int64),

@@ -1,6 +1,6 @@
-"""InternVL2 chat templates and conversation tokenization with image-token expansion.
+"""Chat templates and conversation tokenization with image-token expansion (any model family).
 
-Every template here is InternVL's MPT separator style: ``system + sep``, then per turn
+A template is the MPT separator style of the ChatML-like formats VLMs use: ``system + sep``, then per turn
 ``role + message + sep``; the generation prompt ends with the assistant role. Each piece is
 tokenized on its own and concatenated, so the label mask is exact by construction (no
 "tokenization mismatch" and no silently zeroed samples). Labels are -100 everywhere except the
@@ -15,48 +15,62 @@ from typing import Any
 
 import numpy as np
 
-IMG_START = "<img>"
-IMG_END = "</img>"
-IMG_CONTEXT = "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
 
-INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """How a family spells one image in the token stream: ``start`` + ``context`` x (units x
+    ``tokens_per_unit``) + ``end``; ``after_image`` is what follows an image placeholder's newline
+    in the family's own chat template ("\n" where it keeps the newline, "" where the text follows
+    the image directly); ``jinja_item`` is how a saved chat template renders an image item."""
+
+    start: str
+    context: str
+    end: str
+    tokens_per_unit: int = 1
+    after_image: str = "\n"
+    jinja_item: str = ""
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    """A ChatML/MPT-style chat format: ``system + sep`` (left out when there is no system message and
+    no default), then per turn ``role + message + sep``; the generation prompt ends with the
+    assistant role."""
+
     name: str
     system_template: str
     user_role: str
     assistant_role: str
     sep: str
-    default_system: str
+    default_system: str | None
     stop_strings: tuple[str, ...]
 
     def system_text(self, system_message: str | None) -> str:
         msg = self.default_system if system_message is None else system_message
+        if msg is None:
+            return ""
         return self.system_template.format(system=msg) + self.sep
 
-    def jinja(self, system_message: str | None = None) -> str:
+    def jinja(self, system_message: str | None = None, image_item: str = "<image>\n") -> str:
         """The same format as a Hugging Face ``chat_template`` (for saved tokenizers/processors).
 
-        Image items render as ``<IMG_CONTEXT>``, which transformers' InternVL processor expands.
+        Image items render as ``image_item``, which the family's transformers processor expands.
         """
 
         def lit(text: str) -> str:
             return "{{ " + json.dumps(text) + " }}"
 
-        system = json.dumps(self.default_system if system_message is None else system_message)
+        msg = self.default_system if system_message is None else system_message
+        system = json.dumps(msg)
         start = self.system_template.split("{system}")[0]
         return (
             "{% set sys = " + system + " %}"
             "{% if messages and messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% endif %}"
-            + lit(start)
-            + "{{ sys }}"
-            + lit(self.sep)
-            + "{% for m in messages %}{% if m['role'] != 'system' %}"
+            "{% if sys is not none %}" + lit(start) + "{{ sys }}" + lit(self.sep) + "{% endif %}"
+            "{% for m in messages %}{% if m['role'] != 'system' %}"
             "{% if m['role'] == 'user' %}"
             + lit(self.user_role)
             + "{% else %}"
@@ -64,7 +78,7 @@ class ChatTemplate:
             + "{% endif %}"
             "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
             "{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-            + lit("<IMG_CONTEXT>\n")
+            + lit(image_item)
             + "{% elif c['type'] == 'text' %}"
             "{{ c['text'] }}{% endif %}{% endfor %}"
             "{% endif %}" + lit(self.sep) + "{% endif %}{% endfor %}"
@@ -72,54 +86,50 @@ class ChatTemplate:
         )
 
 
-TEMPLATES: dict[str, ChatTemplate] = {
-    t.name: t
-    for t in (
-        ChatTemplate(
-            "internlm2-chat",
-            "<|im_start|>system\n{system}",
-            "<|im_start|>user\n",
-            "<|im_start|>assistant\n",
-            "<|im_end|>",
-            INTERNVL2_SYSTEM,
-            ("<|im_end|>",),
-        ),
-        ChatTemplate(
-            "Hermes-2",
-            "<|im_start|>system\n{system}",
-            "<|im_start|>user\n",
-            "<|im_start|>assistant\n",
-            "<|im_end|>",
-            INTERNVL2_SYSTEM,
-            ("<|im_end|>", "<|endoftext|>"),
-        ),
-        ChatTemplate(
-            "phi3-chat",
-            "<|system|>\n{system}",
-            "<|user|>\n",
-            "<|assistant|>\n",
-            "<|end|>",
-            INTERNVL2_SYSTEM,
-            ("<|end|>", "<|endoftext|>"),
-        ),
-        ChatTemplate(
-            "internvl2_5",
-            "<|im_start|>system\n{system}",
-            "<|im_start|>user\n",
-            "<|im_start|>assistant\n",
-            "<|im_end|>\n",
-            INTERNVL2_5_SYSTEM,
-            ("<|im_end|>",),
-        ),
-    )
-}
+_MARK = ("\x01SYSTEM\x01", "\x01USER\x01", "\x01ANSWER\x01")
 
 
-def get_template(name: str) -> ChatTemplate:
+def template_from_jinja(jinja: str, name: str, stop_strings: tuple[str, ...] = ()) -> ChatTemplate:
+    """The :class:`ChatTemplate` a checkpoint's Hugging Face ``chat_template`` renders, found by
+    rendering marker messages: a system, a user and an assistant turn, and the generation prompt.
+    Raises ValueError when the template is not of that shape (roles, a separator after each turn)."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # as transformers renders chat templates
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    tpl = env.from_string(jinja)
+    sys_m, usr_m, ans_m = _MARK
+
+    def render(messages: list[dict[str, Any]], generation: bool) -> str:
+        return tpl.render(messages=messages, add_generation_prompt=generation, tools=None)
+
+    user, system = {"role": "user", "content": usr_m}, {"role": "system", "content": sys_m}
+    full = render([system, user, {"role": "assistant", "content": ans_m}], False)
+    prompt = render([system, user], True)
+    bare = render([user], True)
     try:
-        return TEMPLATES[name]
-    except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; valid: {', '.join(TEMPLATES)}") from None
+        head, rest = full.split(sys_m)
+        between, rest = rest.split(usr_m)
+        _, sep = rest.split(ans_m)
+        if not prompt.startswith(head + sys_m + between + usr_m + sep):
+            raise ValueError("the generation prompt does not follow the user turn's separator")
+        assistant_role = prompt[len(head + sys_m + between + usr_m + sep) :]
+        if not between.startswith(sep) or not sep:
+            raise ValueError("no separator between turns")
+        user_role = between[len(sep) :]
+        default_head = bare.split(usr_m)[0][: -len(user_role)] if user_role else bare.split(usr_m)[0]
+    except ValueError as e:
+        raise ValueError(
+            f"{name}: chat template not of the system/user/assistant + separator shape ({e})"
+        ) from None
+    default_system = None
+    if default_head:
+        if not (default_head.startswith(head) and default_head.endswith(sep)):
+            raise ValueError(f"{name}: cannot read the chat template's default system message")
+        default_system = default_head[len(head) : -len(sep)]
+    stops = stop_strings or (sep.strip() or sep,)
+    return ChatTemplate(name, head + "{system}", user_role, assistant_role, sep, default_system, stops)
 
 
 class RowRejected(ValueError):
@@ -132,30 +142,31 @@ class RowRejected(ValueError):
 
 
 class ConversationTokenizer:
-    """Turns (conversation, tiles per image) into input_ids + labels for one template.
+    """Turns (conversation, image units per image) into input_ids + labels for one template.
 
-    ``tokens_per_tile`` is (image_size / patch_size)^2 * downsample_ratio^2: 256 for InternVL2.
+    An image of ``n`` units becomes ``image.start`` + ``image.context`` x (n x
+    ``image.tokens_per_unit``) + ``image.end``: InternVL's tiles of 256 tokens, Qwen-VL's merged
+    patches of one token each (see :mod:`raylora.families`).
     """
 
     def __init__(
         self,
         tokenizer: Any,
-        template: str | ChatTemplate,
-        tokens_per_tile: int = 256,
+        template: ChatTemplate,
+        image: ImageTokens,
         max_seq_length: int = 4096,
         system_message: str | None = None,
     ):
         self.tokenizer = tokenizer
-        self.template = get_template(template) if isinstance(template, str) else template
-        self.tokens_per_tile = tokens_per_tile
+        self.template = template
+        self.image = image
+        self.tokens_per_tile = image.tokens_per_unit
         self.max_seq_length = max_seq_length
         self.system_message = system_message
-        ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT])
+        ids = tokenizer.convert_tokens_to_ids([image.start, image.end, image.context])
         unk = getattr(tokenizer, "unk_token_id", None)
         if any(i is None or (unk is not None and i == unk) for i in ids):
-            raise ValueError(
-                f"tokenizer lacks the InternVL image tokens {IMG_START}, {IMG_END}, {IMG_CONTEXT}"
-            )
+            raise ValueError(f"tokenizer lacks the image tokens {image.start}, {image.end}, {image.context}")
         self.img_start_id, self.img_end_id, self.img_context_id = ids
         self._cache: dict[str, list[int]] = {}
 
@@ -171,6 +182,8 @@ class ConversationTokenizer:
         parts = text.split(IMAGE_PLACEHOLDER)
         ids = self._encode(parts[0])
         for part in parts[1:]:
+            if part.startswith("\n"):  # the family's own template may join the text to the image
+                part = self.image.after_image + part[1:]
             n = tiles[next_image]
             ids = (
                 ids
@@ -212,8 +225,9 @@ class ConversationTokenizer:
         if len(ids) > self.max_seq_length:
             raise RowRejected(
                 "too_long",
-                f"{len(ids)} tokens with {sum(tiles)} tiles ({sum(tiles) * self.tokens_per_tile} image tokens) "
-                f"> max_seq_length {self.max_seq_length}; raise model.max_seq_length or lower data.max_num",
+                f"{len(ids)} tokens ({sum(tiles) * self.tokens_per_tile} of them image tokens) > max_seq_length "
+                f"{self.max_seq_length}; raise model.max_seq_length or use fewer image tokens (data.max_num "
+                "tiles, or data.max_pixels)",
             )
         return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
