@@ -55,7 +55,7 @@ from raylora import registry, tracking
 from raylora.config import Config
 from raylora.console import add_verbose_flag, run_command
 from raylora.demo import demo_dir, draw_scenes
-from raylora.families import IMAGE_COLUMNS, family_of_model
+from raylora.families import IMAGE_COLUMNS, checkpoint_chat_template, family_of_model, named_templates
 from raylora.files import atomic_dir
 from raylora.generation import GenerationSettings, generate_captions, prompt_batch
 from raylora.sources import ModelSource, SourceError, load_model, resolve_source
@@ -286,6 +286,9 @@ def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: 
 
     settings = source.image_settings()
     jinja = settings.template.jinja(settings.system_message, settings.family.image_tokens.jinja_item)
+    own = checkpoint_chat_template(source.tokenizer_dir) or checkpoint_chat_template(source.base_dir)
+    if settings.template.name not in named_templates() and settings.system_message is None and own:
+        jinja = own  # trained on the checkpoint's own template with its default system prompt: kept verbatim
     tok = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     tok.chat_template = jinja
     stop_ids = settings.conversation_tokenizer().stop_token_ids()

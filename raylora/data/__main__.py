@@ -1,7 +1,7 @@
 """``python -m raylora.data check ANNOTATION``: a pre-flight report on a caption dataset.
 
 Validates every row and image exactly as training does: rows ok / rejected by reason, the
-tiles-per-image histogram and token length percentiles. Rejected rows go to ``--rejects``.
+image units (tiles) and image tokens per image, and token length percentiles. Rejected rows go to ``--rejects``.
 Rows that reuse an earlier row's id are kept and counted (a line appears when there are any).
 With ``--json`` the last line printed is one JSON object with the same numbers.
 Exit status: 0, or 1 when ``--strict`` met a bad row (it names file, line and reason).
@@ -32,6 +32,8 @@ def check(args: argparse.Namespace) -> int:
         min_num=args.min_num,
         max_num=args.max_num,
         use_thumbnail=not args.no_thumbnail,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )
     settings = image_settings(
         source.base_dir,
@@ -66,7 +68,10 @@ def check(args: argparse.Namespace) -> int:
             f"duplicate ids: {stats['duplicate_ids']} rows reuse an earlier row's id (rows kept, ids "
             f"are not used in training); first: {prepared.duplicate_ids()[0].message()}"
         )
-    print("tiles per image: " + ", ".join(f"{k}: {v}" for k, v in stats["tiles"].items()))
+    if len(stats["tiles"]) <= 12:  # tiles (a few values); image tokens of pixel-bounded families vary widely
+        print("image units per image: " + ", ".join(f"{k}: {v}" for k, v in stats["tiles"].items()))
+    i = stats["image_tokens"]
+    print(f"image tokens per image: p50 {i['p50']}, p95 {i['p95']}, max {i['max']}")
     t = stats["tokens"]
     print(
         f"tokens per row: p50 {t['p50']}, p95 {t['p95']}, max {t['max']} (max_seq_length {args.max_seq_length})"
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         help="maximum tiles per image (default %(default)s)",
     )
     c.add_argument("--no-thumbnail", action="store_true", help="no thumbnail tile after a multi-tile grid")
+    c.add_argument("--min-pixels", type=int, help="pixel-bounded families: min pixels (default: the model's)")
+    c.add_argument("--max-pixels", type=int, help="pixel-bounded families: max pixels (default: the model's)")
     c.add_argument(
         "--max-seq-length",
         type=int,

@@ -61,6 +61,7 @@ class Prepared:
     table: pa.Table
     rejects: list[Reject] = field(default_factory=list)
     rows_total: int = 0
+    tokens_per_unit: int = 1  # image tokens per image unit (tile, merged patch) of the model family
 
     @property
     def rows_ok(self) -> int:
@@ -82,6 +83,7 @@ class Prepared:
             "rejects": dict(Counter(r.reason for r in self.rejects).most_common()),
             "duplicate_ids": len(self.duplicate_ids()),
             "tiles": {str(k): v for k, v in sorted(tiles.items())},
+            "image_tokens": _percentiles(np.asarray(sorted(tiles.elements()) or [0]) * self.tokens_per_unit),
             "tokens": _percentiles(lengths),
             "groups": self.group_stats(),
         }
@@ -216,7 +218,7 @@ def prepare(
         cols["label_tokens"].append(int(supervised.sum()))
         cols["group_key"].append(group_key(rec))
     rejects.sort(key=lambda r: (r.source, r.line))
-    return Prepared(pa.table(cols, schema=SCHEMA), rejects, total)
+    return Prepared(pa.table(cols, schema=SCHEMA), rejects, total, settings.tokens_per_unit)
 
 
 def group_key(rec: Record) -> str:

@@ -4,7 +4,7 @@ A template is the MPT separator style of the ChatML-like formats VLMs use: ``sys
 ``role + message + sep``; the generation prompt ends with the assistant role. Each piece is
 tokenized on its own and concatenated, so the label mask is exact by construction (no
 "tokenization mismatch" and no silently zeroed samples). Labels are -100 everywhere except the
-assistant answers and their end separator.
+assistant answers and their end-of-turn token (the separator without the newline after it).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class ChatTemplate:
             return "{{ " + json.dumps(text) + " }}"
 
         msg = self.default_system if system_message is None else system_message
-        system = json.dumps(msg)
+        system = "none" if msg is None else json.dumps(msg)
         start = self.system_template.split("{system}")[0]
         return (
             "{% set sys = " + system + " %}"
@@ -219,9 +219,11 @@ class ConversationTokenizer:
                 labels += [IGNORE_INDEX] * len(piece)
             else:
                 role = self._encode(t.assistant_role)
-                answer = self._encode(turn["value"]) + self._encode(t.sep)
-                ids += role + answer
-                labels += [IGNORE_INDEX] * len(role) + answer
+                end = t.sep.rstrip()  # the end-of-turn token is learnt, the newline after it is not
+                answer = self._encode(turn["value"]) + self._encode(end or t.sep)
+                tail = self._encode(t.sep[len(end) :]) if end else []
+                ids += role + answer + tail
+                labels += [IGNORE_INDEX] * len(role) + answer + [IGNORE_INDEX] * len(tail)
         if len(ids) > self.max_seq_length:
             raise RowRejected(
                 "too_long",
