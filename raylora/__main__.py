@@ -17,7 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("raylora.evaluate", "caption a split with Ray Data, COCO metrics, gallery"),
     "merge": ("raylora.merge", "merge LoRA into a plain, verified Hugging Face checkpoint"),
     "caption": ("raylora.caption", "caption images with the evaluation protocol"),
-    "convert": ("raylora.convert", "original InternVL2 checkpoint -> native transformers layout"),
+    "convert": (
+        "raylora.convert",
+        "an original-format (remote-code) checkpoint -> native transformers layout",
+    ),
     "data": ("raylora.data.__main__", "pre-flight report on a caption dataset (an annotation file)"),
     "demo": ("raylora.demo", "build (or rebuild) the cached demo assets"),
 }
@@ -33,7 +36,7 @@ def usage() -> str:
     lines = [
         USAGE,
         "",
-        "LoRA fine-tuning of InternVL2 vision-language models as a Ray application.",
+        "LoRA fine-tuning of vision-language models as a Ray application (families: see the README).",
         "",
         "verbs:",
         *(f"  {VERB_NAMES.get(v, v).ljust(width)}  {line}" for v, (_, line) in COMMANDS.items()),

@@ -33,7 +33,14 @@ from typing import Any
 from raylora import registry, tracking
 from raylora.config import DataConfig
 from raylora.data.settings import ImageSettings
-from raylora.families import AUTO, chat_template, family_of, family_of_config, named_templates
+from raylora.families import (
+    AUTO,
+    chat_template,
+    family_of,
+    family_of_config,
+    named_templates,
+    original_format,
+)
 from raylora.files import cache_root, is_remote, redact
 from raylora.model import RECORD, init_mutates_base, load_base_model, torch_dtype
 
@@ -202,9 +209,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(
             f"model.path {str(path)!r} is not a checkpoint directory (no config.json); "
-            "download one with scripts/download_internvl2_coco.sh or use model.path=demo"
+            "download one (the README's download scripts) or use model.path=demo"
         )
-    if json.loads((p / "config.json").read_text()).get("model_type") == "internvl_chat":
+    if original_format(json.loads((p / "config.json").read_text())):
         from raylora.convert import ensure_native  # converting pulls in torch: only when needed
 
         return ensure_native(p)

@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 FLOORS: dict[str, tuple[str, str]] = {
-    "transformers": ("5.21.0", "InternVL's logits_to_keep as a 2-D boolean mask (raylora.loss)"),
+    "transformers": ("5.21.0", "logits_to_keep as a 2-D boolean mask (raylora.loss)"),
     "torch": ("2.6", "transformers 5.21 needs it; flex_attention block masks"),
     "peft": ("0.18.0", "the first release that imports with transformers 5"),
     "deepspeed": ("0.16.0", "checkpoints that load under torch>=2.6 (weights_only)"),

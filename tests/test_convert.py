@@ -30,6 +30,7 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from raylora import convert
@@ -50,8 +51,18 @@ IMAGE_SIZE, PATCH = 56, 14  # 4x4 patches -> 4 image tokens per tile after the 0
 TOKENS_PER_TILE = 4
 HEADS, KV_HEADS, HIDDEN = 4, 2, 64
 HEAD_DIM = HIDDEN // HEADS
-ARCH = {"internlm2": "InternLM2ForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
-TEMPLATE = {"internlm2": "internlm2-chat", "qwen2": "internvl2_5", "phi3": "phi3-chat"}
+ARCH = {
+    "internlm2": "InternLM2ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",  # InternVL3.5
+}
+TEMPLATE = {
+    "internlm2": "internlm2-chat",
+    "qwen2": "internvl2_5",
+    "phi3": "phi3-chat",
+    "qwen3": "internvl2_5",
+}
 
 
 # --------------------------------------------------------------------------------------- tiny models
@@ -78,6 +89,9 @@ def _text_config(family: str, **overrides):
     if family == "qwen2":
         common["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
         return Qwen2Config(**{**common, **overrides})
+    if family == "qwen3":  # q/k norms, an explicit head_dim
+        common["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+        return Qwen3Config(**{**common, "head_dim": HEAD_DIM, **overrides})
     common["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
     return Phi3Config(**{**common, **overrides})
 
@@ -274,6 +288,8 @@ def original_config(native: InternVLForConditionalGeneration, family: str, vit_6
         )
     elif family == "qwen2":
         llm.update(use_sliding_window=False, sliding_window=64, max_window_layers=2)
+    elif family == "qwen3":  # InternVL3.5's llm_config names its head_dim (Qwen3's is not hidden / heads)
+        llm.update(head_dim=HEAD_DIM, attention_bias=False, use_sliding_window=False)
     return {
         "architectures": ["InternVLChatModel"],
         "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"},
@@ -428,6 +444,7 @@ CASES = {  # family -> (vision tower flavour, source weight format)
     "internlm2": (False, "safetensors"),
     "qwen2": (False, "bin"),
     "phi3": (True, "safetensors"),  # InternViT-6B flavour: q/k norm, RMS norm, no qkv bias
+    "qwen3": (False, "safetensors"),  # InternVL3.5's LLM
 }
 
 

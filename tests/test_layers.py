@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "raylora"
@@ -140,3 +141,65 @@ def test_commands_have_no_function_over_60_lines():
         if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60
     ]
     assert not long, long
+
+
+# Names that belong to one model family (its classes, image tokens, LLMs): only in that family's
+# folder under raylora/families/ and in the original-format converter. The registry
+# (raylora/families/__init__.py) imports each family by module name; the two recipe defaults below
+# and the demo base's family are values, not knowledge.
+FAMILY_NAMES = re.compile(
+    r"internvl|internlm|qwen|img_context|<img>|</img>|vision_start|image_pad|gotocr", re.I
+)
+FAMILY_NAME_VALUES = {
+    ("raylora.cli", "internvl2_2b_coco"),  # the default recipe's config name
+    ("raylora.cli", "pretrained/InternVL2-2B"),  # the default recipe's checkpoint folder
+    ("raylora.config", "pretrained/InternVL2-2B"),
+    ("raylora.demo", "internvl"),  # DEMO_FAMILY: the demo base's family, by name
+}
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    nodes = [n for n in ast.walk(tree) if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef)]
+    return {
+        id(n.body[0].value)
+        for n in nodes
+        if n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)
+    }
+
+
+def _names_and_strings(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, text) of every identifier, imported name and non-docstring string constant."""
+    docs, found = _docstrings(tree), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.Attribute):
+            found.append((node.lineno, node.attr))
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            found.append((node.lineno, node.name))
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.lineno, node.module or "")] + [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            found.append((node.lineno, node.value))
+    return found
+
+
+def test_family_names_only_in_their_family_modules():
+    """Done when a family's knowledge lives in its folder: no module outside raylora/families/<family>/
+    (and the converter) names InternVL's or Qwen-VL's classes, tokens or LLMs."""
+    leaks = [
+        f"{name}:{line}: {text[:80]!r}"
+        for name, tree in MODULES.items()
+        if not name.startswith(("raylora.families.internvl", "raylora.families.qwen_vl"))
+        and name not in ("raylora.convert", "raylora.families")
+        for line, text in _names_and_strings(tree)
+        if FAMILY_NAMES.search(text) and (name, text) not in FAMILY_NAME_VALUES
+    ]
+    assert not leaks, leaks
+
+
+def test_the_family_names_check_catches_a_leak():
+    """Negative control: the check above finds a family's token or class named outside its folder."""
+    tree = ast.parse('from transformers import Qwen2VLImageProcessor\nTOKEN = "<IMG_CONTEXT>"\n')
+    found = [text for _, text in _names_and_strings(tree) if FAMILY_NAMES.search(text)]
+    assert found == ["Qwen2VLImageProcessor", "<IMG_CONTEXT>"]

@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("annotation", help="InternVL chat-format JSONL, or a meta JSON listing several")
+    c.add_argument(
+        "annotation",
+        help="chat-format JSONL (image + conversations per line), or a meta JSON listing several",
+    )
     c.add_argument("--root", help="image root of a JSONL (default: the folder above the annotation's folder)")
     c.add_argument(
         "--model",

@@ -167,7 +167,7 @@ class ConversationTokenizer:
         unk = getattr(tokenizer, "unk_token_id", None)
         if any(i is None or (unk is not None and i == unk) for i in ids):
             raise ValueError(f"tokenizer lacks the image tokens {image.start}, {image.end}, {image.context}")
-        self.img_start_id, self.img_end_id, self.img_context_id = ids
+        self.img_start_id, self.img_end_id, self.image_context_id = ids
         self._cache: dict[str, list[int]] = {}
 
     def _encode(self, text: str) -> list[int]:
@@ -188,7 +188,7 @@ class ConversationTokenizer:
             ids = (
                 ids
                 + [self.img_start_id]
-                + [self.img_context_id] * (n * self.tokens_per_tile)
+                + [self.image_context_id] * (n * self.tokens_per_tile)
                 + [self.img_end_id]
             )
             next_image += 1

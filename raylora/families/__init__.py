@@ -42,6 +42,7 @@ __all__ = [
     "family_of_model",
     "image_columns",
     "named_templates",
+    "original_format",
     "registered",
     "tiny_builders",
 ]
@@ -67,6 +68,11 @@ def family_of_config(
         f"{where}: model type {kind!r} is not a family raylora knows "
         f"({', '.join(c.name for c in registered())}); see the README's supported families"
     )
+
+
+def original_format(config: dict[str, Any]) -> bool:
+    """Whether a parsed config.json is a family's original remote-code format (converted once)."""
+    return any(cls.original_format(config) for cls in registered())
 
 
 def family_of(model_dir: str | Path) -> Family:

@@ -52,6 +52,12 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def original_format(cls, config: dict[str, Any]) -> bool:
+        """Whether config.json is of the family's original remote-code format (:mod:`raylora.convert`
+        converts it once into the native layout)."""
+        return False
+
+    @classmethod
     def from_config(cls, config: dict[str, Any], model_dir: str | Path | None = None) -> Family:
         """The family's facts from a config.json (``model_dir``: the folder it was read from)."""
         raise NotImplementedError

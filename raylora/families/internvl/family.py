@@ -77,6 +77,10 @@ class InternVL(Family):
         return config.get("model_type") == "internvl"
 
     @classmethod
+    def original_format(cls, config: dict[str, Any]) -> bool:
+        return config.get("model_type") == "internvl_chat"
+
+    @classmethod
     def from_config(cls, config: dict[str, Any], model_dir: str | Path | None = None) -> InternVL:
         vision = config.get("vision_config") or {}
         size = vision.get("image_size", 448)
