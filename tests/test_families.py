@@ -216,3 +216,113 @@ def test_data_check_reports_image_tokens(tiny_checkpoints, capsys):
     code = main(["check", str(TRAIN), "--root", str(COCO), "--model", str(tiny_checkpoints["qwen2_5_vl"])])
     out = capsys.readouterr().out
     assert code == 0 and "image tokens of 28x28 px" in out and "image tokens per image:" in out
+
+
+def _one_image_annotation(records: pa.Table, out: Path) -> list[int]:
+    """An annotation of one COCO image's five captions (the records' lines of the fixture file)."""
+    rows = _one_group(records)
+    lines = TRAIN.read_text(encoding="utf-8").splitlines()
+    out.write_text("".join(lines[records.column("line")[r].as_py() - 1] + "\n" for r in rows))
+    return rows
+
+
+def _transformers_caption(merged: Path, image: str, max_new_tokens: int) -> str:
+    """What plain transformers make of the merged folder: Auto classes, the processor's own chat
+    template, greedy decoding with the saved generation config."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from raylora.generation import GenerationSettings
+
+    processor = AutoProcessor.from_pretrained(merged)
+    model = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
+    prompt = GenerationSettings().prompt
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    with Image.open(image) as im:
+        inputs = processor(
+            text=[processor.apply_chat_template([user], add_generation_prompt=True)],
+            images=[im.convert("RGB")],
+            return_tensors="pt",
+        )
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, min_new_tokens=8, max_new_tokens=max_new_tokens)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_merges_serves_and_captions(
+    family, tiny_checkpoints, family_data, tracking_uri, tmp_path, monkeypatch, capsys
+):
+    """The demo config on the family's checkpoint (everything else from the checkpoint: family, chat
+    template, image settings): trains (its first loss is transformers' own), validates, merges into a
+    folder plain transformers load and caption with as raylora does, registers it as an MLflow pyfunc
+    whose captions equal ``raylora.caption``'s."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from raylora import tracking
+    from raylora.caption import main as caption_main
+    from raylora.merge import merge_adapter
+    from raylora.train import main as train_main
+
+    records, _ = family_data[family]
+    annotation = tmp_path / "one_image.jsonl"
+    rows = _one_image_annotation(records, annotation)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    out = tmp_path / "out"
+    argv = [
+        "--no-ray",
+        "--config",
+        "demo",
+        "--output",
+        str(out),
+        f"model.path={tiny_checkpoints[family]}",
+        f"data.train={annotation}",
+        f"data.root={COCO}",
+        f"data.val={COCO / 'annotations' / 'coco_karpathy_test.json'}",
+        f"data.val_gt={COCO / 'annotations' / 'coco_karpathy_test_gt.json'}",
+        f"data.val_root={COCO}",
+        "data.val_size=2",
+        "train.max_steps=2",
+        "train.global_batch_size=1",
+        "train.per_device_batch_size=1",
+        "cluster.num_workers=1",
+        "train.log_every_n_steps=1",
+        "train.checkpoint_every_n_steps=2",
+        "eval.every_n_steps=2",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri={tracking_uri}",
+    ]
+    assert train_main(argv) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    history = tracking.client(tracking_uri).get_metric_history(summary["mlflow_run_id"], "loss")
+    first = next(m.value for m in history if m.step == 1)
+    ref = reference_loss(tiny_checkpoints[family], records, rows)
+    assert abs(first - ref) <= (1e-5 if family in QWEN else 1e-4) * ref, (first, ref)
+    capsys.readouterr()
+
+    image = str(COCO / records.column("images")[rows[0]].as_py()[0])
+    name = f"family-{family}-{tmp_path.name[-6:]}"
+    report = merge_adapter(
+        out / "adapter",
+        tmp_path / "merged",
+        verify_images=[image],
+        register=True,
+        name=name,
+        log=lambda *_: None,
+    )
+    assert report["max_abs_diff"] <= report["tolerance"] and report.get("processor_prompt_matches", True)
+
+    assert caption_main(["--model", str(out / "adapter"), image]) == 0
+    adapter_caption = capsys.readouterr().out.strip().split("\t", 1)[1]
+    assert caption_main(["--model", str(tmp_path / "merged"), image]) == 0
+    merged_caption = capsys.readouterr().out.strip().split("\t", 1)[1]
+    assert merged_caption == adapter_caption
+    assert _transformers_caption(tmp_path / "merged", image, 30) == adapter_caption
+
+    served = mlflow.pyfunc.load_model(f"models:/{name}-merged@champion")
+    data = base64.b64encode(Path(image).read_bytes()).decode("ascii")
+    assert served.predict(pd.DataFrame({"image": [data]})) == [adapter_caption]
