@@ -326,3 +326,51 @@ def test_family_trains_merges_serves_and_captions(
     served = mlflow.pyfunc.load_model(f"models:/{name}-merged@champion")
     data = base64.b64encode(Path(image).read_bytes()).decode("ascii")
     assert served.predict(pd.DataFrame({"image": [data]})) == [adapter_caption]
+
+
+def test_internvl_with_a_gpt_oss_llm_gets_attention_lora():
+    """InternVL3.5-GPT-OSS as transformers' native classes build it: LoRA on the attention projections
+    (the experts are fused parameters and stay frozen); a forward and backward run."""
+    from transformers import (
+        GptOssConfig,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+    )
+
+    from raylora.cli import load
+    from raylora.families import family_of_model
+    from raylora.model import apply_lora
+
+    text = GptOssConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    )
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=[56, 56],
+        patch_size=[14, 14],
+    )
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=5, image_seq_length=4)
+    model = InternVLForConditionalGeneration(config)
+    assert family_of_model(model).text_model_type == "gpt_oss"
+    model = apply_lora(model, load("demo"))
+    trained = {
+        n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad
+    }
+    assert trained == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    out = model(input_ids=torch.tensor([[1, 2, 5, 5, 5, 5, 3]]), pixel_values=torch.randn(1, 3, 56, 56))
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -1,4 +1,4 @@
-"""The scripts: download_internvl2_coco.sh without network, and the GPU check's stages on the CPU.
+"""The scripts: download_coco.sh without network, and the GPU check's stages on the CPU.
 
 Each run gets a PATH made of a temp bin folder holding only the tools the case wants. wget, curl and
 unzip there are stand-ins that log their calls: the dry run must never call them, and the real-mode
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "download_internvl2_coco.sh"
+SCRIPT = REPO / "scripts" / "download_coco.sh"
 BASH = shutil.which("bash") or "/bin/bash"
 COCO_ZIPS = "http://images.cocodataset.org/zips"
 INTERNVL_DATA = "https://github.com/OpenGVLab/InternVL/releases/download/data"
@@ -156,9 +156,12 @@ def test_help_and_bad_options(tmp_path: Path, work: Path):
     assert r.returncode == 0 and "--dry-run" in r.stdout and "MODEL" in r.stdout
     r = run(work, bin_dir, "--resume-download")
     assert r.returncode == 2 and "unknown option: --resume-download" in r.stderr
-    r = run(work, bin_dir, "--dry-run", "OpenGVLab/InternVL2-2B")
-    assert r.returncode != 0 and "MODEL is a name under OpenGVLab/" in r.stderr
+    for bad in ("OpenGVLab/InternVL2-2B/extra", "../InternVL2-2B", "Qwen/.hidden"):
+        r = run(work, bin_dir, "--dry-run", bad)
+        assert r.returncode != 0 and "MODEL is ORG/NAME or a NAME under OpenGVLab/" in r.stderr
     assert list(work.iterdir()) == [] and calls(work) == []
+    r = run(work, bin_dir, "--dry-run", "Qwen/Qwen2.5-VL-3B-Instruct")  # any org: its name is the folder
+    assert r.returncode == 0 and "hub Qwen/Qwen2.5-VL-3B-Instruct -> pretrained/Qwen2.5-VL-3B-Instruct/" in r.stdout
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,11 @@ LLM_FAMILIES: dict[str, LLMFamily] = {
         "Phi3ForCausalLM", "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3-chat", None
     ),
     "qwen3": LLMFamily("Qwen3ForCausalLM", "qwen3", _DECODER_LINEARS, "internvl2_5", 151669),
+    # InternVL3.5-GPT-OSS (-HF checkpoints): LoRA on the attention projections; the experts are fused
+    # parameters, not linear layers, and stay frozen
+    "gpt_oss": LLMFamily(
+        "GptOssForCausalLM", "gpt_oss", ("q_proj", "k_proj", "v_proj", "o_proj"), "internvl2_5", None
+    ),
 }
 
 

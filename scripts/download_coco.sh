@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Download what the InternVL2 COCO-caption recipe needs, laid out as in InternVL's tutorial,
-# relative to the current directory:
-#   pretrained/InternVL2-2B/                 (original checkpoint; raylora converts it once, no remote code runs)
+# Download what a COCO-caption recipe needs (a model from the hub and COCO with the Karpathy splits),
+# laid out as in InternVL's tutorial, relative to the current directory:
+#   pretrained/<MODEL>/                      (e.g. InternVL2-2B, an original checkpoint raylora converts once,
+#                                             or a transformers-native one: InternVL3_5-1B-HF, Qwen2.5-VL-3B-Instruct)
 #   data/coco/train2014/, data/coco/val2014/
 #   data/coco/annotations/coco_karpathy_train_567k.jsonl
 #   data/coco/annotations/coco_karpathy_{val,test}.json and *_gt.json
@@ -10,13 +11,16 @@ set -euo pipefail
 
 # (help and dry run use only bash builtins and python, hence read and printf rather than cat)
 read -r -d '' USAGE <<'EOF' || true
-Usage: bash scripts/download_internvl2_coco.sh [--dry-run] [MODEL]
+Usage: bash scripts/download_coco.sh [--dry-run] [MODEL]
 
-Downloads OpenGVLab/MODEL into pretrained/MODEL/ and COCO 2014 with the Karpathy caption
-splits into data/coco/, relative to the current directory. Items already in place are
+Downloads the hub model MODEL into pretrained/<its name>/ and COCO 2014 with the Karpathy
+caption splits into data/coco/, relative to the current directory. Items already in place are
 skipped and interrupted downloads resume, so after a failure just run it again.
 
-  MODEL        InternVL2-2B (default), InternVL2-1B, InternVL2-4B, InternVL2-8B, InternVL2-26B
+  MODEL        ORG/NAME, or a NAME under OpenGVLab/; the recipes' models:
+               InternVL2-2B (default), InternVL2-1B, InternVL2-4B, InternVL2-8B, InternVL2-26B,
+               InternVL3_5-1B-HF, InternVL3_5-2B-HF, Qwen/Qwen2.5-VL-3B-Instruct,
+               Qwen/Qwen3-VL-2B-Instruct
   --dry-run    no network access, nothing written: print each source (hub repo or URL) and
                its target path, check the needed tools, exit non-zero naming any missing one
                (same as DRY_RUN=1)
@@ -60,12 +64,16 @@ while [ $# -gt 0 ]; do
 done
 MODEL=${MODEL:-InternVL2-2B}
 case $DRY_RUN in 0 | '' | false | no) DRY_RUN=0 ;; *) DRY_RUN=1 ;; esac
-case $MODEL in */* | .*) die "MODEL is a name under OpenGVLab/ such as InternVL2-2B, got: $MODEL" ;; esac
+case $MODEL in
+    */*/* | .* | */.* | */ | /*) die "MODEL is ORG/NAME or a NAME under OpenGVLab/ (such as InternVL2-2B or Qwen/Qwen2.5-VL-3B-Instruct), got: $MODEL" ;;
+    */*) ;;
+    *) MODEL=OpenGVLab/$MODEL ;;
+esac
 
 HERE=${BASH_SOURCE[0]%/*}
 [ "$HERE" != "${BASH_SOURCE[0]}" ] || HERE=.
-REPO_ID=OpenGVLab/$MODEL
-MODEL_DIR=pretrained/$MODEL
+REPO_ID=$MODEL
+MODEL_DIR=pretrained/${MODEL#*/}
 COCO=data/coco
 ANN=$COCO/annotations
 COCO_ZIPS=http://images.cocodataset.org/zips
