@@ -48,6 +48,7 @@ from raylora.console import add_verbose_flag, run_command, verbose
 from raylora.families.internvl import LLM_FAMILIES
 from raylora.families.internvl.tiling import IMAGENET_MEAN, IMAGENET_STD
 from raylora.files import atomic_dir, cache_root, file_lock
+from raylora.model import RECORD
 
 logger = logging.getLogger(__name__)
 # transformers is imported inside the functions that build configs and models (seconds at start-up).
@@ -867,7 +868,7 @@ def _convert(src: Path, dst: Path, max_shard_size: int | str, overwrite: bool) -
         _rewrite_tokenizer_config(tmp)
         if original_config.get("template"):
             # the same record raylora's demo model has (raylora.sources reads it), besides config.json's entry
-            (tmp / "raylora.json").write_text(json.dumps({"template": original_config["template"]}) + "\n")
+            (tmp / RECORD).write_text(json.dumps({"template": original_config["template"]}) + "\n")
         (tmp / "preprocessor_config.json").write_text(
             json.dumps(image_processor_config(original_config), indent=2) + "\n", encoding="utf-8"
         )

@@ -38,6 +38,7 @@ from raylora.data.prepare import prepare
 from raylora.families import named_templates, tiny_builders
 from raylora.files import atomic_dir, cache_root, file_lock
 from raylora.loss import forward_loss
+from raylora.model import RECORD
 from raylora.sources import image_settings
 
 # torch, transformers and tokenizers are imported inside the builders: reading the cache stays fast.
@@ -449,7 +450,7 @@ def save_model_dir(model, tokenizer_dir: Path, out: Path) -> None:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     write_processor(out, tokenizer_dir)
-    (out / "raylora.json").write_text(json.dumps({"template": TEMPLATE, "system_message": SYSTEM_MESSAGE}))
+    (out / RECORD).write_text(json.dumps({"template": TEMPLATE, "system_message": SYSTEM_MESSAGE}))
 
 
 def build_checkpoint(family: str, out: Path, seed: int = 0, log=print) -> Path:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from raylora import tracking
+from raylora import runs, tracking
 from raylora.cli import config_from_args, config_parser, model_spec
 from raylora.cluster import init_ray
 from raylora.config import Config, ConfigError
@@ -305,7 +305,7 @@ def log_evaluation(
 
 def default_model(cfg: Config) -> str:
     """The config's trained adapter when present, else its base model."""
-    adapter = Path(cfg.output_dir) / "adapter"
+    adapter = runs.adapter_dir(cfg.output_dir)
     if (adapter / "adapter_config.json").is_file():
         return str(adapter)
     return cfg.model.path

@@ -58,6 +58,7 @@ from raylora.demo import demo_dir, draw_scenes
 from raylora.families import IMAGE_COLUMNS, checkpoint_chat_template, family_of_model, named_templates
 from raylora.files import atomic_dir
 from raylora.generation import GenerationSettings, generate_captions, prompt_batch
+from raylora.model import RECORD
 from raylora.sources import ModelSource, SourceError, load_model, resolve_source
 
 # torch and transformers are imported inside the functions: --help and argument errors stay fast.
@@ -305,7 +306,7 @@ def save_merged(model: Any, source: ModelSource, out: Path, dtype: str, record: 
         settings.family.save_processor(out, source.base_dir, tok, jinja)
     except ImportError as e:  # transformers' video processors are torchvision-based
         raise MergeError(f"transformers' processor for this model needs torchvision: {e}") from None
-    (out / "raylora.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    (out / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     stray = sorted(p.name for p in out.rglob("*.py"))
     if stray:
         raise MergeError(f"python files in the merged checkpoint: {stray}")

@@ -31,6 +31,12 @@ from raylora.config import Config
 from raylora.files import absolute, is_remote, read_text, remove_dir, write_text
 
 RECORD = "raylora_run.json"
+# A checkpoint folder (``checkpoint_*``): rank 0's state, written last (it completes the checkpoint),
+# every rank's DeepSpeed shards under ds/ (DeepSpeed's tag "ds" inside), and the PEFT adapter for the
+# original base (also what a training output folder holds: ``<output>/adapter``).
+STATE = "train_state.json"  # {"step", "loss", ...}
+DEEPSPEED = "ds"
+ADAPTER = "adapter"
 VALIDATIONS = "validation"  # in the run folder: step_NNNNNNN.json = {"step", "val_cider", "val_images"}
 EARLY_STOP = "early_stop.json"  # in the run folder: {"step", "best_step", "best_val_cider", "patience"}
 # Config keys that do not change the trained weights: logging, checkpoint cadence, evaluation,
@@ -137,12 +143,10 @@ def checkpoints(directory: str, world_size: int) -> list[CheckpointInfo]:
         if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith("checkpoint_"):
             continue
         try:
-            with fs.open_input_stream(f"{info.path}/train_state.json") as f:
+            with fs.open_input_stream(f"{info.path}/{STATE}") as f:
                 step = int(json.loads(f.read())["step"])
-            files = [
-                i.base_name
-                for i in fs.get_file_info(pafs.FileSelector(f"{info.path}/ds/ds", allow_not_found=True))
-            ]
+            shards = f"{info.path}/{DEEPSPEED}/{DEEPSPEED}"
+            files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(shards, allow_not_found=True))]
         except (OSError, KeyError, ValueError):
             continue
         shards = [n for n in files if n.endswith("optim_states.pt")]
@@ -244,3 +248,23 @@ def prune(directory: str, world_size: int, keep: int) -> None:
     for c in ranked[:-keep]:
         if c is not found[-1]:
             remove_dir(c.path)
+
+
+def read_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A local checkpoint folder's :data:`STATE` (step, loss, scores)."""
+    return json.loads(Path(checkpoint_dir, STATE).read_text())
+
+
+def write_state(checkpoint_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Rank 0's :data:`STATE`, the file that completes a checkpoint: write it after every shard."""
+    Path(checkpoint_dir, STATE).write_text(json.dumps(metrics))
+
+
+def deepspeed_dir(checkpoint_dir: str | Path) -> str:
+    """Where every rank's DeepSpeed shards go (``engine.save_checkpoint(..., tag=DEEPSPEED)``)."""
+    return str(Path(checkpoint_dir, DEEPSPEED))
+
+
+def adapter_dir(folder: str | Path) -> Path:
+    """The PEFT adapter of a checkpoint folder or of a training output folder."""
+    return Path(folder, ADAPTER)

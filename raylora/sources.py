@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylora import registry, tracking
+from raylora import registry, runs, tracking
 from raylora.config import DataConfig
 from raylora.data.settings import ImageSettings
 from raylora.families import (
@@ -313,8 +313,8 @@ def _resolve_local(path: Path, spec: str, base: str | None) -> ModelSource:
         path = pyfunc_weights(path) or path
     if (path / "adapter_config.json").is_file():
         adapter_dir = path
-    elif (path / "adapter" / "adapter_config.json").is_file():  # a training output dir
-        adapter_dir = path / "adapter"
+    elif (runs.adapter_dir(path) / "adapter_config.json").is_file():  # a training output dir
+        adapter_dir = runs.adapter_dir(path)
     else:
         adapter_dir = None
     if adapter_dir is not None:

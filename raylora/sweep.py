@@ -36,7 +36,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raylora import console, registry, tracking
+from raylora import console, registry, runs, tracking
 from raylora.cli import config_from_args, config_parser
 from raylora.cluster import alive_nodes, init_ray, job_resources, preflight
 from raylora.config import MERGE_RESOURCES, Config, ConfigError, apply_override, validate
@@ -46,8 +46,8 @@ from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
 from raylora.runs import best_checkpoint, validations
 from raylora.sources import complete_adapter_dir
-from raylora.train import async_validation, build_trainer, check_paths, make_job, prepare_data, train_settings
-from raylora.train import run as train_run
+from raylora.driver import async_validation, build_trainer, check_paths, make_job, prepare_data, train_settings
+from raylora.driver import run as train_run
 from raylora.validation import ValidationSet, validation_set
 
 # ray (Tune) and mlflow are imported inside the functions that use them: --help and config errors stay fast.
@@ -764,7 +764,7 @@ def register_champion(sweep: Sweep, best: dict[str, Any], output: Path) -> tuple
     best_cfg = trial_config(sweep.cfg, best["params"])
     adapter = output / "champion_adapter"
     shutil.rmtree(adapter, ignore_errors=True)
-    shutil.copytree(_local_checkpoint(best["checkpoint"]) / "adapter", adapter)
+    shutil.copytree(runs.adapter_dir(_local_checkpoint(best["checkpoint"])), adapter)
     complete_adapter_dir(adapter, sweep.model_dir, train_settings(best_cfg, sweep.model_dir))
     best_run = best.get("mlflow_run_id")
     if best_run:

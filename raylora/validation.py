@@ -21,7 +21,6 @@ rung's score).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,9 +188,9 @@ class Validator:
         """Score a Ray Train checkpoint's adapter; publish the score (``scored``)."""
         t0 = time.time()
         with checkpoint.as_directory() as d:
-            step = int(json.loads(Path(d, "train_state.json").read_text())["step"])
+            step = int(runs.read_state(d)["step"])
             metrics = score_adapter(
-                Path(d, "adapter"), self.model_dir, self.validation, self.eval, self.dtype, self.use_gpu
+                runs.adapter_dir(d), self.model_dir, self.validation, self.eval, self.dtype, self.use_gpu
             )
         scored.publish(step, metrics, eval_line(step, metrics, self.decoding, time.time() - t0))
         return metrics

@@ -69,7 +69,7 @@ def ray_run(stage: int, steps: int, threads: int, work: Path, tracking_uri: str)
     """Samples/s of ``raylora.train`` with one worker at ZeRO ``stage`` (its logged windows, the first dropped)."""
     from mlflow.tracking import MlflowClient
 
-    from raylora.train import run
+    from raylora.driver import run
 
     cfg = load(
         "demo",

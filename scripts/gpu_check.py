@@ -346,7 +346,9 @@ def recipe_worker(args: argparse.Namespace) -> None:
 
     from raylora.cli import load
     from raylora.data.plan import unit_lengths
-    from raylora.train import LocalRuntime, LoRAFinetuneRecipe, make_job, prepare_data, runs
+    from raylora import runs
+    from raylora.driver import make_job, prepare_data
+    from raylora.recipe import LocalRuntime, LoRAFinetuneRecipe
 
     dry, layout = args.cpu_dry_run, args.worker
     arch = NARROW if dry else INTERNVL2_2B
@@ -618,7 +620,7 @@ def sync(dev: str) -> None:
 
 def torchrun() -> list[str]:
     """``torchrun`` for one process on a free port (the stages' own launcher command)."""
-    from raylora.train import free_port
+    from raylora.driver import free_port
 
     return [
         sys.executable,

@@ -114,7 +114,7 @@ def watched_demo_run(ray_cluster, tracking_uri, tmp_path_factory):
 
     from raylora import runs
     from raylora.cli import load
-    from raylora.train import check_paths, run
+    from raylora.driver import check_paths, run
     from tests.test_monitoring import _auth_token, _get, _metrics_export, _samples
 
     root = tmp_path_factory.mktemp("demo_e2e")

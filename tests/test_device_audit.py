@@ -19,7 +19,7 @@ def process_group(tmp_path):
 
 def recipe_stub(device):
     """What ``LoRAFinetuneRecipe.log_step`` reads of the recipe, on ``device``."""
-    from raylora.train import StepWindow
+    from raylora.recipe import StepWindow
 
     window = StepWindow()
     window.loss, window.labels, window.samples, window.tokens = 12.0, 6, 2, 40
@@ -45,7 +45,7 @@ def test_the_recipes_logged_step_reduces_on_the_recipes_device(process_group):
     import torch
 
     from raylora.device_audit import device_audit
-    from raylora.train import LoRAFinetuneRecipe
+    from raylora.recipe import LoRAFinetuneRecipe
 
     stub, window = recipe_stub(torch.device("cpu"))
     with device_audit("cpu") as audit:

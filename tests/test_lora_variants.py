@@ -193,7 +193,7 @@ from raylora.config import load_config
 from raylora.families.internvl.tiling import normalize
 from raylora.loss import forward_loss
 from raylora.model import apply_lora, load_base_model, lora_init_snapshot, lora_state_dict, save_adapter
-from raylora.train import deepspeed_config
+from raylora.recipe import deepspeed_config
 from raylora.demo import demo_image_settings
 from tests.test_lora_variants import demo_micro_batch
 

@@ -128,7 +128,7 @@ def test_recipe_trainable_params_internlm2_1_8b():
 
 
 def test_deepspeed_config_batch_arithmetic():
-    from raylora.train import deepspeed_config
+    from raylora.recipe import deepspeed_config
 
     cfg = load_config("internvl2_2b_coco")
     ds = deepspeed_config(cfg, grad_accum=16, world_size=8, bf16=True)

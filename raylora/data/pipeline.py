@@ -29,7 +29,6 @@ rank the same tensors as :func:`iter_rank_batches`, built in-process (the recipe
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,7 +89,8 @@ class MicroBatchBuilder:
                     f"{s['source']}:{s['line']}: image changed since validation ({got} image units, "
                     f"expected {list(s['tiles'])}); run the job again to re-validate"
                 )
-        rows = [self.conv_tok.encode_conversation(json.loads(s["conversations"]), got) for s in unit]
+        # tokenized once by the data check: only the images' context runs are inserted here
+        rows = [self.conv_tok.expand(s["input_ids"], s["labels"], s["image_at"], got) for s in unit]
         family = self.settings.family
         if len(unit) == 1:
             ids, labels = rows[0]

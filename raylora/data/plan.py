@@ -162,7 +162,17 @@ def plan_microbatches(
     )
 
 
-SAMPLE_FIELDS = ("id", "source", "line", "images", "tiles", "conversations", "prefix_length")  # + "record"
+SAMPLE_FIELDS = (
+    "id",
+    "source",
+    "line",
+    "images",
+    "tiles",
+    "input_ids",
+    "labels",
+    "image_at",
+    "prefix_length",
+)  # + "record"
 
 
 def microbatch_records(

@@ -45,7 +45,12 @@ SCHEMA = pa.schema(
         ("line", pa.int64()),
         ("images", pa.list_(pa.string())),
         ("conversations", pa.string()),  # JSON, normalised (placeholders added)
-        ("tiles", pa.list_(pa.int64())),  # per image
+        ("tiles", pa.list_(pa.int64())),  # per image: its units (tiles, merged patches)
+        # the row tokenized once, without the images' context runs (the micro-batch builder inserts
+        # them at image_at): the decode actors never tokenize
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("image_at", pa.list_(pa.int32())),
         ("length", pa.int64()),  # tokens of the row, image tokens expanded
         ("prefix_length", pa.int64()),  # tokens before the first supervised one
         ("label_tokens", pa.int64()),  # supervised tokens (what the loss is normalised by)
@@ -197,7 +202,8 @@ def prepare(
                 if isinstance(size, RowRejected):
                     raise size
                 tiles.append(settings.tiles_for(*size))
-            ids, labels = conv_tok.encode_conversation(rec.conversations, tiles)
+            ids, labels, image_at = conv_tok.encode_text(rec.conversations)
+            length = conv_tok.expanded_length(len(ids), tiles)
         except RowRejected as e:
             rej = Reject(
                 rec.source, rec.line, e.reason, e.detail, json.dumps({"image": rec.images, "id": rec.id})
@@ -212,9 +218,14 @@ def prepare(
         cols["images"].append(rec.images)
         cols["conversations"].append(json.dumps(rec.conversations, ensure_ascii=False))
         cols["tiles"].append(tiles)
-        cols["length"].append(len(ids))
+        cols["input_ids"].append(ids)
+        cols["labels"].append(labels)
+        cols["image_at"].append(image_at)
+        cols["length"].append(length)
         supervised = labels != IGNORE_INDEX
-        cols["prefix_length"].append(int(np.argmax(supervised)))
+        first = int(np.argmax(supervised))  # in the unexpanded tokens; the images before it come first
+        before = sum(n for at, n in zip(image_at, tiles) if at <= first) * settings.tokens_per_unit
+        cols["prefix_length"].append(first + before)
         cols["label_tokens"].append(int(supervised.sum()))
         cols["group_key"].append(group_key(rec))
     rejects.sort(key=lambda r: (r.source, r.line))

@@ -178,31 +178,24 @@ class ConversationTokenizer:
             self._cache[text] = ids  # template pieces and prompts repeat on every row
         return ids
 
-    def _encode_with_images(self, text: str, tiles: list[int], next_image: int) -> tuple[list[int], int]:
+    def _encode_with_images(self, text: str, at: list[int], offset: int) -> list[int]:
+        """Tokens of a text with ``<image>`` placeholders: each image as its start and end tokens; the
+        position of its context run (relative to ``offset``, where the text starts) appended to ``at``."""
         parts = text.split(IMAGE_PLACEHOLDER)
-        ids = self._encode(parts[0])
+        ids = list(self._encode(parts[0]))
         for part in parts[1:]:
             if part.startswith("\n"):  # the family's own template may join the text to the image
                 part = self.image.after_image + part[1:]
-            n = tiles[next_image]
-            ids = (
-                ids
-                + [self.img_start_id]
-                + [self.image_context_id] * (n * self.tokens_per_tile)
-                + [self.img_end_id]
-            )
-            next_image += 1
-            ids = ids + self._encode(part)
-        return ids, next_image
+            ids.append(self.img_start_id)
+            at.append(offset + len(ids))
+            ids.append(self.img_end_id)
+            ids += self._encode(part)
+        return ids
 
-    def encode_conversation(
-        self, conversations: list[dict[str, str]], tiles: list[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """input_ids and labels (int64 arrays) of a training conversation.
-
-        Raises RowRejected when the text does not fit ``max_seq_length`` once image tokens are
-        expanded (image tokens are never truncated).
-        """
+    def encode_text(self, conversations: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A training conversation tokenized once, without its images' context runs: input_ids,
+        labels (-100 but for the answers and their end-of-turn tokens) and ``image_at``, where each
+        image's run goes. What the data check keeps per row; :meth:`expand` makes the model's tokens."""
         t = self.template
         system = self.system_message
         turns = conversations
@@ -210,11 +203,12 @@ class ConversationTokenizer:
             system, turns = turns[0]["value"], turns[1:]
         ids: list[int] = list(self._encode(t.system_text(system)))
         labels: list[int] = [IGNORE_INDEX] * len(ids)
-        next_image = 0
+        at: list[int] = []
         for turn in turns:
             if turn["from"] == "human":
-                body, next_image = self._encode_with_images(turn["value"], tiles, next_image)
-                piece = self._encode(t.user_role) + body + self._encode(t.sep)
+                role = self._encode(t.user_role)
+                body = self._encode_with_images(turn["value"], at, len(ids) + len(role))
+                piece = role + body + self._encode(t.sep)
                 ids += piece
                 labels += [IGNORE_INDEX] * len(piece)
             else:
@@ -224,24 +218,54 @@ class ConversationTokenizer:
                 tail = self._encode(t.sep[len(end) :]) if end else []
                 ids += role + answer + tail
                 labels += [IGNORE_INDEX] * len(role) + answer + [IGNORE_INDEX] * len(tail)
-        if len(ids) > self.max_seq_length:
+        return np.asarray(ids, np.int64), np.asarray(labels, np.int64), np.asarray(at, np.int64)
+
+    def expanded_length(self, ids_length: int, tiles: list[int]) -> int:
+        """Tokens of a row once its images are expanded; RowRejected (too_long) above max_seq_length."""
+        image_tokens = sum(tiles) * self.tokens_per_tile
+        length = ids_length + image_tokens
+        if length > self.max_seq_length:
             raise RowRejected(
                 "too_long",
-                f"{len(ids)} tokens ({sum(tiles) * self.tokens_per_tile} of them image tokens) > max_seq_length "
+                f"{length} tokens ({image_tokens} of them image tokens) > max_seq_length "
                 f"{self.max_seq_length}; raise model.max_seq_length or use fewer image tokens (data.max_num "
                 "tiles, or data.max_pixels)",
             )
-        return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        return length
+
+    def expand(
+        self, ids: np.ndarray, labels: np.ndarray, image_at: np.ndarray, tiles: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The model's input_ids and labels: each image's context run (units x tokens per unit)
+        inserted at its ``image_at``. Raises RowRejected when the row is longer than max_seq_length
+        (image tokens are never truncated)."""
+        self.expanded_length(len(ids), tiles)
+        if len(image_at) != len(tiles):
+            raise ValueError(f"{len(image_at)} images in the tokens, {len(tiles)} given")
+        runs = np.repeat(np.asarray(image_at, np.int64), np.asarray(tiles, np.int64) * self.tokens_per_tile)
+        return (
+            np.insert(np.asarray(ids, np.int64), runs, self.image_context_id),
+            np.insert(np.asarray(labels, np.int64), runs, IGNORE_INDEX),
+        )
+
+    def encode_conversation(
+        self, conversations: list[dict[str, str]], tiles: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids and labels (int64 arrays) of a training conversation, images expanded
+        (:meth:`encode_text` then :meth:`expand`)."""
+        return self.expand(*self.encode_text(conversations), tiles)
 
     def encode_prompt(self, prompt: str, tiles: list[int]) -> np.ndarray:
         """input_ids of a generation prompt: system, the user turn with the image, assistant role."""
         t = self.template
         if IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER * len(tiles) + "\n" + prompt if tiles else prompt
-        body, _ = self._encode_with_images(prompt, tiles, 0)
-        ids = self._encode(t.system_text(self.system_message)) + self._encode(t.user_role) + body
+        head = self._encode(t.system_text(self.system_message)) + self._encode(t.user_role)
+        at: list[int] = []
+        ids = head + self._encode_with_images(prompt, at, len(head))
         ids += self._encode(t.sep) + self._encode(t.assistant_role)
-        return np.asarray(ids, dtype=np.int64)
+        runs = np.repeat(np.asarray(at, np.int64), np.asarray(tiles, np.int64) * self.tokens_per_tile)
+        return np.insert(np.asarray(ids, np.int64), runs, self.image_context_id)
 
     def stop_token_ids(self) -> list[int]:
         """Token ids that end generation: the template's separators plus the tokenizer's eos."""
