@@ -381,7 +381,7 @@ def finish(
     per_step = job.plan.microbatches_per_step
     samples = resolve(job.planned).column("samples").to_numpy()  # records (captions) per micro-batch
     with checkpoint_directory(latest.path) as d:
-        state = json.loads(Path(d, "train_state.json").read_text())
+        state = runs.read_state(d)
     steps_run = state["step"] - job.start_step if seconds else 0
     samples_run = int(samples[job.start_step * per_step : state["step"] * per_step].sum())
     evaluations = [list(v) for v in runs.validations(job.run_dir)]

@@ -148,7 +148,7 @@ def infer_template(model_dir: Path) -> str:
         name = family.default_template(model_dir).name
     except ValueError as e:
         raise SourceError(
-            f"{model_dir}: cannot tell the chat template ({e}); write raylora.json with "
+            f"{model_dir}: cannot tell the chat template ({e}); write {RECORD} with "
             "{'template': ...} next to the weights"
         ) from None
     return name if name in named_templates() else AUTO
@@ -234,13 +234,13 @@ def _base_of_adapter(adapter_dir: Path, spec: str, base: str | None) -> Path:
         candidates.append(("--base", base))
     rec = read_record(adapter_dir)
     if rec.get("base_model"):
-        candidates.append(("raylora.json base_model", str(rec["base_model"])))
+        candidates.append((f"{RECORD} base_model", str(rec["base_model"])))
     peft_base = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
     if peft_base:
         candidates.append(("adapter_config.json base_model_name_or_path", str(peft_base)))
     if not candidates:
         raise SourceError(
-            f"{spec}: the adapter {adapter_dir} does not name its base model (raylora.json base_model or "
+            f"{spec}: the adapter {adapter_dir} does not name its base model ({RECORD} base_model or "
             "adapter_config.json base_model_name_or_path); pass the base checkpoint explicitly"
         )
     tried = []

@@ -41,13 +41,20 @@ from raylora.cli import config_from_args, config_parser
 from raylora.cluster import alive_nodes, init_ray, job_resources, preflight
 from raylora.config import MERGE_RESOURCES, Config, ConfigError, apply_override, validate
 from raylora.console import run_command
+from raylora.driver import (
+    async_validation,
+    build_trainer,
+    check_paths,
+    make_job,
+    prepare_data,
+    train_settings,
+)
+from raylora.driver import run as train_run
 from raylora.files import absolute, is_remote, redact
 from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
 from raylora.runs import best_checkpoint, validations
 from raylora.sources import complete_adapter_dir
-from raylora.driver import async_validation, build_trainer, check_paths, make_job, prepare_data, train_settings
-from raylora.driver import run as train_run
 from raylora.validation import ValidationSet, validation_set
 
 # ray (Tune) and mlflow are imported inside the functions that use them: --help and config errors stay fast.

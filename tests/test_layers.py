@@ -205,3 +205,23 @@ def test_the_family_names_check_catches_a_leak():
     tree = ast.parse('from transformers import Qwen2VLImageProcessor\nTOKEN = "<IMG_CONTEXT>"\n')
     found = [text for _, text in _names_and_strings(tree) if FAMILY_NAMES.search(text)]
     assert found == ["Qwen2VLImageProcessor", "<IMG_CONTEXT>"]
+
+
+# File contracts, each spelled in one module: a checkpoint folder's layout (runs), a model's record
+# (model), a run folder's record (runs)
+FILE_CONTRACTS = {
+    "train_state.json": "raylora.runs",
+    "raylora_run.json": "raylora.runs",
+    "raylora.json": "raylora.model",
+}
+
+
+def test_each_file_contract_is_spelled_in_one_module():
+    spelled = {
+        f"{name}:{line}: {text!r}"
+        for name, tree in MODULES.items()
+        for line, text in _names_and_strings(tree)
+        for contract, owner in FILE_CONTRACTS.items()
+        if contract in text and name != owner
+    }
+    assert not spelled, sorted(spelled)
