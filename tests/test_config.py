@@ -235,7 +235,7 @@ def test_a_library_below_its_floor_is_one_line_at_import(monkeypatch):
     real = versions.version
     monkeypatch.setattr(versions, "version", lambda p: "5.17.0" if p == "transformers" else real(p))
     (line,) = versions.too_old()
-    assert line.startswith("raylora needs transformers>=5.21.0 (InternVL's logits_to_keep")
+    assert line.startswith("raylora needs transformers>=5.21.0 (logits_to_keep as a 2-D boolean mask")
     assert "5.17.0 is installed: pip install -U 'transformers>=5.21.0'" in line
     with pytest.raises(versions.VersionError, match="transformers>=5.21.0"):
         versions.check_versions()
@@ -250,6 +250,6 @@ def test_a_library_below_its_floor_is_one_line_at_import(monkeypatch):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: raylora needs transformers>=5.21.0 (InternVL's logits_to_keep as a 2-D boolean mask "
+        "error: raylora needs transformers>=5.21.0 (logits_to_keep as a 2-D boolean mask "
         "(raylora.loss)); 5.17.0 is installed: pip install -U 'transformers>=5.21.0'"
     ]

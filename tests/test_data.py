@@ -207,9 +207,8 @@ def test_template_expansion_and_labels(demo_tokenizer_dir, name):
     assert end - start - 1 == 7 * 256 and (ids[start + 1 : end] == img).all()
     supervised = ids[labels != IGNORE_INDEX]
     assert tok.decode(supervised) == "a red circle" + t.sep.rstrip()  # not the newline after it
-    assert (
-        labels[: len(ids) - len(supervised)] == IGNORE_INDEX
-    ).all()  # everything up to the answer is masked
+    where = np.nonzero(labels != IGNORE_INDEX)[0]
+    assert (labels[: where[0]] == IGNORE_INDEX).all() and (np.diff(where) == 1).all()  # only the answer
     full = tok.decode(ids)
     assert full.startswith(t.system_text(None)) and (t.assistant_role + "a red circle") in full
 
