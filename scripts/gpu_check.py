@@ -344,9 +344,9 @@ def recipe_worker(args: argparse.Namespace) -> None:
     """One torchrun process: the recipe (LocalRuntime) on the random model, the plan cycling shapes."""
     import torch
 
+    from raylora import runs
     from raylora.cli import load
     from raylora.data.plan import unit_lengths
-    from raylora import runs
     from raylora.driver import make_job, prepare_data
     from raylora.recipe import LocalRuntime, LoRAFinetuneRecipe
 

@@ -161,7 +161,10 @@ def test_help_and_bad_options(tmp_path: Path, work: Path):
         assert r.returncode != 0 and "MODEL is ORG/NAME or a NAME under OpenGVLab/" in r.stderr
     assert list(work.iterdir()) == [] and calls(work) == []
     r = run(work, bin_dir, "--dry-run", "Qwen/Qwen2.5-VL-3B-Instruct")  # any org: its name is the folder
-    assert r.returncode == 0 and "hub Qwen/Qwen2.5-VL-3B-Instruct -> pretrained/Qwen2.5-VL-3B-Instruct/" in r.stdout
+    assert (
+        r.returncode == 0
+        and "hub Qwen/Qwen2.5-VL-3B-Instruct -> pretrained/Qwen2.5-VL-3B-Instruct/" in r.stdout
+    )
 
 
 @pytest.mark.parametrize(
