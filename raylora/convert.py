@@ -46,6 +46,7 @@ import torch
 
 from raylora.console import add_verbose_flag, run_command, verbose
 from raylora.families.internvl import LLM_FAMILIES
+from raylora.families.internvl.templates import NAMED_TOKENS
 from raylora.families.internvl.tiling import IMAGENET_MEAN, IMAGENET_STD
 from raylora.files import atomic_dir, cache_root, file_lock
 from raylora.model import RECORD
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 # transformers is imported inside the functions that build configs and models (seconds at start-up).
 
 # Bump when the output of the conversion changes, so that cached conversions are redone.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: the tokenizer names InternVL's image tokens (start_image_token, ...)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
@@ -747,6 +748,10 @@ def _rewrite_tokenizer_config(out_dir: Path) -> None:
         return
     tokenizer_config = _read_json(config_file)
     changed = tokenizer_config.pop("auto_map", None) is not None  # never point at remote code
+    for name, token in NAMED_TOKENS.items():  # what transformers' InternVLProcessor reads
+        if tokenizer_config.get(name) != token:
+            tokenizer_config[name] = token
+            changed = True
     tokenizer_class = str(tokenizer_config.get("tokenizer_class") or "")
     if tokenizer_class.startswith("InternLM2Tokenizer"):
         # InternLM2Tokenizer(Fast) lives in the checkpoint's remote code (tokenization_internlm2*.py). It is a

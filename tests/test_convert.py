@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -901,3 +902,37 @@ def test_vision_config_defaults_follow_intern_vision_config():
     assert config.image_seq_length == (224 // 14) ** 2 // 4
     assert config.vision_config.use_qk_norm and config.vision_config.norm_type == "rms_norm"
     assert not config.vision_config.attention_bias and config.vision_config.layer_scale_init_value == 0.1
+
+
+def test_a_converted_checkpoint_gets_processor_files_plain_transformers_load(converted, tmp_path):
+    """Found by running the merge on a converted original checkpoint: the converted tokenizer did not
+    name InternVL's image tokens, so transformers' InternVLProcessor could not be built and the merge
+    failed (AttributeError: ... has no attribute start_image_token). Now the converted tokenizer names
+    them and the family's processor files load with AutoProcessor and expand an image."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from raylora.families import family_of
+
+    _, _, _, out = converted
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.context_image_token == "<IMG_CONTEXT>" and tokenizer.start_image_token == "<img>"
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    family_of(out).save_processor(tmp_path / "merged", out, tokenizer, jinja)
+    processor = AutoProcessor.from_pretrained(tmp_path / "merged")
+    image = Image.fromarray(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
+    ids = processor(text=["<IMG_CONTEXT>\nhi"], images=[image], return_tensors="np")["input_ids"][0]
+    assert (ids == processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")).sum() == TOKENS_PER_TILE
+    # a checkpoint converted before the converter named the tokens (its cache): the family names them
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    for name in ("start_image_token", "end_image_token", "context_image_token", "video_token"):
+        config.pop(name, None)
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    family_of(old).save_processor(tmp_path / "merged_old", old, AutoTokenizer.from_pretrained(old), jinja)
+    assert (
+        AutoProcessor.from_pretrained(tmp_path / "merged_old").tokenizer.context_image_token
+        == "<IMG_CONTEXT>"
+    )

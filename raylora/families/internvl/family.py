@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from raylora.data.templates import ChatTemplate, ImageTokens
 from raylora.families.base import Family, ImageInput
-from raylora.families.internvl.templates import TEMPLATES, image_tokens
+from raylora.families.internvl.templates import NAMED_TOKENS, TEMPLATES, image_tokens
 from raylora.families.internvl.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize, num_tiles, tile_image
 
 _DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -170,6 +170,21 @@ class InternVL(Family):
         )
 
 
+def with_named_tokens(tokenizer: Any) -> Any:
+    """The tokenizer, naming InternVL's image tokens as transformers' InternVLProcessor reads them
+    (``start_image_token``, ...): reloaded with them when it does not (a checkpoint converted before
+    the converter wrote them)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if all(getattr(tokenizer, name, None) for name in NAMED_TOKENS):
+        return tokenizer
+    with tempfile.TemporaryDirectory(prefix="raylora-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp, **NAMED_TOKENS)
+
+
 def write_processor_files(
     out: Path, tokenizer: Any, image_processor: Any, image_size: int, tokens_per_tile: int, chat_template: str
 ) -> None:
@@ -177,6 +192,7 @@ def write_processor_files(
     configs, the tokenizer with the chat template) saved in ``out``."""
     from transformers import InternVLProcessor, InternVLVideoProcessor
 
+    tokenizer = with_named_tokens(tokenizer)
     tokenizer.chat_template = chat_template
     video_processor = InternVLVideoProcessor(
         size={"height": image_size, "width": image_size},

@@ -7,6 +7,13 @@ from raylora.data.templates import ChatTemplate, ImageTokens
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
+# the names transformers' InternVLProcessor reads from the tokenizer (tokenizer_config.json keys)
+NAMED_TOKENS = {
+    "start_image_token": IMG_START,
+    "end_image_token": IMG_END,
+    "context_image_token": IMG_CONTEXT,
+    "video_token": "<video>",
+}
 
 INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"

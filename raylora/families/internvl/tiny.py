@@ -7,15 +7,10 @@ from typing import Any
 
 from raylora.families.base import TinyBuilder
 from raylora.families.internvl.family import image_processor_for, write_processor_files
-from raylora.families.internvl.templates import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES
+from raylora.families.internvl.templates import IMG_CONTEXT, IMG_END, IMG_START, NAMED_TOKENS, TEMPLATES
 
 SPECIAL_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT, "<video>"]  # after the ChatML tokens, in this order
-EXTRA_SPECIAL_TOKENS = {
-    "start_image_token": IMG_START,
-    "end_image_token": IMG_END,
-    "context_image_token": IMG_CONTEXT,
-    "video_token": "<video>",
-}
+EXTRA_SPECIAL_TOKENS = NAMED_TOKENS
 
 
 def tiny_config(
