@@ -182,13 +182,11 @@ def _max_relative_error(grads, ref) -> float:
     return max(float((grads[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in ref)
 
 
-@pytest.mark.parametrize("family", QWEN)
-def test_grouped_and_packed_gradients_equal_plain_rows_with_3d_positions(
-    tiny_checkpoints, family_data, family
-):
-    """Image-once and packing with multimodal rotary positions: each caption gets exactly the
-    position ids of its own row, so LoRA gradients equal the plain rows'; giving every caption of a
-    group the prefix's next positions in one run (as a plain row of all five would) does not."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_and_packed_gradients_equal_plain_rows(tiny_checkpoints, family_data, family):
+    """Image-once and packing (Qwen-VL: with multimodal rotary positions): each caption gets exactly
+    the position ids of its own row, so LoRA gradients equal the plain rows'; giving every caption of
+    a group the prefix's next positions in one run (as a plain row of all five would) does not."""
     records, settings = family_data[family]
     units = [u for u in plan_units(records, group_by_image=True) if len(u) == 5][:2]
     model = _model(tiny_checkpoints[family], lora=True)
