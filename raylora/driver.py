@@ -102,6 +102,8 @@ def prepare_data(
         seed=cfg.data.shuffle_seed,
         progress=True,
         use_ray=use_ray,
+        fmt=cfg.data.format,
+        prompt=cfg.eval.prompt,
     )
     stats = prepared.stats()
     log(

@@ -49,7 +49,9 @@ def check(args: argparse.Namespace) -> int:
             Path(args.annotation).resolve().parent.parent
         )  # the tutorial's data/coco/annotations layout
     try:
-        prepared = prepare(args.annotation, root, settings, strict=args.strict, progress=True)
+        prepared = prepare(
+            args.annotation, root, settings, strict=args.strict, progress=True, fmt=args.format
+        )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -103,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument(
         "annotation",
-        help="chat-format JSONL (image + conversations per line), or a meta JSON listing several",
+        help="chat-format JSONL (image + conversations per line), COCO captions JSON (captions_*.json), "
+        "a LLaVA JSON list, or a meta JSON listing several",
     )
-    c.add_argument("--root", help="image root of a JSONL (default: the folder above the annotation's folder)")
+    c.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "jsonl", "coco", "llava", "meta"],
+        help="the annotation's format (default: told from the file)",
+    )
+    c.add_argument(
+        "--root",
+        help="image root (default: for a JSONL the folder above the annotation's folder; a COCO file's "
+        "images are looked for in its split's folder beside it or one level up; a LLaVA list's in its folder)",
+    )
     c.add_argument(
         "--model",
         help=f"checkpoint whose tokenizer counts tokens (default: {RECIPE_PATHS[0]} if present, else the demo's)",

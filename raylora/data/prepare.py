@@ -23,6 +23,7 @@ import pyarrow as pa
 from raylora.data.pipeline import quiet_progress
 from raylora.data.plan import plan_units, unit_lengths
 from raylora.data.records import (
+    CAPTION_PROMPT,
     DataError,
     Duplicate,
     Record,
@@ -170,12 +171,16 @@ def prepare(
     seed: int = 42,
     use_ray: bool | None = None,
     progress: bool = False,
+    fmt: str = "auto",
+    prompt: str = CAPTION_PROMPT,
 ) -> Prepared:
-    """Read and validate every row; compute tiles per image and the token length of each row."""
+    """Read and validate every row; compute tiles per image and the token length of each row.
+    ``fmt``: the annotation's format (``data.format``); ``prompt``: the question of rows that carry
+    only a caption (COCO captions JSON)."""
     records: list[Record] = []
     rejects: list[Reject] = []
     total = 0
-    for spec in read_specs(train, root):
+    for spec in read_specs(train, root, fmt, prompt):
         for item in iter_annotation(spec, seed):
             total += 1
             if isinstance(item, Reject):

@@ -90,16 +90,67 @@ class Record:
     conversations: list[dict[str, str]]
 
 
+FORMATS = ("jsonl", "coco", "llava")  # data.format (besides auto); a meta JSON lists files of these
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # COCO rows' question (eval.prompt)
+_SPLIT_RE = re.compile(r"(train|val|test)\d{4}")
+
+
 @dataclass
 class DatasetSpec:
     name: str
     annotation: Path
     root: Path
     repeat_time: float = 1.0
+    format: str = "jsonl"  # jsonl: one chat row per line; coco: COCO captions JSON; llava: a JSON list
+    prompt: str = CAPTION_PROMPT  # the question of rows that carry only a caption (COCO)
 
 
-def read_specs(train: str | Path, root: str | Path | None = None) -> list[DatasetSpec]:
-    """A JSONL annotation (with its image root) or an InternVL meta JSON -> dataset specs.
+def detect_format(path: Path) -> str:
+    """``jsonl`` (a .jsonl file), ``coco`` (a JSON object with ``images`` and ``annotations``),
+    ``llava`` (a JSON list of chat rows) or ``meta`` (a JSON object of datasets)."""
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        return "llava"
+    if b'"annotations"' in head and b'"images"' in head:
+        return "coco"
+    data = _read_meta_or_none(path)
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        return "coco"
+    return "meta"
+
+
+def _read_meta_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def coco_image_root(annotation: Path, root: str | Path | None) -> Path:
+    """Where a COCO captions file's ``file_name``s are: ``root`` if given, else the first of the folder
+    named after its split (``captions_train2014.json`` -> ``train2014/``) beside it or one level up,
+    the annotation's folder and the one above, that holds its first image."""
+    if root is not None:
+        return Path(root)
+    here = annotation.resolve().parent
+    m = _SPLIT_RE.search(annotation.name)
+    candidates = ([here / m[0], here.parent / m[0]] if m else []) + [here, here.parent]
+    data = _read_meta_or_none(annotation)
+    first = next((im.get("file_name") for im in (data or {}).get("images", []) if isinstance(im, dict)), None)
+    for c in candidates:
+        if isinstance(first, str) and (c / first).is_file():
+            return c
+    return candidates[0]
+
+
+def read_specs(
+    train: str | Path, root: str | Path | None = None, fmt: str = "auto", prompt: str = CAPTION_PROMPT
+) -> list[DatasetSpec]:
+    """An annotation (chat JSONL with its image root, COCO captions JSON, a LLaVA JSON list; ``fmt``
+    ``auto`` tells them apart by their content) or an InternVL meta JSON -> dataset specs.
 
     Problems with the meta file itself are errors naming the meta file and the dataset, raised
     before any row is read: a dataset whose annotation or image root is missing
@@ -109,12 +160,19 @@ def read_specs(train: str | Path, root: str | Path | None = None) -> list[Datase
     path = Path(train)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    if path.suffix == ".jsonl":
+    kind = detect_format(path) if fmt == "auto" else fmt
+    if kind not in (*FORMATS, "meta"):
+        raise ValueError(f"data.format {fmt!r} unknown; valid: auto, {', '.join(FORMATS)}, meta")
+    if kind == "coco":
+        return [DatasetSpec(path.stem, path, coco_image_root(path, root), format="coco", prompt=prompt)]
+    if kind in ("jsonl", "llava"):
+        if root is None and kind == "llava":
+            root = path.parent  # a LLaVA list's image paths are relative to its folder unless --root
         if root is None:
             raise ValueError(f"{path}: a JSONL annotation needs an image root (data.root / --root)")
         if not Path(root).is_dir():
             raise FileNotFoundError(f"image root of {path} not found: {root} (data.root / --root)")
-        return [DatasetSpec(path.stem, path, Path(root))]
+        return [DatasetSpec(path.stem, path, Path(root), format=kind, prompt=prompt)]
     meta = _read_meta(path)
     specs = []
     for name, entry in meta.items():
@@ -143,7 +201,10 @@ def read_specs(train: str | Path, root: str | Path | None = None) -> list[Datase
                 f"{where}: repeat_time must be a number > 0 (got {repeat!r}): 2 uses the dataset twice, "
                 "0.5 a seeded random half; to leave the dataset out, remove it from the meta file"
             )
-        specs.append(DatasetSpec(name, ann, spec_root, float(repeat)))
+        kind = detect_format(ann)
+        if kind == "meta":
+            raise DataError(f"{where}: annotation {entry['annotation']!r} is itself a meta file")
+        specs.append(DatasetSpec(name, ann, spec_root, float(repeat), kind, prompt))
     return specs
 
 
@@ -301,15 +362,42 @@ def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str
 
 
 def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reject]:
-    """Records and rejects of one JSONL annotation, repeat_time applied (fractions keep a seeded subset).
+    """Records and rejects of one annotation, repeat_time applied (fractions keep a seeded subset).
 
-    The file is read as bytes and decoded line by line, so one line that is not UTF-8 is one
+    JSONL: the file is read as bytes and decoded line by line, so one line that is not UTF-8 is one
     ``not_utf8`` reject and every other line is still read. A UTF-8 byte-order mark at the start of
     a line is ignored (files saved by some editors start with one; concatenated files may carry one
     mid-file). Blank lines are skipped and not counted as rows; line numbers stay those of the file.
+    COCO captions JSON and LLaVA JSON lists: the file is one JSON document (an error naming the file
+    when it is not); each annotation or list item is a row, numbered from 1 in the ledger's ``line``.
     """
+    reader = {"jsonl": _jsonl_items, "coco": _coco_items, "llava": _llava_items}[spec.format]
+    items = list(reader(spec))
+    if spec.repeat_time == 1.0:
+        yield from items
+        return
+    good = [i for i in items if isinstance(i, Record)]
+    yield from (i for i in items if isinstance(i, Reject))
+    whole, frac = int(spec.repeat_time), spec.repeat_time - int(spec.repeat_time)
+    yield from good * whole
+    if frac > 0:
+        rng = random.Random(seed)
+        yield from rng.sample(good, math.floor(len(good) * frac))
+
+
+def _record_of(spec: DatasetSpec, source: str, line: int, obj: Any, raw: str) -> Record | Reject:
+    """One parsed row (InternVL's chat fields) -> its Record, or the Reject saying why not."""
+    try:
+        images, turns = _check_fields(obj)
+        paths = [str(resolve_image(spec.root, rel)) for rel in images]
+    except RowRejected as e:
+        return Reject(source, line, e.reason, e.detail, raw[:_RAW_LIMIT])
+    rid = str(obj["id"]) if "id" in obj else f"line{line}"
+    return Record(f"{spec.name}:{rid}", source, line, paths, turns)
+
+
+def _jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
     source = str(spec.annotation)
-    items: list[Record | Reject] = []
     with open(spec.annotation, "rb") as f:
         if f.read(4).startswith((b"\xff\xfe", b"\xfe\xff")):
             raise DataError(f"{source}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
@@ -321,27 +409,81 @@ def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reje
                 continue
             parsed = _parse_line(source, lineno, raw)
             if isinstance(parsed, Reject):
-                items.append(parsed)
+                yield parsed
                 continue
             obj, line = parsed
-            try:
-                images, turns = _check_fields(obj)
-                paths = [str(resolve_image(spec.root, rel)) for rel in images]
-            except RowRejected as e:
-                items.append(Reject(source, lineno, e.reason, e.detail, line[:_RAW_LIMIT]))
-                continue
-            rid = str(obj["id"]) if "id" in obj else f"line{lineno}"
-            items.append(Record(f"{spec.name}:{rid}", source, lineno, paths, turns))
-    if spec.repeat_time == 1.0:
-        yield from items
-        return
-    good = [i for i in items if isinstance(i, Record)]
-    yield from (i for i in items if isinstance(i, Reject))
-    whole, frac = int(spec.repeat_time), spec.repeat_time - int(spec.repeat_time)
-    yield from good * whole
-    if frac > 0:
-        rng = random.Random(seed)
-        yield from rng.sample(good, math.floor(len(good) * frac))
+            yield _record_of(spec, source, lineno, obj, line)
+
+
+def _json_document(path: Path, kind: str) -> Any:
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} is not valid UTF-8; save the file as UTF-8"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid {kind} JSON: {e.msg} at column {e.colno}") from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(f"{path}: invalid {kind} JSON: {e}") from None
+
+
+def _coco_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
+    """COCO captions JSON: one row per annotation (its image's ``file_name`` under the spec's root,
+    the caption as the answer to ``spec.prompt``); ``line`` is the annotation's number from 1."""
+    source = str(spec.annotation)
+    data = _json_document(spec.annotation, "COCO captions")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
+        raise DataError(f"{source}: a COCO captions file is an object with 'images' and 'annotations' lists")
+    files = {
+        im["id"]: im["file_name"]
+        for im in data["images"]
+        if isinstance(im, dict) and isinstance(im.get("file_name"), str) and "id" in im
+    }
+    for n, ann in enumerate(data["annotations"], 1):
+        raw = json.dumps(ann, ensure_ascii=False)[:_RAW_LIMIT]
+        if not isinstance(ann, dict):
+            yield Reject(source, n, "bad_fields", f"annotation {n} must be an object", raw)
+            continue
+        caption, image_id = ann.get("caption"), ann.get("image_id")
+        if caption is None or (isinstance(caption, str) and not caption.strip()):
+            yield Reject(source, n, "empty_caption", f"annotation {n} has no caption", raw)
+            continue
+        if not isinstance(caption, str):
+            yield Reject(source, n, "bad_fields", f"annotation {n}: 'caption' must be a string", raw)
+            continue
+        if image_id not in files:
+            detail = f"annotation {n}: image_id {image_id!r} is not in the file's 'images'"
+            yield Reject(source, n, "bad_fields", detail, raw)
+            continue
+        row = {
+            "id": ann.get("id", n),
+            "image": files[image_id],
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{spec.prompt}"},
+                {"from": "gpt", "value": caption},
+            ],
+        }
+        yield _record_of(spec, source, n, row, raw)
+
+
+def _llava_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
+    """A LLaVA-style JSON list of chat rows (``image``, ``conversations``): each item a row, as one
+    JSONL line would be; ``line`` is the item's number from 1."""
+    source = str(spec.annotation)
+    data = _json_document(spec.annotation, "LLaVA")
+    if not isinstance(data, list):
+        raise DataError(f"{source}: a LLaVA annotation is a JSON list of rows")
+    for n, obj in enumerate(data, 1):
+        yield _record_of(spec, source, n, obj, json.dumps(obj, ensure_ascii=False))
 
 
 @dataclass
