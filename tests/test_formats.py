@@ -120,3 +120,26 @@ def test_bad_coco_and_llava_rows_are_accounted_for_row_by_row(demo_settings, tmp
         prepare(tmp_path / "broken.json", COCO, demo_settings, use_ray=False)
     with pytest.raises(DataError, match="is a JSON list of rows"):
         prepare(tmp_path / "captions.json", COCO, demo_settings, use_ray=False, fmt="llava")
+
+
+def test_a_second_validation_of_the_same_data_is_reused(demo_settings, tmp_path, monkeypatch, capsys):
+    """The records and rejects of a validation are cached by content: the same annotation, images
+    (path, size, mtime) and settings reuse them (one line says so); a touched image checks again."""
+    import os
+
+    monkeypatch.setenv("RAYLORA_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "coco"
+    shutil.copytree(COCO, root)
+    annotation = root / "annotations" / "coco_karpathy_train.jsonl"
+    with open(annotation, "a") as f:
+        f.write('{"image": "train2014/nowhere.jpg", "conversations": []}\n')  # one reject to keep too
+    first = prepare(annotation, root, demo_settings, use_ray=False, progress=True)
+    assert "checking 8 images" in capsys.readouterr().err
+    again = prepare(annotation, root, demo_settings, use_ray=False, progress=True)
+    assert "validation reused: 40 rows ok, 1 rejected" in capsys.readouterr().err
+    assert again.table.equals(first.table) and again.rejects == first.rejects
+    assert again.rows_total == first.rows_total == 41
+    image = next((root / "train2014").iterdir())
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    prepare(annotation, root, demo_settings, use_ray=False, progress=True)
+    assert "checking 8 images" in capsys.readouterr().err

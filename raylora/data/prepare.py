@@ -35,6 +35,7 @@ from raylora.data.records import (
 )
 from raylora.data.settings import ImageSettings
 from raylora.data.templates import IGNORE_INDEX, RowRejected
+from raylora.files import atomic_dir, cache_root
 
 # ray is imported inside the image check that uses it, only when a cluster is up.
 
@@ -180,7 +181,8 @@ def prepare(
     records: list[Record] = []
     rejects: list[Reject] = []
     total = 0
-    for spec in read_specs(train, root, fmt, prompt):
+    specs = read_specs(train, root, fmt, prompt)
+    for spec in specs:
         for item in iter_annotation(spec, seed):
             total += 1
             if isinstance(item, Reject):
@@ -190,6 +192,18 @@ def prepare(
             else:
                 records.append(item)
     paths = sorted({p for r in records for p in r.images})
+    key = validation_key(specs, paths, settings, strict, seed)
+    reused = load_validated(key)
+    if reused is not None:
+        if progress:
+            print(
+                f"[data] {total} rows read; validation reused: {reused.rows_ok} rows ok, {len(reused.rejects)} "
+                f"rejected, as checked before with the same annotation, images and settings "
+                f"({validated_dir(key)}; delete it to check again)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return reused
     if progress:
         print(f"[data] {total} rows read, checking {len(paths)} images ...", file=sys.stderr, flush=True)
     if use_ray is None:
@@ -234,7 +248,79 @@ def prepare(
         cols["label_tokens"].append(int(supervised.sum()))
         cols["group_key"].append(group_key(rec))
     rejects.sort(key=lambda r: (r.source, r.line))
-    return Prepared(pa.table(cols, schema=SCHEMA), rejects, total, settings.tokens_per_unit)
+    prepared = Prepared(pa.table(cols, schema=SCHEMA), rejects, total, settings.tokens_per_unit)
+    save_validated(key, prepared)
+    return prepared
+
+
+# The validated-records cache, by content: <raylora cache>/validated/<key>/ holds records.arrow (the
+# records table), rejects.jsonl and summary.json. The key covers the annotation files' bytes, every
+# image's path, size and modification time, the image and text settings (family, template, tokenizer
+# files) and this table's schema: any change checks again.
+VALIDATED = "validated"
+VALIDATED_VERSION = 1  # bump when the records table or what validation checks changes
+
+
+def validation_key(
+    specs: list[Any], paths: list[str], settings: ImageSettings, strict: bool, seed: int
+) -> str:
+    h = hashlib.sha256(json.dumps([VALIDATED_VERSION, strict, seed, repr(settings)]).encode())
+    for spec in specs:
+        h.update(
+            json.dumps(
+                [spec.name, str(spec.annotation), str(spec.root), spec.format, spec.prompt, spec.repeat_time]
+            ).encode()
+        )
+        with open(spec.annotation, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    tokenizer = Path(settings.tokenizer_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer / name).is_file():
+            h.update(name.encode() + (tokenizer / name).read_bytes())
+    for path in paths:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\tmissing\n".encode())
+    return h.hexdigest()[:24]
+
+
+def validated_dir(key: str) -> Path:
+    return cache_root() / VALIDATED / key
+
+
+def load_validated(key: str) -> Prepared | None:
+    """The cached result of an identical validation, or None."""
+    folder = validated_dir(key)
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        with pa.OSFile(str(folder / "records.arrow"), "rb") as f:
+            table = pa.ipc.open_file(f).read_all()
+        lines = (folder / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
+        rejects = [Reject(**json.loads(line)) for line in lines if line]
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid):
+        return None
+    if table.schema != SCHEMA:
+        return None
+    return Prepared(table, rejects, int(summary["rows_total"]), int(summary["tokens_per_unit"]))
+
+
+def save_validated(key: str, prepared: Prepared) -> None:
+    """Cache a validation's result (best effort: a cache that cannot be written is skipped)."""
+    try:
+        with atomic_dir(validated_dir(key), overwrite=True) as tmp:
+            with (
+                pa.OSFile(str(tmp / "records.arrow"), "wb") as f,
+                pa.ipc.new_file(f, prepared.table.schema) as w,
+            ):
+                w.write_table(prepared.table)
+            prepared.write_rejects(tmp / "rejects.jsonl")
+            summary = {"rows_total": prepared.rows_total, "tokens_per_unit": prepared.tokens_per_unit}
+            (tmp / "summary.json").write_text(json.dumps(summary))
+    except OSError:
+        pass
 
 
 def group_key(rec: Record) -> str:
