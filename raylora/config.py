@@ -47,9 +47,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "data/coco/annotations/coco_karpathy_train_567k.jsonl"  # see `format`, or "demo"
-    format: str = (
-        "auto"  # auto (from the file) | jsonl (chat rows) | coco (captions JSON) | llava (JSON list) | meta
-    )
+    # auto (from the file or folder) | jsonl (chat rows) | coco (captions JSON) | llava (JSON list) |
+    # parquet (Parquet/Arrow files: image + caption/sentences) | webdataset (tar shards) | meta
+    format: str = "auto"
     root: str = "data/coco"  # image root of a JSONL annotation (a meta JSON names its own)
     val: str = "data/coco/annotations/coco_karpathy_val.json"  # Karpathy-format list of images
     val_gt: str = "data/coco/annotations/coco_karpathy_val_gt.json"  # COCO caption ground truth
@@ -463,9 +463,9 @@ def validate(cfg: Config) -> None:
     check(m.max_seq_length >= 16, "model.max_seq_length", ">= 16 tokens")
     check(m.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "auto, bf16, fp16 or fp32")
     check(
-        d.format in ("auto", "jsonl", "coco", "llava", "meta"),
+        d.format in ("auto", "jsonl", "coco", "llava", "parquet", "webdataset", "meta"),
         "data.format",
-        "auto, jsonl, coco, llava or meta",
+        "auto, jsonl, coco, llava, parquet, webdataset or meta",
     )
     check(d.image_size is None or d.image_size >= 14, "data.image_size", ">= 14 pixels (or null)")
     check(d.min_pixels is None or d.min_pixels > 0, "data.min_pixels", "> 0 (or null)")

@@ -13,6 +13,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,102 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     if default is not None and not p.is_file():
         return default
     return json.loads(p.read_text(encoding="utf-8"))
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
+    """The pyarrow file system of a local path or URI (``s3://``, ``gs://``, ``hdfs://``, ...) and the
+    path within it. S3's endpoint and credentials come from the AWS SDKs' environment variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...); file systems are cached per process."""
+    import pyarrow.fs as pafs
+
+    text = str(uri)
+    if not is_remote(text):
+        return pafs.LocalFileSystem(), absolute(text)
+    scheme, rest = text.split("://", 1)
+    if scheme not in ("s3", "gs", "gcs"):  # their paths are bucket/key; others (hdfs://host/...) vary
+        return pafs.FileSystem.from_uri(text)
+    key = (scheme, rest.split("/", 1)[0], os.environ.get("AWS_ENDPOINT_URL", ""))
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        fs, path = pafs.FileSystem.from_uri(text)
+        _FILESYSTEMS[key] = fs
+        return fs, path
+    return fs, rest
+
+
+_FILESYSTEMS: dict[tuple[str, str, str], Any] = {}
+
+
+def join_uri(base: str | os.PathLike, *parts: str) -> str:
+    """``base/part/...`` for a local path (os.path) or a URI (``/``-separated)."""
+    text = str(base)
+    if not is_remote(text):
+        return os.path.join(text, *parts)
+    return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+@dataclass
+class FileEntry:
+    """A file of a listing: where it is (a path or URI), its size and modification time (ns)."""
+
+    uri: str
+    size: int
+    mtime_ns: int
+
+
+def file_entry(uri: str | os.PathLike) -> FileEntry | None:
+    """Size and modification time of one file (local or URI); None when there is none."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    return FileEntry(str(uri), int(info.size or 0), int(info.mtime_ns or 0))
+
+
+def list_files(uri: str | os.PathLike, suffixes: tuple[str, ...]) -> list[FileEntry]:
+    """The files under a folder or prefix (recursive) whose names end in one of ``suffixes``, sorted
+    by name; a single file of those suffixes lists itself."""
+    import pyarrow.fs as pafs
+
+    text = str(uri)
+    fs, path = filesystem(text)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return (
+            [FileEntry(text, int(info.size or 0), int(info.mtime_ns or 0))] if text.endswith(suffixes) else []
+        )
+    if info.type != pafs.FileType.Directory:
+        return []
+    out = []
+    for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if f.type == pafs.FileType.File and f.path.endswith(suffixes):
+            rel = f.path[len(path) :].lstrip("/")
+            out.append(FileEntry(join_uri(text, rel), int(f.size or 0), int(f.mtime_ns or 0)))
+    return sorted(out, key=lambda e: e.uri)
+
+
+def is_dir(uri: str | os.PathLike) -> bool:
+    """True for an existing local folder or a URI prefix that holds files."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str | os.PathLike, offset: int = 0, size: int | None = None) -> bytes:
+    """A file's bytes (local or URI), or ``size`` bytes from ``offset``. FileNotFoundError when missing."""
+    if not is_remote(str(uri)):
+        with open(absolute(uri), "rb") as f:
+            f.seek(offset)
+            return f.read() if size is None else f.read(size)
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        if size is None:
+            f.seek(offset)
+            return f.read()
+        return f.read_at(size, offset)
 
 
 def read_text(uri: str) -> str | None:

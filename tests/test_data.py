@@ -423,7 +423,9 @@ def test_every_reject_reason_is_recorded(tmp_path, demo_tokenizer_dir):
     assert got == corpus.rejected
     assert sorted(prepared.table.column("line").to_pylist()) == corpus.ok
     assert prepared.rows_ok + len(prepared.rejects) == prepared.rows_total == corpus.total
-    assert set(corpus.rejected.values()) | {"too_long"} == set(REASONS)
+    assert set(corpus.rejected.values()) | {"too_long", "shard_unreadable"} == set(
+        REASONS
+    )  # shards: test_formats
     assert all(r.source == str(corpus.path) and r.detail for r in prepared.rejects)
     convs = {
         line: json.loads(c)

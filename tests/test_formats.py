@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raylora.data.prepare import prepare
@@ -24,28 +25,46 @@ def _export(out: Path) -> None:
     spec = importlib.util.spec_from_file_location("export_formats", REPO / "scripts" / "export_formats.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.export(TRAIN, out) == {"rows": 40, "images": 8, "files": ["captions.json", "llava.json"]}
+    files = ["captions.json", "llava.json", "parquet", "webdataset"]
+    assert module.export(TRAIN, out) == {"rows": 40, "images": 8, "files": files}
 
 
 def test_exported_formats_give_the_jsonl_records(demo_settings, tmp_path, capsys):
-    """The same rows from a COCO captions file and a LLaVA list as from the JSONL: same images,
-    conversations and tokens (so the same first-step loss), told apart by content alone; data check
-    --json accepts each, row for row."""
+    """The same rows from a COCO captions file, a LLaVA list, a folder of Parquet files (image bytes
+    inside) and a folder of WebDataset shards as from the JSONL: same conversations, tokens, tiles
+    and pixels (so the same first-step loss), in the same order, told apart by content alone; data
+    check --json accepts each, given as the file or folder itself, row for row."""
     from raylora.data.__main__ import main
+    from raylora.data.records import load_rgb
 
     _export(tmp_path)
-    assert [detect_format(p) for p in (TRAIN, tmp_path / "captions.json", tmp_path / "llava.json")] == [
-        "jsonl",
-        "coco",
-        "llava",
-    ]
+    formats = {
+        "captions.json": "coco",
+        "llava.json": "llava",
+        "parquet": "parquet",
+        "webdataset": "webdataset",
+    }
+    assert detect_format(TRAIN) == "jsonl"
+    assert {name: detect_format(tmp_path / name) for name in formats} == formats
     ref = prepare(TRAIN, COCO, demo_settings, use_ray=False).table
-    for name in ("captions.json", "llava.json"):
-        got = prepare(tmp_path / name, COCO, demo_settings, use_ray=False).table
-        assert all(got.column(c).to_pylist() == ref.column(c).to_pylist() for c in SAME), name
-        assert main(["check", str(tmp_path / name), "--root", str(COCO), "--model", "demo", "--json"]) == 0
+    pixels = {
+        p: np.asarray(load_rgb(p)) for p in set(ref.column("images").to_pylist()[i][0] for i in range(40))
+    }
+    for name, kind in formats.items():
+        got = prepare(
+            tmp_path / name, COCO if kind in ("coco", "llava") else None, demo_settings, use_ray=False
+        )
+        got = got.table
+        same = SAME if kind in ("coco", "llava") else tuple(c for c in SAME if c != "images")
+        assert all(got.column(c).to_pylist() == ref.column(c).to_pylist() for c in same), name
+        for mine, theirs in zip(got.column("images").to_pylist(), ref.column("images").to_pylist()):
+            assert np.array_equal(np.asarray(load_rgb(mine[0])), pixels[theirs[0]]), (name, mine)
+        assert got.column("group_key").to_pylist() != [""] * 40  # captions of an image still share it
+        assert len(set(got.column("group_key").to_pylist())) == 8
+        root = ["--root", str(COCO)] if kind in ("coco", "llava") else []
+        assert main(["check", str(tmp_path / name), *root, "--model", "demo", "--json"]) == 0
         stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert stats["rows_ok"] == stats["rows_total"] == 40
+        assert stats["rows_ok"] == stats["rows_total"] == 40, name
 
 
 def test_coco_images_are_found_beside_the_annotations_in_the_split_folder(demo_settings, tmp_path):
@@ -120,6 +139,120 @@ def test_bad_coco_and_llava_rows_are_accounted_for_row_by_row(demo_settings, tmp
         prepare(tmp_path / "broken.json", COCO, demo_settings, use_ray=False)
     with pytest.raises(DataError, match="is a JSON list of rows"):
         prepare(tmp_path / "captions.json", COCO, demo_settings, use_ray=False, fmt="llava")
+
+
+def test_bad_parquet_rows_are_accounted_for_row_by_row(demo_settings, tmp_path):
+    """Wrong column types, missing images and captions, undecodable bytes, a file that is not Parquet
+    and one cut short: each row (or the rest of a file) is a reject naming the file and the row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpeg = (COCO / "train2014" / "COCO_train2014_000000034181.jpg").read_bytes()
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    images = [
+        {"bytes": jpeg, "path": "a.jpg"},  # 1 ok
+        {"bytes": b"not an image", "path": "b.jpg"},  # 2 image_unreadable
+        {"bytes": jpeg[:2000], "path": "c.jpg"},  # 3 image_truncated
+        None,  # 4 bad_fields: no image
+        {"bytes": None, "path": "missing.jpg"},  # 5 image_missing (a path under the folder)
+        {"bytes": jpeg, "path": "f.jpg"},  # 6 empty_caption
+        {"bytes": jpeg, "path": "g.jpg"},  # 7 empty_caption (an empty string in the list)
+    ]
+    sentences = [["a room"], ["x"], ["x"], ["x"], ["x"], [], ["a", " "]]
+    pq.write_table(
+        pa.table(
+            {"image": pa.array(images, image_type), "sentences": pa.array(sentences, pa.list_(pa.string()))}
+        ),
+        folder / "a.parquet",
+    )
+    pq.write_table(pa.table({"image": pa.array([jpeg]), "caption": pa.array([7])}), folder / "b.parquet")
+    pq.write_table(
+        pa.table({"image": pa.array([jpeg]), "text": pa.array(["no caption column"])}), folder / "c.parquet"
+    )
+    (folder / "d.parquet").write_bytes(b"PAR1 this is not parquet")
+    whole = (folder / "a.parquet").read_bytes()
+    (folder / "e.parquet").write_bytes(whole[: len(whole) // 2])  # cut short: the footer is gone
+    got = prepare(folder, None, demo_settings, use_ray=False)
+    reasons = {(Path(r.source).name, r.line): r.reason for r in got.rejects}
+    assert reasons == {
+        ("a.parquet", 2): "image_unreadable",
+        ("a.parquet", 3): "image_truncated",
+        ("a.parquet", 4): "bad_fields",
+        ("a.parquet", 5): "image_missing",
+        ("a.parquet", 6): "empty_caption",
+        ("a.parquet", 7): "empty_caption",
+        ("b.parquet", 1): "bad_fields",
+        ("c.parquet", 1): "bad_fields",
+        ("d.parquet", 1): "shard_unreadable",
+        ("e.parquet", 1): "shard_unreadable",
+    }
+    assert got.rows_ok == 1 and got.table.column("line").to_pylist() == [1]
+    assert "the caption must be a string or a list of strings, not 7" in got.rejects[6].detail
+    assert "no column caption or sentences" in got.rejects[7].detail
+    assert all(r.row or r.reason == "shard_unreadable" for r in got.rejects)
+    assert all(len(r.row) < 400 for r in got.rejects)  # image bytes are not copied into the ledger
+    assert '"bytes": "<2000 bytes>"' in got.rejects[1].row or "#row=2&column=image" in got.rejects[1].row
+
+
+def test_bad_webdataset_samples_are_accounted_for_row_by_row(demo_settings, tmp_path):
+    """A member without caption, a sample without image, undecodable bytes, a caption that is not
+    UTF-8 or a .json without 'caption', a shard cut short mid-member and a file that is not a tar:
+    each sample is a reject naming the shard, the sample number and its members."""
+    import io
+    import tarfile
+
+    jpeg = (COCO / "train2014" / "COCO_train2014_000000034181.jpg").read_bytes()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+
+    def shard(name: str, members: list[tuple[str, bytes]]) -> Path:
+        with tarfile.open(folder / name, "w") as tar:
+            for member, data in members:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return folder / name
+
+    shard(
+        "a.tar",
+        [
+            ("s1.jpg", jpeg),
+            ("s1.txt", b"a room"),  # 1 ok
+            ("s2.jpg", jpeg),  # 2 no caption member
+            ("s3.txt", b"no image"),  # 3 bad_fields
+            ("s4.jpg", b"garbage"),
+            ("s4.txt", b"undecodable"),  # 4 image_unreadable
+            ("s5.jpg", jpeg),
+            ("s5.txt", b"caf\xe9"),  # 5 not_utf8
+            ("s6.jpg", jpeg),
+            ("s6.json", b'{"text": "x"}'),  # 6 bad_fields
+            ("s7.png", jpeg),
+            ("s7.json", b'{"caption": ["one", "two"]}'),  # 7 ok, two rows
+            ("s8.jpg", jpeg),
+            ("s8.txt", b"   "),  # 8 empty_caption
+        ],
+    )
+    cut = shard("b.tar", [("t1.jpg", jpeg), ("t1.txt", b"kept"), ("t2.jpg", jpeg), ("t2.txt", b"cut")])
+    data = cut.read_bytes()
+    cut.write_bytes(data[: 512 + len(jpeg) + 512 + 512 + 512 + 3000])  # t2.jpg's data cut short
+    (folder / "c.tar").write_bytes(b"this is not a tar file at all" * 40)
+    got = prepare(folder, None, demo_settings, use_ray=False)
+    reasons = {(Path(r.source).name, r.line): r.reason for r in got.rejects}
+    assert reasons == {
+        ("a.tar", 2): "empty_caption",
+        ("a.tar", 3): "bad_fields",
+        ("a.tar", 4): "image_unreadable",
+        ("a.tar", 5): "not_utf8",
+        ("a.tar", 6): "bad_fields",
+        ("a.tar", 8): "empty_caption",
+        ("b.tar", 2): "shard_unreadable",
+        ("c.tar", 1): "shard_unreadable",
+    }
+    kept = sorted(zip(got.table.column("source").to_pylist(), got.table.column("line").to_pylist()))
+    assert [(Path(s).name, n) for s, n in kept] == [("a.tar", 1), ("a.tar", 7), ("a.tar", 7), ("b.tar", 1)]
+    assert "s2.jpg" in next(r.detail for r in got.rejects if r.line == 2 and r.source.endswith("a.tar"))
 
 
 def test_a_second_validation_of_the_same_data_is_reused(demo_settings, tmp_path, monkeypatch, capsys):

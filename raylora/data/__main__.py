@@ -19,6 +19,7 @@ from raylora.config import DataConfig, ModelConfig
 from raylora.console import add_verbose_flag, run_command
 from raylora.data.prepare import prepare
 from raylora.data.records import DataError
+from raylora.files import is_remote
 from raylora.sources import image_settings, resolve_source
 
 DATA_DEFAULTS, MODEL_DEFAULTS = DataConfig(), ModelConfig()
@@ -56,7 +57,7 @@ def check(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     stats = prepared.stats()
-    rejects = Path(args.rejects) if args.rejects else Path(args.annotation).with_suffix(".rejects.jsonl")
+    rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.annotation)
     prepared.write_rejects(rejects)
     print(f"annotation: {args.annotation} (images under {root})")
     print(settings.describe())
@@ -90,6 +91,14 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_rejects_path(annotation: str) -> Path:
+    """Beside a local annotation file (``X.rejects.jsonl``); in the current folder for a folder of
+    shards or a remote URI (``<its name>.rejects.jsonl``)."""
+    if not is_remote(annotation) and not Path(annotation).is_dir():
+        return Path(annotation).with_suffix(".rejects.jsonl")
+    return Path(annotation.rstrip("/").rsplit("/", 1)[-1] + ".rejects.jsonl")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m raylora.data",
@@ -106,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "annotation",
         help="chat-format JSONL (image + conversations per line), COCO captions JSON (captions_*.json), "
-        "a LLaVA JSON list, or a meta JSON listing several",
+        "a LLaVA JSON list, a Parquet/Arrow file or folder (image + caption or sentences), a WebDataset "
+        ".tar or folder of shards, or a meta JSON listing several; local or a URI (s3://bucket/prefix)",
     )
     c.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "jsonl", "coco", "llava", "meta"],
-        help="the annotation's format (default: told from the file)",
+        choices=["auto", "jsonl", "coco", "llava", "parquet", "webdataset", "meta"],
+        help="the annotation's format (default: told from the file or folder)",
     )
     c.add_argument(
         "--root",

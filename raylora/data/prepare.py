@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raylora.data.images import container_of
 from raylora.data.pipeline import quiet_progress
 from raylora.data.plan import plan_units, unit_lengths
 from raylora.data.records import (
     CAPTION_PROMPT,
+    SHARD_SUFFIXES,
     DataError,
     Duplicate,
     Record,
@@ -35,7 +37,7 @@ from raylora.data.records import (
 )
 from raylora.data.settings import ImageSettings
 from raylora.data.templates import IGNORE_INDEX, RowRejected
-from raylora.files import atomic_dir, cache_root
+from raylora.files import atomic_dir, cache_root, file_entry, is_remote, list_files, read_bytes
 
 # ray is imported inside the image check that uses it, only when a cluster is up.
 
@@ -271,14 +273,27 @@ def validation_key(
                 [spec.name, str(spec.annotation), str(spec.root), spec.format, spec.prompt, spec.repeat_time]
             ).encode()
         )
-        with open(spec.annotation, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        if spec.format in SHARD_SUFFIXES:  # shards: their listing (names, sizes, mtimes)
+            for e in list_files(spec.annotation, SHARD_SUFFIXES[spec.format]):
+                h.update(f"{e.uri}\t{e.size}\t{e.mtime_ns}\n".encode())
+        elif is_remote(spec.annotation):
+            h.update(read_bytes(spec.annotation))
+        else:
+            with open(spec.annotation, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
     tokenizer = Path(settings.tokenizer_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (tokenizer / name).is_file():
             h.update(name.encode() + (tokenizer / name).read_bytes())
-    for path in paths:
+    containers = sorted({container_of(p) for p in paths})  # an image inside a shard: the shard's stamp
+    remote = [c for c in containers if is_remote(c)]
+    stamps = dict(zip(remote, ThreadPoolExecutor(16).map(file_entry, remote))) if remote else {}
+    for path in containers:
+        if path in stamps:
+            e = stamps[path]
+            h.update((f"{path}\t{e.size}\t{e.mtime_ns}\n" if e else f"{path}\tmissing\n").encode())
+            continue
         try:
             st = os.stat(path)
             h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())

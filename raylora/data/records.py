@@ -26,9 +26,11 @@ anything else. The reasons are in :data:`REASONS`; what is accepted and why:
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
+import posixpath
 import random
 import re
 import stat
@@ -39,7 +41,9 @@ from typing import Any, BinaryIO
 
 from PIL import Image, ImageFile
 
+from raylora.data.images import open_image
 from raylora.data.templates import IMAGE_PLACEHOLDER, RowRejected
+from raylora.files import file_entry, is_dir, is_remote, join_uri, list_files, read_bytes
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 _RAW_LIMIT = 2000  # characters of a bad row kept in the rejects file
@@ -55,6 +59,7 @@ REASONS = {
     "image_missing": "no image file at that path (it does not exist, or is a directory)",
     "image_unreadable": "the image file cannot be read or decoded",
     "image_truncated": "the image file is truncated",
+    "shard_unreadable": "a Parquet file or tar shard cannot be read (from this row or sample on)",
     "image_too_large": "the image has more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)",
     "too_long": "text plus expanded image tokens exceed max_seq_length",
 }
@@ -90,7 +95,8 @@ class Record:
     conversations: list[dict[str, str]]
 
 
-FORMATS = ("jsonl", "coco", "llava")  # data.format (besides auto); a meta JSON lists files of these
+FORMATS = ("jsonl", "coco", "llava", "parquet", "webdataset")  # data.format besides auto and meta
+SHARD_SUFFIXES = {"parquet": (".parquet", ".arrow"), "webdataset": (".tar",)}
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # COCO rows' question (eval.prompt)
 _SPLIT_RE = re.compile(r"(train|val|test)\d{4}")
 
@@ -98,20 +104,25 @@ _SPLIT_RE = re.compile(r"(train|val|test)\d{4}")
 @dataclass
 class DatasetSpec:
     name: str
-    annotation: Path
-    root: Path
+    annotation: str | Path  # a file or (parquet, webdataset) a folder of shards; local or a URI
+    root: str | Path  # where relative image paths are; local or a URI
     repeat_time: float = 1.0
-    format: str = "jsonl"  # jsonl: one chat row per line; coco: COCO captions JSON; llava: a JSON list
+    format: str = "jsonl"  # jsonl: one chat row per line; coco: COCO captions JSON; llava: a JSON list;
+    # parquet: Parquet/Arrow files (image bytes or paths); webdataset: tar shards
     prompt: str = CAPTION_PROMPT  # the question of rows that carry only a caption (COCO)
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: str | Path) -> str:
     """``jsonl`` (a .jsonl file), ``coco`` (a JSON object with ``images`` and ``annotations``),
-    ``llava`` (a JSON list of chat rows) or ``meta`` (a JSON object of datasets)."""
-    if path.suffix == ".jsonl":
+    ``llava`` (a JSON list of chat rows), ``meta`` (a JSON object of datasets), ``parquet`` (a
+    .parquet/.arrow file or a folder of them) or ``webdataset`` (a .tar file or a folder of them)."""
+    text = str(path)
+    for kind, suffixes in SHARD_SUFFIXES.items():
+        if text.endswith(suffixes) or (is_dir(text) and list_files(text, suffixes)):
+            return kind
+    if text.endswith(".jsonl"):
         return "jsonl"
-    with open(path, "rb") as f:
-        head = f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+    head = read_bytes(text, 0, 1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"["):
         return "llava"
     if b'"annotations"' in head and b'"images"' in head:
@@ -122,26 +133,30 @@ def detect_format(path: Path) -> str:
     return "meta"
 
 
-def _read_meta_or_none(path: Path) -> Any:
+def _read_meta_or_none(path: str | Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(read_bytes(path).decode("utf-8-sig"))
     except (OSError, ValueError, RecursionError):
         return None
 
 
-def coco_image_root(annotation: Path, root: str | Path | None) -> Path:
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0] if is_remote(uri) else os.path.dirname(os.path.abspath(uri))
+
+
+def coco_image_root(annotation: str | Path, root: str | Path | None) -> str:
     """Where a COCO captions file's ``file_name``s are: ``root`` if given, else the first of the folder
     named after its split (``captions_train2014.json`` -> ``train2014/``) beside it or one level up,
     the annotation's folder and the one above, that holds its first image."""
     if root is not None:
-        return Path(root)
-    here = annotation.resolve().parent
-    m = _SPLIT_RE.search(annotation.name)
-    candidates = ([here / m[0], here.parent / m[0]] if m else []) + [here, here.parent]
+        return str(root)
+    here = _parent(str(annotation))
+    m = _SPLIT_RE.search(str(annotation).rsplit("/", 1)[-1])
+    candidates = ([join_uri(here, m[0]), join_uri(_parent(here), m[0])] if m else []) + [here, _parent(here)]
     data = _read_meta_or_none(annotation)
     first = next((im.get("file_name") for im in (data or {}).get("images", []) if isinstance(im, dict)), None)
     for c in candidates:
-        if isinstance(first, str) and (c / first).is_file():
+        if isinstance(first, str) and file_entry(join_uri(c, first)) is not None:
             return c
     return candidates[0]
 
@@ -157,22 +172,33 @@ def read_specs(
     (FileNotFoundError), or whose ``repeat_time`` is not a number > 0 (DataError). Each changes
     the data mix of the whole run, so none is skipped with a warning.
     """
-    path = Path(train)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    kind = detect_format(path) if fmt == "auto" else fmt
+    text = str(train) if is_remote(train) else os.path.abspath(train)
+    if file_entry(text) is None and not is_dir(text):
+        raise FileNotFoundError(f"annotation file not found: {train}")
+    kind = detect_format(text) if fmt == "auto" else fmt
     if kind not in (*FORMATS, "meta"):
         raise ValueError(f"data.format {fmt!r} unknown; valid: auto, {', '.join(FORMATS)}, meta")
+    stem = text.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+    if kind in SHARD_SUFFIXES:
+        if not list_files(text, SHARD_SUFFIXES[kind]):
+            raise FileNotFoundError(
+                f"{train}: no {' or '.join(SHARD_SUFFIXES[kind])} files (data.format {kind})"
+            )
+        base = text if is_dir(text) else _parent(text)  # image paths in a Parquet row are relative to it
+        return [DatasetSpec(stem, text, str(root) if root is not None else base, format=kind, prompt=prompt)]
     if kind == "coco":
-        return [DatasetSpec(path.stem, path, coco_image_root(path, root), format="coco", prompt=prompt)]
+        return [DatasetSpec(stem, text, coco_image_root(text, root), format="coco", prompt=prompt)]
     if kind in ("jsonl", "llava"):
         if root is None and kind == "llava":
-            root = path.parent  # a LLaVA list's image paths are relative to its folder unless --root
+            root = _parent(text)  # a LLaVA list's image paths are relative to its folder unless --root
         if root is None:
-            raise ValueError(f"{path}: a JSONL annotation needs an image root (data.root / --root)")
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"image root of {path} not found: {root} (data.root / --root)")
-        return [DatasetSpec(path.stem, path, Path(root), format=kind, prompt=prompt)]
+            raise ValueError(f"{train}: a JSONL annotation needs an image root (data.root / --root)")
+        if not is_remote(root) and not Path(root).is_dir():
+            raise FileNotFoundError(f"image root of {train} not found: {root} (data.root / --root)")
+        return [DatasetSpec(stem, text, str(root), format=kind, prompt=prompt)]
+    if is_remote(text):
+        raise ValueError(f"{train}: a meta file lists local datasets; give a remote annotation directly")
+    path = Path(text)
     meta = _read_meta(path)
     specs = []
     for name, entry in meta.items():
@@ -311,8 +337,15 @@ def _check_fields(obj: Any) -> tuple[list[str], list[dict[str, str]]]:
     return images, turns
 
 
-def resolve_image(root: Path, rel: str) -> Path:
-    """join(root, image), refusing paths that escape the root and anything but an existing file."""
+def resolve_image(root: str | Path, rel: str) -> str:
+    """join(root, image), refusing paths that escape the root and anything but an existing file.
+    Under a remote root (``s3://``) the file is only looked for when the image is decoded."""
+    if is_remote(root):
+        base = str(root).rstrip("/")
+        full = posixpath.normpath(posixpath.join(base.split("://", 1)[1], rel))
+        if full != base.split("://", 1)[1] and not full.startswith(base.split("://", 1)[1] + "/"):
+            raise RowRejected("image_outside_root", f"{rel!r} resolves outside {base}")
+        return f"{base.split('://', 1)[0]}://{full}"
     root_abs = Path(os.path.abspath(root))
     full = Path(os.path.abspath(root_abs / rel))
     if os.path.commonpath([root_abs, full]) != str(root_abs):
@@ -331,7 +364,7 @@ def resolve_image(root: Path, rel: str) -> Path:
         raise RowRejected("image_missing", f"{full} is a directory, not an image file")
     if not stat.S_ISREG(mode):
         raise RowRejected("image_unreadable", f"{full} is not a regular file")
-    return full
+    return str(full)
 
 
 def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str]:
@@ -371,11 +404,15 @@ def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reje
     COCO captions JSON and LLaVA JSON lists: the file is one JSON document (an error naming the file
     when it is not); each annotation or list item is a row, numbered from 1 in the ledger's ``line``.
     """
-    reader = {"jsonl": _jsonl_items, "coco": _coco_items, "llava": _llava_items}[spec.format]
-    items = list(reader(spec))
+    from raylora.data.shards import parquet_items, webdataset_items
+
+    readers = {"jsonl": _jsonl_items, "coco": _coco_items, "llava": _llava_items}
+    readers.update(parquet=parquet_items, webdataset=webdataset_items)
+    items = readers[spec.format](spec)
     if spec.repeat_time == 1.0:
         yield from items
         return
+    items = list(items)
     good = [i for i in items if isinstance(i, Record)]
     yield from (i for i in items if isinstance(i, Reject))
     whole, frac = int(spec.repeat_time), spec.repeat_time - int(spec.repeat_time)
@@ -385,11 +422,14 @@ def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reje
         yield from rng.sample(good, math.floor(len(good) * frac))
 
 
-def _record_of(spec: DatasetSpec, source: str, line: int, obj: Any, raw: str) -> Record | Reject:
-    """One parsed row (InternVL's chat fields) -> its Record, or the Reject saying why not."""
+def _record_of(
+    spec: DatasetSpec, source: str, line: int, obj: Any, raw: str, resolved: bool = False
+) -> Record | Reject:
+    """One parsed row (InternVL's chat fields) -> its Record, or the Reject saying why not.
+    ``resolved``: the row's images are references already (an image inside a shard)."""
     try:
         images, turns = _check_fields(obj)
-        paths = [str(resolve_image(spec.root, rel)) for rel in images]
+        paths = list(images) if resolved else [resolve_image(spec.root, rel) for rel in images]
     except RowRejected as e:
         return Reject(source, line, e.reason, e.detail, raw[:_RAW_LIMIT])
     rid = str(obj["id"]) if "id" in obj else f"line{line}"
@@ -398,7 +438,7 @@ def _record_of(spec: DatasetSpec, source: str, line: int, obj: Any, raw: str) ->
 
 def _jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
     source = str(spec.annotation)
-    with open(spec.annotation, "rb") as f:
+    with open(source, "rb") if not is_remote(source) else io.BytesIO(read_bytes(source)) as f:
         if f.read(4).startswith((b"\xff\xfe", b"\xfe\xff")):
             raise DataError(f"{source}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
         f.seek(0)
@@ -415,8 +455,8 @@ def _jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
             yield _record_of(spec, source, lineno, obj, line)
 
 
-def _json_document(path: Path, kind: str) -> Any:
-    data = path.read_bytes()
+def _json_document(path: str | Path, kind: str) -> Any:
+    data = read_bytes(path)
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
     try:
@@ -525,7 +565,7 @@ def inspect_image(path: str) -> tuple[int, int]:
     guard) are rejected from the header alone, before any pixels are decoded. Raises RowRejected.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(open_image(path)) as im:
             width, height = im.size
             limit = Image.MAX_IMAGE_PIXELS
             if limit and width * height > limit:
@@ -543,7 +583,11 @@ def inspect_image(path: str) -> tuple[int, int]:
         raise RowRejected("image_too_large", _too_large(path, f"{int(m[1]):,}" if m else "its")) from None
     except FileNotFoundError:
         raise RowRejected("image_missing", f"{path} does not exist") from None
+    except EOFError as e:
+        raise RowRejected("image_truncated", str(e)) from None
     except OSError as e:
+        if "does not exist" in str(e) or "NoSuchKey" in str(e):  # pyarrow's S3 file system
+            raise RowRejected("image_missing", f"{path} does not exist") from None
         if "truncated" in str(e).lower():
             raise RowRejected("image_truncated", f"{path}: {e}") from None
         raise RowRejected("image_unreadable", f"{path}: {e}") from None
@@ -573,7 +617,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def load_rgb(path: str | BinaryIO) -> Image.Image:
     """Open an image (a path or a binary file object) as RGB (grayscale, CMYK, palette and RGBA
     converted; alpha over white)."""
-    return to_rgb(Image.open(path))
+    return to_rgb(Image.open(open_image(path) if isinstance(path, str) else path))
 
 
 # ------------------------------------------------------------------------------------ test / val
