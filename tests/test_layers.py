@@ -13,7 +13,9 @@ LAYERS = [
     ["telemetry", "versions", "device_audit", "files", "console", "pages", "metrics"]
     + ["metrics.ptb", "metrics.cider", "metrics.coco"],
     ["config", "monitoring", "cluster"],
-    ["data", "data.records", "data.templates"],
+    ["data", "data.images", "data.records", "data.templates"],
+    ["data.shards"],
+    ["data.readers"],
     ["families.base"],
     ["families.internvl.templates", "families.internvl.tiling", "families.qwen_vl.family"],
     ["families.internvl.family", "families.qwen_vl.tiny"],

@@ -23,6 +23,7 @@ import pyarrow as pa
 from raylora.data.images import container_of
 from raylora.data.pipeline import quiet_progress
 from raylora.data.plan import plan_units, unit_lengths
+from raylora.data.readers import iter_annotation
 from raylora.data.records import (
     CAPTION_PROMPT,
     SHARD_SUFFIXES,
@@ -32,7 +33,6 @@ from raylora.data.records import (
     Reject,
     duplicate_ids,
     inspect_image,
-    iter_annotation,
     read_specs,
 )
 from raylora.data.settings import ImageSettings

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import posixpath
-import random
 import re
 import stat
 from collections.abc import Iterator, Sequence
@@ -46,7 +45,7 @@ from raylora.data.templates import IMAGE_PLACEHOLDER, RowRejected
 from raylora.files import file_entry, is_dir, is_remote, join_uri, list_files, read_bytes
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-_RAW_LIMIT = 2000  # characters of a bad row kept in the rejects file
+RAW_LIMIT = 2000  # characters of a bad row kept in the rejects file
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 REASONS = {
@@ -379,7 +378,7 @@ def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str
             "not_utf8",
             f"byte 0x{raw_line[e.start]:02x} at byte {e.start + 1} of the line is not valid UTF-8 "
             "(the file must be UTF-8: re-encode it, or fix or drop this line)",
-            raw_line.decode("utf-8", "backslashreplace")[:_RAW_LIMIT],
+            raw_line.decode("utf-8", "backslashreplace")[:RAW_LIMIT],
         )
     try:
         return json.loads(text), text
@@ -391,38 +390,10 @@ def _parse_line(source: str, lineno: int, raw: bytes) -> Reject | tuple[Any, str
         detail = "nested too deeply to parse"
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         detail = str(e).split("; use sys.")[0]
-    return Reject(source, lineno, "malformed_json", detail, text[:_RAW_LIMIT])
+    return Reject(source, lineno, "malformed_json", detail, text[:RAW_LIMIT])
 
 
-def iter_annotation(spec: DatasetSpec, seed: int = 42) -> Iterator[Record | Reject]:
-    """Records and rejects of one annotation, repeat_time applied (fractions keep a seeded subset).
-
-    JSONL: the file is read as bytes and decoded line by line, so one line that is not UTF-8 is one
-    ``not_utf8`` reject and every other line is still read. A UTF-8 byte-order mark at the start of
-    a line is ignored (files saved by some editors start with one; concatenated files may carry one
-    mid-file). Blank lines are skipped and not counted as rows; line numbers stay those of the file.
-    COCO captions JSON and LLaVA JSON lists: the file is one JSON document (an error naming the file
-    when it is not); each annotation or list item is a row, numbered from 1 in the ledger's ``line``.
-    """
-    from raylora.data.shards import parquet_items, webdataset_items
-
-    readers = {"jsonl": _jsonl_items, "coco": _coco_items, "llava": _llava_items}
-    readers.update(parquet=parquet_items, webdataset=webdataset_items)
-    items = readers[spec.format](spec)
-    if spec.repeat_time == 1.0:
-        yield from items
-        return
-    items = list(items)
-    good = [i for i in items if isinstance(i, Record)]
-    yield from (i for i in items if isinstance(i, Reject))
-    whole, frac = int(spec.repeat_time), spec.repeat_time - int(spec.repeat_time)
-    yield from good * whole
-    if frac > 0:
-        rng = random.Random(seed)
-        yield from rng.sample(good, math.floor(len(good) * frac))
-
-
-def _record_of(
+def record_of(
     spec: DatasetSpec, source: str, line: int, obj: Any, raw: str, resolved: bool = False
 ) -> Record | Reject:
     """One parsed row (InternVL's chat fields) -> its Record, or the Reject saying why not.
@@ -431,12 +402,12 @@ def _record_of(
         images, turns = _check_fields(obj)
         paths = list(images) if resolved else [resolve_image(spec.root, rel) for rel in images]
     except RowRejected as e:
-        return Reject(source, line, e.reason, e.detail, raw[:_RAW_LIMIT])
+        return Reject(source, line, e.reason, e.detail, raw[:RAW_LIMIT])
     rid = str(obj["id"]) if "id" in obj else f"line{line}"
     return Record(f"{spec.name}:{rid}", source, line, paths, turns)
 
 
-def _jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
+def jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
     source = str(spec.annotation)
     with open(source, "rb") if not is_remote(source) else io.BytesIO(read_bytes(source)) as f:
         if f.read(4).startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -452,7 +423,7 @@ def _jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
                 yield parsed
                 continue
             obj, line = parsed
-            yield _record_of(spec, source, lineno, obj, line)
+            yield record_of(spec, source, lineno, obj, line)
 
 
 def _json_document(path: str | Path, kind: str) -> Any:
@@ -472,7 +443,7 @@ def _json_document(path: str | Path, kind: str) -> Any:
         raise DataError(f"{path}: invalid {kind} JSON: {e}") from None
 
 
-def _coco_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
+def coco_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
     """COCO captions JSON: one row per annotation (its image's ``file_name`` under the spec's root,
     the caption as the answer to ``spec.prompt``); ``line`` is the annotation's number from 1."""
     source = str(spec.annotation)
@@ -489,7 +460,7 @@ def _coco_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
         if isinstance(im, dict) and isinstance(im.get("file_name"), str) and "id" in im
     }
     for n, ann in enumerate(data["annotations"], 1):
-        raw = json.dumps(ann, ensure_ascii=False)[:_RAW_LIMIT]
+        raw = json.dumps(ann, ensure_ascii=False)[:RAW_LIMIT]
         if not isinstance(ann, dict):
             yield Reject(source, n, "bad_fields", f"annotation {n} must be an object", raw)
             continue
@@ -512,10 +483,10 @@ def _coco_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
                 {"from": "gpt", "value": caption},
             ],
         }
-        yield _record_of(spec, source, n, row, raw)
+        yield record_of(spec, source, n, row, raw)
 
 
-def _llava_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
+def llava_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
     """A LLaVA-style JSON list of chat rows (``image``, ``conversations``): each item a row, as one
     JSONL line would be; ``line`` is the item's number from 1."""
     source = str(spec.annotation)
@@ -523,7 +494,7 @@ def _llava_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
     if not isinstance(data, list):
         raise DataError(f"{source}: a LLaVA annotation is a JSON list of rows")
     for n, obj in enumerate(data, 1):
-        yield _record_of(spec, source, n, obj, json.dumps(obj, ensure_ascii=False))
+        yield record_of(spec, source, n, obj, json.dumps(obj, ensure_ascii=False))
 
 
 @dataclass

@@ -25,13 +25,13 @@ from typing import Any
 
 from raylora.data.images import member_ref, open_table, row_ref
 from raylora.data.records import (
-    _RAW_LIMIT,
     IMAGE_PLACEHOLDER,
+    RAW_LIMIT,
     SHARD_SUFFIXES,
     DatasetSpec,
     Record,
     Reject,
-    _record_of,
+    record_of,
     resolve_image,
 )
 from raylora.data.templates import RowRejected
@@ -76,7 +76,7 @@ def _records(
     spec: DatasetSpec, source: str, line: int, ident: str, image: str, captions: list[str], raw: str
 ) -> Iterator[Record | Reject]:
     for caption in captions:
-        rec = _record_of(spec, source, line, {**_row(spec, image, caption), "id": ident}, raw, resolved=True)
+        rec = record_of(spec, source, line, {**_row(spec, image, caption), "id": ident}, raw, resolved=True)
         yield rec
 
 
@@ -116,7 +116,7 @@ def _parquet_row(
     spec: DatasetSpec, uri: str, row: int, image: Any, caption: Any, caption_column: str | None
 ) -> Iterator[Record | Reject]:
     raw = json.dumps({"image": _describe(image), caption_column or "caption": caption}, ensure_ascii=False)
-    raw = raw[:_RAW_LIMIT]
+    raw = raw[:RAW_LIMIT]
     try:
         if caption_column is None:
             raise RowRejected("bad_fields", f"row {row}: no column {' or '.join(CAPTION_COLUMNS)}")
@@ -205,7 +205,7 @@ def _shard(spec: DatasetSpec, uri: str) -> Iterator[Record | Reject]:
 
 def _sample(spec: DatasetSpec, uri: str, number: int, sample: dict[str, Any]) -> Iterator[Record | Reject]:
     members = ", ".join(sample["members"])
-    raw = json.dumps({"key": sample["key"], "members": sample["members"]}, ensure_ascii=False)[:_RAW_LIMIT]
+    raw = json.dumps({"key": sample["key"], "members": sample["members"]}, ensure_ascii=False)[:RAW_LIMIT]
     where = f"sample {number} ({members})"
     try:
         if sample["image"] is None:
