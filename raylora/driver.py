@@ -34,7 +34,7 @@ from raylora.console import send
 from raylora.data.plan import BatchPlan, make_plan, plan_microbatches, plan_units, unit_lengths
 from raylora.data.prepare import Prepared, prepare
 from raylora.data.settings import ImageSettings
-from raylora.files import absolute, atomic_dir, is_remote, redact, tree_size, writes_to
+from raylora.files import absolute, atomic_dir, file_entry, is_dir, is_remote, redact, tree_size, writes_to
 from raylora.monitoring import enable_train_state_tracking
 
 # torch, deepspeed, ray and transformers are imported inside the functions that run on the workers
@@ -77,7 +77,7 @@ def check_paths(cfg: Config) -> Path:
     keys = ("train", "val", "val_gt") if cfg.eval.every_n_steps >= 0 else ("train",)  # val: only if used
     for key in keys:
         value = getattr(cfg.data, key)
-        if value and not Path(value).exists():
+        if value and file_entry(value) is None and not is_dir(value):
             raise FileNotFoundError(f"data.{key} = {value!r} does not exist")
     return model_dir
 

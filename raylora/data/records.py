@@ -605,10 +605,10 @@ _ID_RE = re.compile(r"(\d+)\.\w+$")
 
 def read_karpathy(items_path: str | Path, root: str | Path, limit: int | None = None) -> list[EvalItem]:
     """The Karpathy test/val list: image_id from the item, else the number ending the file name."""
-    path = Path(items_path)
-    if not path.is_file():
+    path = str(items_path)
+    if file_entry(path) is None:
         raise FileNotFoundError(f"evaluation file not found: {path}")
-    data = json.loads(path.read_text())
+    data = json.loads(read_bytes(path))
     if isinstance(data, dict) and "images" in data:
         data = data["images"]
     out = []
@@ -622,7 +622,7 @@ def read_karpathy(items_path: str | Path, root: str | Path, limit: int | None = 
             if not m:
                 raise DataError(f"{path}: item {i}: no image_id and none in the file name {rel!r}")
             image_id = int(m.group(1))
-        out.append(EvalItem(int(image_id), str(Path(root) / rel)))
+        out.append(EvalItem(int(image_id), join_uri(root, rel)))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -630,7 +630,7 @@ def read_karpathy(items_path: str | Path, root: str | Path, limit: int | None = 
 
 def read_gt(gt_path: str | Path, image_ids: list[int] | None = None) -> dict[int, list[str]]:
     """COCO caption ground truth -> {image_id: [captions]} (restricted to ``image_ids``)."""
-    data = json.loads(Path(gt_path).read_text())
+    data = json.loads(read_bytes(gt_path))
     keep = set(image_ids) if image_ids is not None else None
     gts: dict[int, list[str]] = {}
     for ann in data["annotations"]:
