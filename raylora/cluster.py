@@ -28,6 +28,15 @@ from raylora.telemetry import telemetry_env
 # ray is imported inside the functions: it takes seconds, and config errors should not wait for it.
 
 
+STORE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+
+
 def runtime_env() -> dict[str, Any]:
     """Environment for every Ray process: a persistent DeepSpeed op cache, quiet tokenizers, Ray
     Train's state tracking (the dashboard's Train view; also for a sweep trial's trainer), the
@@ -42,7 +51,9 @@ def runtime_env() -> dict[str, Any]:
         **quiet_env(),
         **telemetry_env(),  # nothing sent home from the workers either (raylora.telemetry)
     }
-    for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME"):
+    # object storage's endpoint and region (never its credentials: nodes bring their own, from their
+    # environment or instance role)
+    for key in ("RAYLORA_CACHE", "MLFLOW_TRACKING_URI", "HF_HOME", *STORE_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
     # Every Ray process connects its own subprocesses and Ray's state API calls to this cluster, not

@@ -196,6 +196,9 @@ class SweepConfig:
 class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow/mlflow.db
     experiment: str = "raylora"
+    # where a new experiment keeps its artifacts (adapters, reports): s3://bucket/prefix for a cluster
+    # without a shared file system; None: beside a sqlite store, or the MLflow server's default root
+    artifact_location: str | None = None
     registered_model: str | None = None  # default raylora-<dataset>-lora
     dataset: str = "coco"
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from raylora.console import send, step_line
 from raylora.data.pipeline import iter_local_batches, iter_rank_batches, rank_dataset
 from raylora.data.plan import BatchPlan
 from raylora.data.settings import ImageSettings
-from raylora.files import is_remote, redact
+from raylora.files import is_remote, join_uri, read_text, redact, write_text
 from raylora.generation import GenerationSettings, generate_captions
 from raylora.loss import forward_loss, to_device
 from raylora.model import (
@@ -377,29 +378,48 @@ class LoRAFinetuneRecipe:
         stream = self.runtime.microbatches(self.job, first)
         if self.audit is not None:
             stream = self.audit.batches(stream)
-        return (
-            self.traced(stream) if self.cfg.train.trace_data and not is_remote(self.job.run_dir) else stream
-        )
+        return self.traced(stream) if self.cfg.train.trace_data else stream
 
     def traced(self, stream):
         """``train.trace_data``: every micro-batch's index, step, rank, node and record indices, appended
-        to ``<run dir>/data_trace/rank<r>.jsonl`` as it is consumed (restarts append their replay)."""
+        to ``<run dir>/data_trace/rank<r>.jsonl`` as it is consumed (restarts append their replay). An
+        object store cannot append: in a remote run folder each attempt of a rank writes its own
+        ``rank<r>.<attempt>.jsonl``, rewritten as it grows (every line while it is short, then at most
+        every 5 s) and when the stream ends."""
         node = self.runtime.node
+        if is_remote(self.job.run_dir):
+            yield from self.traced_remote(stream, node)
+            return
         path = Path(self.job.run_dir) / "data_trace" / f"rank{self.rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             for batch in stream:
-                index = int(batch["index"])
-                step = index // self.plan.microbatches_per_step + 1
-                records = batch["record_index"].tolist()
-                f.write(
-                    json.dumps(
-                        {"index": index, "step": step, "rank": self.rank, "node": node, "records": records}
-                    )
-                    + "\n"
-                )
+                f.write(self.trace_line(batch, node))
                 f.flush()
                 yield batch
+
+    def traced_remote(self, stream, node: str):
+        uri = join_uri(self.job.run_dir, "data_trace", f"rank{self.rank}.{uuid.uuid4().hex[:8]}.jsonl")
+        lines: list[str] = []
+        written = time.monotonic()
+        try:
+            for batch in stream:
+                lines.append(self.trace_line(batch, node))
+                if len(lines) < 2000 or time.monotonic() - written > 5:
+                    write_text(uri, "".join(lines))
+                    written = time.monotonic()
+                yield batch
+        finally:
+            write_text(uri, "".join(lines))
+
+    def trace_line(self, batch: dict[str, Any], node: str) -> str:
+        index = int(batch["index"])
+        step = index // self.plan.microbatches_per_step + 1
+        records = batch["record_index"].tolist()
+        return (
+            json.dumps({"index": index, "step": step, "rank": self.rank, "node": node, "records": records})
+            + "\n"
+        )
 
     def train(self) -> None:
         """The loop: an optimizer step every ``grad_accum`` micro-batches; log, evaluate, checkpoint."""
@@ -555,12 +575,11 @@ class LoRAFinetuneRecipe:
 
     def fault_drill(self) -> None:
         """RAYLORA_FAIL_AT_STEP: the last rank crashes once at that step (FailureConfig restarts it)."""
-        if self.job.fail_at_step != self.step or self.rank != self.world - 1 or is_remote(self.job.run_dir):
+        if self.job.fail_at_step != self.step or self.rank != self.world - 1:
             return
-        marker = Path(self.job.run_dir) / "injected_failure"
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(self.step))
+        marker = join_uri(self.job.run_dir, "injected_failure")
+        if read_text(marker) is None:
+            write_text(marker, str(self.step))
             raise RuntimeError(f"RAYLORA_FAIL_AT_STEP: simulated worker crash at step {self.step}")
 
     def print(self, text: str) -> None:

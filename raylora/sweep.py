@@ -50,7 +50,7 @@ from raylora.driver import (
     train_settings,
 )
 from raylora.driver import run as train_run
-from raylora.files import absolute, is_remote, redact
+from raylora.files import absolute, is_remote, join_uri, read_text, redact, write_text
 from raylora.merge import merge_adapter
 from raylora.pages import save_screenshot
 from raylora.runs import best_checkpoint, validations
@@ -211,9 +211,9 @@ class Sweep:
 
 def trial_mlflow_run(sweep: Sweep, cfg: Config, trial_id: str, params: dict[str, Any], run_dir: str) -> str:
     """The trial's child run: the one it started before (a resumed sweep), or a new one."""
-    marker = Path(run_dir) / "mlflow_run_id"
-    if marker.is_file():
-        return marker.read_text().strip()
+    marker = join_uri(run_dir, "mlflow_run_id")
+    if (known := read_text(marker)) is not None:
+        return known.strip()
     run_id = tracking.create_run(
         sweep.experiment_id,
         f"trial-{trial_id}",
@@ -227,8 +227,7 @@ def trial_mlflow_run(sweep: Sweep, cfg: Config, trial_id: str, params: dict[str,
         parent_run_id=sweep.parent_run_id,
         uri=sweep.tracking_uri,
     )
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run_id)
+    write_text(marker, run_id)
     return run_id
 
 
@@ -722,14 +721,15 @@ def open_parent_run(cfg: Config, storage: str, name: str, trials: int, resume: b
     The parent run id is kept in ``<storage>/raylora_sweep.json``, so ``--resume`` continues it.
     """
     uri, exp_id = tracking.setup(cfg)
-    state_file = Path(storage) / "raylora_sweep.json"
+    state_file = join_uri(storage, "raylora_sweep.json")
+    state = read_text(state_file)
     if resume:
-        if not state_file.is_file():
+        if state is None:
             raise FileNotFoundError(f"no sweep to resume at {redact(storage)}; run without --resume first")
-        parent_run_id = json.loads(state_file.read_text())["parent_run_id"]
+        parent_run_id = json.loads(state)["parent_run_id"]
         tracking.reopen_run(parent_run_id, uri)
         return uri, exp_id, parent_run_id
-    if state_file.is_file():
+    if state is not None:
         raise RuntimeError(
             f"a sweep named {name!r} exists in {redact(storage)}: use --resume, or a new cluster.run_name"
         )
@@ -743,8 +743,7 @@ def open_parent_run(cfg: Config, storage: str, name: str, trials: int, resume: b
         params={**dict(list(params.items())[:100]), "trials": trials},
         uri=uri,
     )
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "trials": trials}))
+    write_text(state_file, json.dumps({"parent_run_id": parent_run_id, "trials": trials}))
     return uri, exp_id, parent_run_id
 
 
@@ -752,10 +751,10 @@ def close_trial_runs(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
     """Each trial's child run gets its final state (tag and status) and its best CIDEr (at its step)."""
     c = tracking.client(sweep.tracking_uri)
     for row in rows:
-        marker = Path(sweep.storage) / "trials" / row["trial_id"] / "mlflow_run_id"
-        if not marker.is_file():
+        child = read_text(join_uri(sweep.storage, "trials", row["trial_id"], "mlflow_run_id"))
+        if child is None:
             continue
-        child = marker.read_text().strip()
+        child = child.strip()
         row["mlflow_run_id"] = child
         c.set_tag(child, "trial_state", row["state"])
         if row["cider"] is not None:

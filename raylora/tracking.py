@@ -96,10 +96,19 @@ def setup(cfg: Config) -> tuple[str, str]:
     check_tracking(uri)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    wanted = cfg.tracking.artifact_location
     if exp is not None:
+        if wanted and exp.artifact_location.rstrip("/") != wanted.rstrip("/"):
+            raise ValueError(
+                f"tracking.artifact_location={redact(wanted)}, but experiment {cfg.tracking.experiment!r} keeps its "
+                f"artifacts in {redact(exp.artifact_location)} (set when it was created); name another "
+                "experiment (tracking.experiment=...) for the new location"
+            )
         return uri, exp.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):  # else artifacts would land in ./mlruns of the current dir
+    artifact_location = wanted
+    if not wanted and uri.startswith(
+        "sqlite:///"
+    ):  # else artifacts would land in ./mlruns of the current dir
         artifact_location = (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
     return uri, mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
 

@@ -14,6 +14,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Object storage: every s3:// of the session (raylora's, Ray's, MLflow's, boto3's) goes to a local
+# S3-compatible server (moto, started by the ``s3`` fixture on first use) through the AWS SDKs' own
+# variables, set before the session's Ray cluster starts so that its workers inherit them too. The
+# secret is long enough for redaction (tests check it never reaches a log or a record).
+S3_PORT = _free_port()
+S3_SECRET = "session-secret-key-that-must-not-leak"
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="AKIALOCALTESTSERVER",
+    AWS_SECRET_ACCESS_KEY=S3_SECRET,
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+
+
 @pytest.fixture(autouse=True)
 def error_logs_in_tmp(tmp_path_factory, monkeypatch):
     """Commands run in-process log their errors under the session's temporary folder, not under
@@ -48,6 +71,55 @@ def demo_base_model(demo_root: Path):
     from raylora.model import load_base_model
 
     return load_base_model(demo_root / "base").eval()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server on 127.0.0.1 (``python -m moto.server``) for the session; yields a
+    function that makes a fresh bucket and returns its ``s3://`` URI."""
+    import itertools
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import boto3
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"], timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "the S3 server did not start"
+            time.sleep(0.1)
+    client = boto3.client("s3")
+    counter = itertools.count()
+
+    def bucket() -> str:
+        name = f"raylora-test-{next(counter)}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    yield bucket
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a file or a folder's contents to ``uri`` (``s3://bucket/prefix``)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if local.is_file():
+        pafs.copy_files(str(local), path, destination_filesystem=fs)
+    else:
+        pafs.copy_files(str(local), path, destination_filesystem=fs, use_threads=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,16 @@ TRAIN = COCO / "annotations" / "coco_karpathy_train.jsonl"
 SAME = ("images", "conversations", "tiles", "input_ids", "labels", "image_at", "length", "label_tokens")
 
 
-def _export(out: Path) -> None:
+def _exporter():
+    """scripts/export_formats.py as a module."""
     spec = importlib.util.spec_from_file_location("export_formats", REPO / "scripts" / "export_formats.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _export(out: Path) -> None:
+    module = _exporter()
     files = ["captions.json", "llava.json", "parquet", "webdataset"]
     assert module.export(TRAIN, out) == {"rows": 40, "images": 8, "files": files}
 
