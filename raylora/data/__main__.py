@@ -59,7 +59,10 @@ def check(args: argparse.Namespace) -> int:
     stats = prepared.stats()
     rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.annotation)
     prepared.write_rejects(rejects)
-    print(f"annotation: {args.annotation} (images under {root})")
+    print(
+        f"annotation: {args.annotation} "
+        + (f"(images under {root})" if root else "(images where it names them)")
+    )
     print(settings.describe())
     print(f"rows: {stats['rows_total']} total, {stats['rows_ok']} ok, {stats['rows_rejected']} rejected")
     for reason, n in stats["rejects"].items():
