@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from raylora.data.records import load_rgb
 
 from .conftest import COCO, S3_SECRET, upload
 from .test_formats import TRAIN, _export, _exporter
-from .test_restarts import SHORT, assert_exact
+from .test_restarts import SHORT, assert_exact, traces, wait_for_decode_actor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,14 +64,17 @@ def _download(uri: str, local: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_with_data_and_storage_in_s3_survives_a_crash_exactly(
+def test_a_run_in_s3_survives_a_decode_actor_kill_and_a_worker_crash_exactly(
     s3, uninterrupted_run, ray_cluster, tracking_uri, demo_root, tmp_path
 ):
     """The demo's data as WebDataset shards in a bucket (val images and files too),
-    ``cluster.storage_path`` and the MLflow experiment's artifacts in the bucket: a worker crash at
-    step 6 restarts from the checkpoint read back from the bucket and ends bitwise equal to the
-    uninterrupted local run (same micro-batches, final loss, adapter). The run folder exists only in
-    the bucket, the adapter is in MLflow's artifacts there, and the credentials appear nowhere."""
+    ``cluster.storage_path`` and the MLflow experiment's artifacts in the bucket, and two faults in
+    the run. SIGKILL a rank's decode actor as soon as one runs: Ray Data restarts it (or the workers
+    restart from the last checkpoint). Then the last rank dies at step 6: FailureConfig restarts the
+    workers from the step-4 checkpoint, read back from the bucket. Every micro-batch and the result
+    equal the uninterrupted local run's, bitwise; every optimizer step is logged once, none skipped.
+    The run folder exists only in the bucket, the adapter is in MLflow's artifacts there, and the
+    credentials appear nowhere."""
     from mlflow.tracking import MlflowClient
 
     data = demo_root / "data"
@@ -98,14 +102,23 @@ def test_a_run_with_data_and_storage_in_s3_survives_a_crash_exactly(
         "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
         "RAYLORA_FAIL_AT_STEP": "6",
     }
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-3000:]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:  # a failed check stops the run: it would hold the session cluster's CPUs
+        os.kill(wait_for_decode_actor(proc), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
     assert not (tmp_path / "runs").exists()
     _download(storage, tmp_path / "runs")  # the run folder, read back from the bucket
     (marker,) = (tmp_path / "runs").glob("*/injected_failure")
     assert marker.read_text() == "6"
+    assert len(traces(tmp_path)[10]) == 2  # step 6's micro-batches were consumed twice: before and after
     metrics = assert_exact(tmp_path, uninterrupted_run)
+    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(metrics["mlflow_run_id"], "loss")]
+    assert sorted(steps) == list(range(1, 13))
     run = MlflowClient(tracking_uri).get_run(metrics["mlflow_run_id"])
     assert run.info.artifact_uri.startswith(f"{bucket}/mlflow/"), run.info.artifact_uri
     fs, path = pafs.FileSystem.from_uri(f"{run.info.artifact_uri}/adapter/adapter_model.safetensors")
