@@ -263,7 +263,8 @@ def test_bad_webdataset_samples_are_accounted_for_row_by_row(demo_settings, tmp_
 
 def test_a_second_validation_of_the_same_data_is_reused(demo_settings, tmp_path, monkeypatch, capsys):
     """The records and rejects of a validation are cached by content: the same annotation, images
-    (path, size, mtime) and settings reuse them (one line says so); a touched image checks again."""
+    (path, size, mtime) and settings reuse them (one line says so); a touched image checks again, and
+    so does data with a missing image (the file may appear: then its row is accepted)."""
     import os
 
     monkeypatch.setenv("RAYLORA_CACHE", str(tmp_path / "cache"))
@@ -275,10 +276,22 @@ def test_a_second_validation_of_the_same_data_is_reused(demo_settings, tmp_path,
     first = prepare(annotation, root, demo_settings, use_ray=False, progress=True)
     assert "checking 8 images" in capsys.readouterr().err
     again = prepare(annotation, root, demo_settings, use_ray=False, progress=True)
-    assert "validation reused: 40 rows ok, 1 rejected" in capsys.readouterr().err
+    assert "validation reused: 41 rows, 40 ok, 1 rejected" in capsys.readouterr().err
     assert again.table.equals(first.table) and again.rejects == first.rejects
     assert again.rows_total == first.rows_total == 41
     image = next((root / "train2014").iterdir())
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
     prepare(annotation, root, demo_settings, use_ray=False, progress=True)
     assert "checking 8 images" in capsys.readouterr().err
+    row = {
+        "image": "train2014/later.jpg",
+        "conversations": json.loads(annotation.read_text().split("\n")[0])["conversations"],
+    }
+    with open(annotation, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    for _ in range(2):
+        missing = prepare(annotation, root, demo_settings, use_ray=False, progress=True)
+        assert "checking 8 images" in capsys.readouterr().err
+        assert missing.rejects[-1].reason == "image_missing"
+    shutil.copy(image, root / "train2014" / "later.jpg")
+    assert prepare(annotation, root, demo_settings, use_ray=False).rows_ok == 41

@@ -51,7 +51,7 @@ def test_every_format_is_read_from_s3(s3, demo_settings, tmp_path, monkeypatch, 
         assert np.array_equal(np.asarray(load_rgb(image)), np.asarray(load_rgb(local)))
     capsys.readouterr()
     prepare(f"{bucket}/export/webdataset", None, demo_settings, use_ray=False, progress=True)
-    assert "validation reused: 40 rows ok, 0 rejected" in capsys.readouterr().err
+    assert "validation reused: 40 rows, 40 ok, 0 rejected" in capsys.readouterr().err
     (tmp_path / "rejects").mkdir()
     monkeypatch.chdir(tmp_path / "rejects")  # a remote annotation's rejects land in the current folder
     assert main(["check", f"{bucket}/export/parquet", "--model", "demo"]) == 0

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from raylora.data.images import container_of
 from raylora.data.pipeline import quiet_progress
@@ -166,6 +167,9 @@ def _image_sizes(paths: list[str], use_ray: bool) -> dict[str, tuple[int, int] |
         return dict(zip(paths, pool.map(check, paths)))
 
 
+CHUNK_ROWS = 8192  # rows tokenized and packed into Arrow at a time (bounded memory on large files)
+
+
 def prepare(
     train: str | Path,
     root: str | Path | None,
@@ -179,11 +183,31 @@ def prepare(
 ) -> Prepared:
     """Read and validate every row; compute tiles per image and the token length of each row.
     ``fmt``: the annotation's format (``data.format``); ``prompt``: the question of rows that carry
-    only a caption (COCO captions JSON)."""
-    records: list[Record] = []
-    rejects: list[Reject] = []
-    total = 0
+    only a caption (COCO captions JSON).
+
+    Rows stream through in chunks of :data:`CHUNK_ROWS`: checked, tokenized and packed into Arrow
+    (a few hundred bytes a row), so memory follows the records table, not Python objects per row.
+    Every distinct image is then decoded once (a Ray Data job when a cluster is up). A result is
+    cached by content (:func:`validation_key`) and reused while its images are unchanged."""
     specs = read_specs(train, root, fmt, prompt)
+    key = validation_key(specs, settings, strict, seed)
+    reused = load_validated(key)
+    if reused is not None:
+        if progress:
+            print(
+                f"[data] validation reused: {reused.rows_total} rows, {reused.rows_ok} ok, {len(reused.rejects)} "
+                f"rejected, as checked before with the same annotation, images and settings "
+                f"({validated_dir(key)}; delete it to check again)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return reused
+    conv_tok = settings.conversation_tokenizer()
+    rejects: list[Reject] = []
+    parts: list[pa.Table] = []
+    paths: set[str] = set()
+    chunk: list[Record] = []
+    total = 0
     for spec in specs:
         for item in iter_annotation(spec, seed):
             total += 1
@@ -191,81 +215,112 @@ def prepare(
                 if strict:
                     raise DataError(item.message())
                 rejects.append(item)
-            else:
-                records.append(item)
-    paths = sorted({p for r in records for p in r.images})
-    key = validation_key(specs, paths, settings, strict, seed)
-    reused = load_validated(key)
-    if reused is not None:
-        if progress:
-            print(
-                f"[data] {total} rows read; validation reused: {reused.rows_ok} rows ok, {len(reused.rejects)} "
-                f"rejected, as checked before with the same annotation, images and settings "
-                f"({validated_dir(key)}; delete it to check again)",
-                file=sys.stderr,
-                flush=True,
-            )
-        return reused
+                continue
+            chunk.append(item)
+            paths.update(item.images)
+            if len(chunk) >= CHUNK_ROWS:
+                parts.append(_text_columns(chunk, conv_tok))
+                chunk = []
+                if progress and len(parts) % 25 == 0:
+                    print(f"[data] {total} rows read ...", file=sys.stderr, flush=True)
+    parts.append(_text_columns(chunk, conv_tok))
+    del chunk
     if progress:
         print(f"[data] {total} rows read, checking {len(paths)} images ...", file=sys.stderr, flush=True)
     if use_ray is None:
         import ray
 
         use_ray = ray.is_initialized()
-    sizes = _image_sizes(paths, use_ray)
-    conv_tok = settings.conversation_tokenizer()
-    cols: dict[str, list[Any]] = {k: [] for k in SCHEMA.names}
+    sizes = _image_sizes(sorted(paths), use_ray)
+    tables = []
+    while parts:  # each part is released as soon as its rows are final
+        tables.append(_finish_rows(parts.pop(0), sizes, settings, conv_tok, rejects, strict))
+    rejects.sort(key=lambda r: (r.source, r.line))
+    table = pa.concat_tables(tables).combine_chunks() if tables else SCHEMA.empty_table()
+    prepared = Prepared(table, rejects, total, settings.tokens_per_unit)
+    save_validated(key, prepared, image_stamps(sorted(paths)))
+    return prepared
+
+
+def _text_columns(records: list[Record], conv_tok: Any) -> pa.Table:
+    """A chunk of records, tokenized: what the rows are before their images are known."""
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("id", "source", "line", "images", "conversations", "input_ids", "labels", "image_at")
+    }
+    extra: dict[str, list[Any]] = {"label_tokens": [], "first": [], "group_key": []}
     for rec in records:
-        try:
-            tiles = []
-            for p in rec.images:
-                size = sizes[p]
-                if isinstance(size, RowRejected):
-                    raise size
-                tiles.append(settings.tiles_for(*size))
-            ids, labels, image_at = conv_tok.encode_text(rec.conversations)
-            length = conv_tok.expanded_length(len(ids), tiles)
-        except RowRejected as e:
-            rej = Reject(
-                rec.source, rec.line, e.reason, e.detail, json.dumps({"image": rec.images, "id": rec.id})
-            )
-            if strict:
-                raise DataError(rej.message()) from None
-            rejects.append(rej)
-            continue
+        ids, labels, image_at = conv_tok.encode_text(rec.conversations)
         cols["id"].append(rec.id)
         cols["source"].append(rec.source)
         cols["line"].append(rec.line)
         cols["images"].append(rec.images)
         cols["conversations"].append(json.dumps(rec.conversations, ensure_ascii=False))
-        cols["tiles"].append(tiles)
         cols["input_ids"].append(ids)
         cols["labels"].append(labels)
         cols["image_at"].append(image_at)
-        cols["length"].append(length)
         supervised = labels != IGNORE_INDEX
-        first = int(np.argmax(supervised))  # in the unexpanded tokens; the images before it come first
+        extra["first"].append(int(np.argmax(supervised)))  # in the unexpanded tokens
+        extra["label_tokens"].append(int(supervised.sum()))
+        extra["group_key"].append(group_key(rec))
+    arrays = {name: pa.array(values, SCHEMA.field(name).type) for name, values in cols.items()}
+    arrays["label_tokens"] = pa.array(extra["label_tokens"], pa.int64())
+    arrays["first"] = pa.array(extra["first"], pa.int64())
+    arrays["group_key"] = pa.array(extra["group_key"], pa.string())
+    return pa.table(arrays)
+
+
+def _finish_rows(
+    part: pa.Table,
+    sizes: dict[str, Any],
+    settings: ImageSettings,
+    conv_tok: Any,
+    rejects: list[Reject],
+    strict: bool,
+) -> pa.Table:
+    """A tokenized chunk with its images' tiles, the rows' lengths and prefixes: rows whose image was
+    rejected, or that are too long once their images are expanded, become rejects."""
+    keep, tiles_col, lengths, prefixes = [], [], [], []
+    columns = [part.column(c).to_pylist() for c in ("images", "image_at", "first", "id", "source", "line")]
+    n_ids = pa.compute.list_value_length(part.column("input_ids")).to_pylist()
+    for i, (images, image_at, first, rid, source, line) in enumerate(zip(*columns)):
+        try:
+            tiles = []
+            for p in images:
+                size = sizes[p]
+                if isinstance(size, RowRejected):
+                    raise size
+                tiles.append(settings.tiles_for(*size))
+            length = conv_tok.expanded_length(n_ids[i], tiles)
+        except RowRejected as e:
+            rej = Reject(source, line, e.reason, e.detail, json.dumps({"image": images, "id": rid}))
+            if strict:
+                raise DataError(rej.message()) from None
+            rejects.append(rej)
+            continue
+        keep.append(i)
+        tiles_col.append(tiles)
+        lengths.append(length)
         before = sum(n for at, n in zip(image_at, tiles) if at <= first) * settings.tokens_per_unit
-        cols["prefix_length"].append(first + before)
-        cols["label_tokens"].append(int(supervised.sum()))
-        cols["group_key"].append(group_key(rec))
-    rejects.sort(key=lambda r: (r.source, r.line))
-    prepared = Prepared(pa.table(cols, schema=SCHEMA), rejects, total, settings.tokens_per_unit)
-    save_validated(key, prepared)
-    return prepared
+        prefixes.append(first + before)
+    kept = part.take(pa.array(keep, pa.int64()))
+    arrays = {name: kept.column(name) for name in kept.column_names if name in SCHEMA.names}
+    arrays["tiles"] = pa.array(tiles_col, SCHEMA.field("tiles").type)
+    arrays["length"] = pa.array(lengths, pa.int64())
+    arrays["prefix_length"] = pa.array(prefixes, pa.int64())
+    return pa.table({name: arrays[name] for name in SCHEMA.names}, schema=SCHEMA)
 
 
 # The validated-records cache, by content: <raylora cache>/validated/<key>/ holds records.arrow (the
-# records table), rejects.jsonl and summary.json. The key covers the annotation files' bytes, every
-# image's path, size and modification time, the image and text settings (family, template, tokenizer
-# files) and this table's schema: any change checks again.
+# records table), rejects.jsonl, images.json (every image's file: path, size, modification time, as
+# checked) and summary.json. The key covers the annotation files' bytes (shards: their listing), the
+# image and text settings (family, template, tokenizer files) and this table's schema; a result is
+# reused only while every image file is as it was checked. A result with images that were missing is
+# never cached (the file may appear).
 VALIDATED = "validated"
-VALIDATED_VERSION = 1  # bump when the records table or what validation checks changes
+VALIDATED_VERSION = 2  # bump when the records table or what validation checks changes
 
 
-def validation_key(
-    specs: list[Any], paths: list[str], settings: ImageSettings, strict: bool, seed: int
-) -> str:
+def validation_key(specs: list[Any], settings: ImageSettings, strict: bool, seed: int) -> str:
     h = hashlib.sha256(json.dumps([VALIDATED_VERSION, strict, seed, repr(settings)]).encode())
     for spec in specs:
         h.update(
@@ -286,20 +341,27 @@ def validation_key(
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (tokenizer / name).is_file():
             h.update(name.encode() + (tokenizer / name).read_bytes())
-    containers = sorted({container_of(p) for p in paths})  # an image inside a shard: the shard's stamp
+    return h.hexdigest()[:24]
+
+
+def image_stamps(paths: list[str]) -> list[list[Any]]:
+    """[file, size, mtime_ns] of every file holding these images (an image inside a shard: the
+    shard); size -1 for a file that is not there."""
+    containers = sorted({container_of(p) for p in paths})
     remote = [c for c in containers if is_remote(c)]
     stamps = dict(zip(remote, ThreadPoolExecutor(16).map(file_entry, remote))) if remote else {}
+    out = []
     for path in containers:
         if path in stamps:
             e = stamps[path]
-            h.update((f"{path}\t{e.size}\t{e.mtime_ns}\n" if e else f"{path}\tmissing\n").encode())
+            out.append([path, e.size, e.mtime_ns] if e else [path, -1, 0])
             continue
         try:
             st = os.stat(path)
-            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            out.append([path, st.st_size, st.st_mtime_ns])
         except OSError:
-            h.update(f"{path}\tmissing\n".encode())
-    return h.hexdigest()[:24]
+            out.append([path, -1, 0])
+    return out
 
 
 def validated_dir(key: str) -> Path:
@@ -307,10 +369,13 @@ def validated_dir(key: str) -> Path:
 
 
 def load_validated(key: str) -> Prepared | None:
-    """The cached result of an identical validation, or None."""
+    """The cached result of an identical validation whose images are unchanged, or None."""
     folder = validated_dir(key)
     try:
         summary = json.loads((folder / "summary.json").read_text())
+        stamps = json.loads((folder / "images.json").read_text())
+        if image_stamps([p for p, _, _ in stamps]) != stamps:
+            return None
         with pa.OSFile(str(folder / "records.arrow"), "rb") as f:
             table = pa.ipc.open_file(f).read_all()
         lines = (folder / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
@@ -322,8 +387,10 @@ def load_validated(key: str) -> Prepared | None:
     return Prepared(table, rejects, int(summary["rows_total"]), int(summary["tokens_per_unit"]))
 
 
-def save_validated(key: str, prepared: Prepared) -> None:
+def save_validated(key: str, prepared: Prepared, stamps: list[list[Any]]) -> None:
     """Cache a validation's result (best effort: a cache that cannot be written is skipped)."""
+    if any(r.reason == "image_missing" for r in prepared.rejects):
+        return
     try:
         with atomic_dir(validated_dir(key), overwrite=True) as tmp:
             with (
@@ -332,6 +399,7 @@ def save_validated(key: str, prepared: Prepared) -> None:
             ):
                 w.write_table(prepared.table)
             prepared.write_rejects(tmp / "rejects.jsonl")
+            (tmp / "images.json").write_text(json.dumps(stamps))
             summary = {"rows_total": prepared.rows_total, "tokens_per_unit": prepared.tokens_per_unit}
             (tmp / "summary.json").write_text(json.dumps(summary))
     except OSError:
