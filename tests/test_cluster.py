@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from tests.test_restarts import SHORT, assert_exact, last_step, traces
@@ -151,11 +152,13 @@ def test_preflight_refuses_what_the_cluster_cannot_do(cluster, tmp_path):
     assert not (tmp_path / "out" / "adapter").exists()
 
 
-def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewhere(cluster, tmp_path):
-    """A sweep on the cluster (one trial: tests/test_sweep.py sweeps several); its champion is
-    registered in the server's registry, and `merge --model-uri models:/...@champion` works from
-    another folder, through the server only."""
+def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewhere(cluster, s3, tmp_path):
+    """A sweep on the cluster (one trial: tests/test_sweep.py sweeps several) with no shared folder:
+    its trials' checkpoints in object storage (the tests' S3 server) and its experiment's artifacts
+    there too; its champion is registered in the server's registry, and `merge --model-uri
+    models:/...@champion` works from another folder, through the server and the bucket only."""
     name = "raylora-rehearsal-lora"
+    bucket = s3()
     swept = command(
         cluster,
         "raylora.sweep",
@@ -163,11 +166,13 @@ def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewher
         "demo",
         "--trials",
         "1",
-        f"cluster.storage_path={cluster['dir'] / 'storage'}",
+        f"cluster.storage_path={bucket}/storage",
         f"output_dir={tmp_path / 'out' / 'x'}",
         "data.val_size=16",
         "sweep.searcher=random",
         f"tracking.registered_model={name}",
+        "tracking.experiment=s3-sweep",
+        f"tracking.artifact_location={bucket}/mlflow",
         "eval.validation=async",  # the trial's validator actor scores its checkpoints; Tune gets the scores
         "sweep.trial_overrides={cluster.num_workers: 1, cluster.cpus_per_worker: 0.5, data.decode_cpus: 0.45, "
         "train.max_steps: 10, eval.every_n_steps: 5, train.log_every_n_steps: 5}",
@@ -176,6 +181,10 @@ def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewher
     champion = client(cluster).get_model_version_by_alias(name, "champion")
     summary = json.loads((tmp_path / "out" / "demo_sweep" / "summary.json").read_text())
     assert float(champion.tags["cider"]) == pytest.approx(summary["best_cider"])
+    assert champion.source.startswith(f"{bucket}/mlflow/"), champion.source
+    fs, path = pafs.FileSystem.from_uri(f"{bucket}/storage")
+    stored = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
+    assert any("/checkpoint_" in p for p in stored) and any(p.endswith("raylora_sweep.json") for p in stored)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"}  # the server is all it has

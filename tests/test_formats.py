@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raylora.data.prepare import prepare
+from raylora.data.prepare import line_chunks, prepare
 from raylora.data.records import DataError, detect_format
 
 from .conftest import COCO
@@ -295,3 +295,35 @@ def test_a_second_validation_of_the_same_data_is_reused(demo_settings, tmp_path,
         assert missing.rejects[-1].reason == "image_missing"
     shutil.copy(image, root / "train2014" / "later.jpg")
     assert prepare(annotation, root, demo_settings, use_ray=False).rows_ok == 41
+
+
+def test_a_large_jsonl_is_checked_as_a_ray_data_job(
+    ray_cluster, demo_settings, tmp_path, monkeypatch, capsys
+):
+    """Cut into chunks of whole lines that Ray Data actors check and tokenize, an annotation gives the
+    records and rejects (with the file's line numbers) of the driver's own read, and the ledger is
+    written as the chunks finish."""
+    lines = TRAIN.read_text().splitlines(keepends=True)
+    bad = [
+        '{"image": "train2014/nowhere.jpg", "conversations": []}\n',
+        "{not json\n",
+        "\n",
+        "\ufeff" + lines[0],
+    ]
+    annotation = tmp_path / "big.jsonl"
+    with open(annotation, "w", encoding="utf-8") as f:
+        for n in range(6):
+            f.writelines(lines)
+            f.write(bad[n % len(bad)])
+    monkeypatch.setenv("RAYLORA_CACHE", str(tmp_path / "cache-driver"))
+    alone = prepare(annotation, COCO, demo_settings, use_ray=False)
+    monkeypatch.setenv("RAYLORA_CACHE", str(tmp_path / "cache-ray"))
+    ledger = tmp_path / "ledger.jsonl"
+    together = prepare(
+        annotation, COCO, demo_settings, use_ray=True, progress=True, ledger=ledger, chunk_bytes=4096
+    )
+    chunks = len(line_chunks(str(annotation), 4096))
+    assert chunks > 10 and f"in {chunks} chunks, 2 Ray Data actor(s)" in capsys.readouterr().err
+    assert together.table.equals(alone.table) and together.rows_total == alone.rows_total == 245
+    assert together.rejects == alone.rejects and [r.line for r in alone.rejects] == [41, 82, 205, 246]
+    assert sorted(ledger.read_text().splitlines()) == sorted(r.to_json() for r in alone.rejects)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from raylora.cli import DEMO, RECIPE_PATHS, model_spec
+from raylora.cluster import console_options
 from raylora.config import DataConfig, ModelConfig
 from raylora.console import add_verbose_flag, run_command
-from raylora.data.prepare import prepare
+from raylora.data.prepare import PARALLEL_BYTES, prepare
 from raylora.data.records import DataError
-from raylora.files import is_remote
+from raylora.files import file_entry, is_remote
 from raylora.sources import image_settings, resolve_source
 
 DATA_DEFAULTS, MODEL_DEFAULTS = DataConfig(), ModelConfig()
@@ -45,19 +47,28 @@ def check(args: argparse.Namespace) -> int:
         tokenizer_dir=source.tokenizer_dir,
     )
     root = args.root
-    if root is None and args.annotation.endswith(".jsonl"):
-        root = str(
-            Path(args.annotation).resolve().parent.parent
-        )  # the tutorial's data/coco/annotations layout
+    if root is None and args.annotation.endswith(".jsonl"):  # the tutorial's data/coco/annotations layout
+        if is_remote(args.annotation):
+            root = args.annotation.rsplit("/", 2)[0]
+        else:
+            root = str(Path(args.annotation).resolve().parent.parent)
+    rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.annotation)
+    rejects.parent.mkdir(parents=True, exist_ok=True)
     try:
         prepared = prepare(
-            args.annotation, root, settings, strict=args.strict, progress=True, fmt=args.format
+            args.annotation,
+            root,
+            settings,
+            strict=args.strict,
+            progress=True,
+            fmt=args.format,
+            use_ray=start_workers(args.annotation, args.workers),
+            ledger=rejects,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     stats = prepared.stats()
-    rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.annotation)
     prepared.write_rejects(rejects)
     print(
         f"annotation: {args.annotation} "
@@ -92,6 +103,28 @@ def check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats))
     return 0
+
+
+def start_workers(annotation: str, workers: int | None) -> bool:
+    """Whether the check runs as a Ray Data job: ``--workers`` over 1, or by default a JSONL of
+    :data:`PARALLEL_BYTES` or more (then one worker per CPU); a local Ray cluster of that many CPUs is
+    started unless one is up."""
+    import ray
+
+    if ray.is_initialized():
+        return True
+    entry = file_entry(annotation) if annotation.endswith(".jsonl") else None
+    if workers is None:
+        workers = (os.cpu_count() or 1) if entry is not None and entry.size >= PARALLEL_BYTES else 1
+    if workers <= 1:
+        return False
+    print(
+        f"[data] starting a local Ray cluster of {workers} CPUs for the check ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    ray.init(num_cpus=workers, include_dashboard=False, **console_options())
+    return True
 
 
 def default_rejects_path(annotation: str) -> Path:
@@ -166,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stop at the first bad row (exit 1), naming file, line and reason",
     )
     c.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    c.add_argument(
+        "--workers",
+        type=int,
+        help="check the rows in this many Ray Data actors (a local Ray cluster of that many CPUs; default: "
+        "one per CPU for a JSONL of 16 MiB or more, else 1: in this process)",
+    )
     add_verbose_flag(c)
     args = parser.parse_args(argv)
     return run_command(lambda: check(args), command="data-check", verbose_flag=args.verbose)

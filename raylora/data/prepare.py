@@ -38,7 +38,7 @@ from raylora.data.records import (
 )
 from raylora.data.settings import ImageSettings
 from raylora.data.templates import IGNORE_INDEX, RowRejected
-from raylora.files import atomic_dir, cache_root, file_entry, is_remote, list_files, read_bytes
+from raylora.files import atomic_dir, cache_root, file_entry, filesystem, is_remote, list_files, read_bytes
 
 # ray is imported inside the image check that uses it, only when a cluster is up.
 
@@ -168,6 +168,8 @@ def _image_sizes(paths: list[str], use_ray: bool) -> dict[str, tuple[int, int] |
 
 
 CHUNK_ROWS = 8192  # rows tokenized and packed into Arrow at a time (bounded memory on large files)
+CHUNK_BYTES = 8 << 20  # a JSONL chunk a Ray Data task checks (whole lines)
+PARALLEL_BYTES = 16 << 20  # JSONL annotations from this size are checked across the cluster
 
 
 def prepare(
@@ -180,10 +182,17 @@ def prepare(
     progress: bool = False,
     fmt: str = "auto",
     prompt: str = CAPTION_PROMPT,
+    ledger: str | Path | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> Prepared:
     """Read and validate every row; compute tiles per image and the token length of each row.
     ``fmt``: the annotation's format (``data.format``); ``prompt``: the question of rows that carry
-    only a caption (COCO captions JSON).
+    only a caption (COCO captions JSON); ``ledger``: a file the rejects are appended to as they are
+    found (the returned ones are sorted by file and line).
+
+    With Ray up, a JSONL annotation over :data:`PARALLEL_BYTES` is cut into chunks of whole lines
+    (``chunk_bytes``) that a Ray Data job checks and tokenizes across the cluster, one actor per CPU
+    (:func:`_check_in_parallel`); else the driver reads it.
 
     Rows stream through in chunks of :data:`CHUNK_ROWS`: checked, tokenized and packed into Arrow
     (a few hundred bytes a row), so memory follows the records table, not Python objects per row.
@@ -202,44 +211,198 @@ def prepare(
                 flush=True,
             )
         return reused
-    conv_tok = settings.conversation_tokenizer()
-    rejects: list[Reject] = []
-    parts: list[pa.Table] = []
-    paths: set[str] = set()
-    chunk: list[Record] = []
-    total = 0
-    for spec in specs:
-        for item in iter_annotation(spec, seed):
-            total += 1
-            if isinstance(item, Reject):
-                if strict:
-                    raise DataError(item.message())
-                rejects.append(item)
-                continue
-            chunk.append(item)
-            paths.update(item.images)
-            if len(chunk) >= CHUNK_ROWS:
-                parts.append(_text_columns(chunk, conv_tok))
-                chunk = []
-                if progress and len(parts) % 25 == 0:
-                    print(f"[data] {total} rows read ...", file=sys.stderr, flush=True)
-    parts.append(_text_columns(chunk, conv_tok))
-    del chunk
-    if progress:
-        print(f"[data] {total} rows read, checking {len(paths)} images ...", file=sys.stderr, flush=True)
     if use_ray is None:
         import ray
 
         use_ray = ray.is_initialized()
+    conv_tok = settings.conversation_tokenizer()
+    rejects: list[Reject] = []
+    parts: list[pa.Table] = []
+    paths: set[str] = set()
+    total = 0
+    out = open(ledger, "w", encoding="utf-8") if ledger else None  # the ledger as it goes (unsorted)
+
+    def rejected(items: list[Reject]) -> None:
+        if strict and items:
+            raise DataError(items[0].message())
+        rejects.extend(items)
+        if out is not None:
+            out.writelines(r.to_json() + "\n" for r in items)
+            out.flush()
+
+    try:
+        for spec in specs:
+            chunks = parallel_chunks(spec, use_ray, chunk_bytes)
+            if chunks:
+                total += _check_in_parallel(spec, settings, chunks, parts, paths, rejected, progress)
+                continue
+            chunk: list[Record] = []
+            for item in iter_annotation(spec, seed):
+                total += 1
+                if isinstance(item, Reject):
+                    rejected([item])
+                    continue
+                chunk.append(item)
+                paths.update(item.images)
+                if len(chunk) >= CHUNK_ROWS:
+                    parts.append(_text_columns(chunk, conv_tok))
+                    chunk = []
+                    if progress and len(parts) % 25 == 0:
+                        print(f"[data] {total} rows read ...", file=sys.stderr, flush=True)
+            parts.append(_text_columns(chunk, conv_tok))
+            del chunk
+    finally:
+        if out is not None:
+            out.close()
+    if progress:
+        print(f"[data] {total} rows read, checking {len(paths)} images ...", file=sys.stderr, flush=True)
     sizes = _image_sizes(sorted(paths), use_ray)
     tables = []
+    found = len(rejects)
     while parts:  # each part is released as soon as its rows are final
         tables.append(_finish_rows(parts.pop(0), sizes, settings, conv_tok, rejects, strict))
+    if ledger:
+        with open(ledger, "a", encoding="utf-8") as f:
+            f.writelines(r.to_json() + "\n" for r in rejects[found:])
     rejects.sort(key=lambda r: (r.source, r.line))
-    table = pa.concat_tables(tables).combine_chunks() if tables else SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     prepared = Prepared(table, rejects, total, settings.tokens_per_unit)
     save_validated(key, prepared, image_stamps(sorted(paths)))
     return prepared
+
+
+@dataclass
+class Chunk:
+    """Lines of a JSONL file: ``size`` bytes from ``start``, the first being line ``first_line``."""
+
+    index: int
+    start: int
+    size: int
+    first_line: int
+
+
+def line_chunks(uri: str, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """A JSONL file (local or a URI) cut into chunks of about ``chunk_bytes`` of whole lines, with
+    the number of each chunk's first line; one streaming pass (a few MiB in memory)."""
+    chunks: list[Chunk] = []
+    start, first_line, lines, offset = 0, 1, 0, 0
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        while block := f.read(4 << 20):
+            pos = 0
+            while True:
+                cut = max(start + chunk_bytes - offset, pos)
+                newline = block.find(b"\n", cut) if cut < len(block) else -1
+                if newline < 0:
+                    lines += block.count(b"\n", pos)
+                    break
+                lines += block.count(b"\n", pos, newline + 1)
+                end = offset + newline + 1
+                chunks.append(Chunk(len(chunks), start, end - start, first_line))
+                first_line, lines, start, pos = first_line + lines, 0, end, newline + 1
+            offset += len(block)
+    if offset > start:
+        chunks.append(Chunk(len(chunks), start, offset - start, first_line))
+    return chunks
+
+
+def parallel_chunks(spec: Any, use_ray: bool, chunk_bytes: int) -> list[Chunk]:
+    """The chunks a Ray Data job checks for this dataset, or [] when the driver reads it: Ray down,
+    not JSONL, a fractional or repeated dataset (repeat_time), or under :data:`PARALLEL_BYTES`
+    (unless ``chunk_bytes`` is set below the default, as the tests do)."""
+    if not use_ray or spec.format != "jsonl" or spec.repeat_time != 1.0:
+        return []
+    entry = file_entry(spec.annotation)
+    if entry is None or (entry.size < PARALLEL_BYTES and chunk_bytes >= CHUNK_BYTES):
+        return []
+    if read_bytes(spec.annotation, 0, 4).startswith((b"\xff\xfe", b"\xfe\xff")):
+        return []  # the driver's reader names the problem
+    chunks = line_chunks(str(spec.annotation), chunk_bytes)
+    return chunks if len(chunks) > 1 else []
+
+
+class ChunkChecker:
+    """A Ray Data actor: checks and tokenizes chunks of a JSONL annotation (its own tokenizer)."""
+
+    def __init__(self, spec: Any, settings: ImageSettings) -> None:
+        self.spec = spec
+        self.conv_tok = settings.conversation_tokenizer()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        import io
+
+        from raylora.data.records import jsonl_lines
+
+        out: dict[str, list[Any]] = {"index": [], "rows": [], "records": [], "rejects": [], "paths": []}
+        for index, start, size, first in zip(
+            batch["index"], batch["start"], batch["size"], batch["first_line"]
+        ):
+            data = read_bytes(self.spec.annotation, int(start), int(size))
+            records, rejects, rows = [], [], 0
+            for item in jsonl_lines(self.spec, io.BytesIO(data), int(first)):
+                rows += 1
+                (rejects if isinstance(item, Reject) else records).append(item)
+            table = _text_columns(records, self.conv_tok)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
+            out["index"].append(int(index))
+            out["rows"].append(rows)
+            out["records"].append(sink.getvalue().to_pybytes())
+            out["rejects"].append(json.dumps([r.to_json() for r in rejects]))
+            out["paths"].append(json.dumps(sorted({p for r in records for p in r.images})))
+        return out
+
+
+def _check_in_parallel(
+    spec: Any,
+    settings: ImageSettings,
+    chunks: list[Chunk],
+    parts: list[pa.Table],
+    paths: set[str],
+    rejected: Any,
+    progress: bool,
+) -> int:
+    """Check ``chunks`` of ``spec``'s JSONL in a Ray Data job (an actor per CPU, up to one per chunk);
+    the tokenized parts are appended to ``parts`` in file order; rejects go to ``rejected`` as each
+    chunk finishes. Returns the rows read."""
+    import ray
+    import ray.data
+
+    quiet_progress()
+    actors = max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1))))
+    if progress:
+        print(
+            f"[data] checking {spec.annotation} in {len(chunks)} chunks, {actors} Ray Data actor(s) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    ds = ray.data.from_items([vars(c) for c in chunks], override_num_blocks=len(chunks))
+    # max_restarts=0: an actor that dies fails the check (run it again) rather than Ray logging, on
+    # this console, that restarted actors may lose their constructor arguments (ray#53727)
+    ds = ds.map_batches(
+        ChunkChecker,
+        fn_constructor_args=(spec, settings),
+        batch_size=1,
+        concurrency=actors,
+        num_cpus=1,
+        max_restarts=0,
+    )
+    got: dict[int, pa.Table] = {}
+    rows = 0
+    for row in ds.iter_rows():
+        got[row["index"]] = pa.ipc.open_stream(row["records"]).read_all()
+        rows += row["rows"]
+        paths.update(json.loads(row["paths"]))
+        rejected([Reject(**json.loads(r)) for r in json.loads(row["rejects"])])
+        if progress and len(got) % 10 == 0:
+            print(
+                f"[data] {len(got)}/{len(chunks)} chunks, {rows} rows checked ...",
+                file=sys.stderr,
+                flush=True,
+            )
+    parts.extend(got[i] for i in sorted(got))
+    return rows
 
 
 def _text_columns(records: list[Record], conv_tok: Any) -> pa.Table:

@@ -33,7 +33,7 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -413,17 +413,24 @@ def jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
         if f.read(4).startswith((b"\xff\xfe", b"\xfe\xff")):
             raise DataError(f"{source}: the file starts with a UTF-16 byte-order mark; save it as UTF-8")
         f.seek(0)
-        for lineno, raw in enumerate(f, 1):
-            if raw.startswith(_UTF8_BOM):
-                raw = raw[len(_UTF8_BOM) :]
-            if not raw.strip():
-                continue
-            parsed = _parse_line(source, lineno, raw)
-            if isinstance(parsed, Reject):
-                yield parsed
-                continue
-            obj, line = parsed
-            yield record_of(spec, source, lineno, obj, line)
+        yield from jsonl_lines(spec, f, 1)
+
+
+def jsonl_lines(spec: DatasetSpec, lines: Iterable[bytes], first_line: int) -> Iterator[Record | Reject]:
+    """Records and rejects of JSONL lines (bytes, with their newlines) numbered from ``first_line``:
+    the whole file, or one chunk of it (:func:`raylora.data.chunks.line_chunks`)."""
+    source = str(spec.annotation)
+    for lineno, raw in enumerate(lines, first_line):
+        if raw.startswith(_UTF8_BOM):
+            raw = raw[len(_UTF8_BOM) :]
+        if not raw.strip():
+            continue
+        parsed = _parse_line(source, lineno, raw)
+        if isinstance(parsed, Reject):
+            yield parsed
+            continue
+        obj, line = parsed
+        yield record_of(spec, source, lineno, obj, line)
 
 
 def _json_document(path: str | Path, kind: str) -> Any:
