@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("raylora.evaluate", "caption a split with Ray Data, COCO metrics, gallery"),
     "merge": ("raylora.merge", "merge LoRA into a plain, verified Hugging Face checkpoint"),
     "caption": ("raylora.caption", "caption images with the evaluation protocol"),
+    "serve": ("raylora.serve", "every adapter of a base model behind an OpenAI-compatible API (Ray Serve)"),
     "convert": (
         "raylora.convert",
         "an original-format (remote-code) checkpoint -> native transformers layout",

@@ -193,6 +193,28 @@ class SweepConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``raylora serve``: one base model per replica, adapters loaded on demand (raylora.serve)."""
+
+    host: str = "127.0.0.1"  # anything else needs an API key (RAYLORA_API_KEY or serve.api_key_file)
+    port: int = 8000
+    api_key_file: str | None = None  # a file holding the key clients send as "Authorization: Bearer KEY"
+    max_adapters: int = 4  # adapters kept loaded per replica (least recently used evicted)
+    num_replicas: int = 1  # fixed replicas; or autoscale between min_replicas and max_replicas
+    min_replicas: int = 0  # with max_replicas > 0: Ray Serve autoscaling
+    max_replicas: int = 0
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    dtype: str = "auto"  # bf16 on a GPU, fp32 on a CPU
+    max_batch_size: int = 8  # requests batched across clients and adapters (@serve.batch)
+    batch_wait_timeout_s: float = 0.05
+    max_tokens: int = 64  # the largest max_tokens a request may ask
+    max_image_bytes: int = 20 << 20  # a decoded data: URL (or fetched image) larger than this is refused
+    allow_remote_images: bool = False  # http(s):// image URLs fetched by the server
+    max_num: int = 6  # tiles per image
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow/mlflow.db
     experiment: str = "raylora"
@@ -212,6 +234,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs/run"
     name: str = "run"

@@ -26,6 +26,7 @@ class GenerationSettings:
     max_new_tokens: int = 30
     batch_size: int = 16
     num_beams: int = 1  # 1: greedy (the tutorial's protocol); N > 1: beam search with N beams
+    temperature: float = 0.0  # 0: no sampling; > 0: sampled at this temperature (serving)
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.batch_size < 1:
@@ -101,7 +102,8 @@ def generate_batch(
             input_ids=input_ids,
             attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
             **family_of_model(model).model_inputs(images, dtype),
-            do_sample=False,
+            do_sample=gen.temperature > 0,
+            **({"temperature": gen.temperature} if gen.temperature > 0 else {}),
             num_beams=gen.num_beams,
             min_new_tokens=gen.min_new_tokens,
             max_new_tokens=gen.max_new_tokens,

@@ -4,9 +4,11 @@ again (validation reused from the cache), extrapolated to the COCO tutorial's 56
 
     python scripts/bench_data_check.py [--rows 1000000] [--images ROOT]
 
-Each run is ``python -m raylora.data check FILE --root ROOT --model <demo base> --json`` in a process
-of its own, pinned to 1 CPU, then 2 (``taskset``), each with an empty validation cache; its wall
-time and peak resident memory (the child's own, from ``wait4``) are measured. The third run repeats
+Each run is ``python -m raylora.data check FILE --root ROOT --model <demo base> --json --workers N``
+in a process of its own, pinned to N CPUs (``taskset``), N = 1 (the rows read in that process), then
+2 (a local Ray cluster of 2 CPUs: the rows checked by a Ray Data job of 2 actors), each with an empty
+validation cache; its wall time and peak resident memory are measured (``wait4``: the largest of the
+process and the processes it waited for, the Ray cluster it started included; a maximum, not a sum). The third run repeats
 the 2-CPU one with its cache: what a second ``train`` or a sweep trial pays. Extrapolation: time and
 memory grow with the rows (the images are few and the same): time in proportion, memory linearly
 from the floor of a 1,000-row check (imports, tokenizer) to the measured peak.
@@ -35,6 +37,7 @@ def check(annotation: Path, root: Path, model: Path, cpus: str, cache: Path) -> 
     its JSON, whether it reused the cache."""
     cmd = ["taskset", "-c", cpus, sys.executable, "-m", "raylora.data", "check", str(annotation)]
     cmd += ["--root", str(root), "--model", str(model), "--json", "--rejects", str(cache / "rejects.jsonl")]
+    cmd += ["--workers", str(len(cpus.split(",")))]  # 1: in the process; 2: a Ray Data job of 2 actors
     env = {**os.environ, "RAYLORA_CACHE": str(cache)}
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "out.txt", "w") as out, open(cache / "err.txt", "w") as err:

@@ -28,12 +28,13 @@ LAYERS = [
     ["registry"],
     ["sources"],
     ["validation"],
-    ["serving", "serving_model"],
+    ["serving", "serving_model", "serve_api"],
+    ["serve_app"],
     ["demo"],
     ["cli"],
     ["recipe"],
     ["driver"],
-    ["train", "evaluate", "sweep", "merge", "caption", "data.__main__", "__init__", "__main__"],
+    ["train", "evaluate", "sweep", "merge", "caption", "serve", "data.__main__", "__init__", "__main__"],
 ]
 LAYER = {f"raylora.{m}" if m != "__init__" else "raylora": i for i, ms in enumerate(LAYERS) for m in ms}
 
