@@ -9,7 +9,6 @@ No ``from __future__ import annotations`` here: FastAPI reads the routes' parame
 (a postponed ``Request`` annotation makes every route answer 422).
 """
 
-
 import asyncio
 import hmac
 import json
