@@ -286,7 +286,10 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     """
     import ray
 
-    output_dir = Path(output_dir or cfg.output_dir)
+    target = str(output_dir or cfg.output_dir)
+    if is_remote(target):  # object storage: the outputs are made in a temporary folder, then copied
+        return run_to_remote(cfg, target)
+    output_dir = Path(target)
     tracking.check_tracking(tracking.tracking_uri(cfg))  # before any heavy work
     model_dir = check_paths(cfg)  # missing model or data: an error before the cluster starts
     identity = runs.identity(cfg, model_dir)
@@ -301,6 +304,32 @@ def run(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any]:
     finally:
         if validator is not None:
             ray.kill(validator)
+
+
+def run_to_remote(cfg: Config, target: str) -> dict[str, Any]:
+    """:func:`run` with ``output_dir`` in object storage (``s3://...``): the outputs (adapter,
+    metrics, config, rejects, logs) are written to a temporary folder and copied to ``target`` when
+    the run ends, whether it succeeds or fails. The folder is removed after a success; after a
+    failure it stays (the error line names the log in it)."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from raylora.files import filesystem
+
+    local = tempfile.mkdtemp(prefix="raylora-output-")
+    ok = False
+    try:
+        summary = run(cfg, local)
+        ok = True
+        return summary
+    finally:
+        if any(Path(local).iterdir()):
+            fs, path = filesystem(target)
+            pafs.copy_files(local, path, destination_filesystem=fs)
+            print(f"[done] outputs copied to {redact(target)}", flush=True)
+        if ok:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def prepare_and_fit(
@@ -493,6 +522,10 @@ def run_rank(cfg: Config, output_dir: str | Path | None = None) -> dict[str, Any
     import deepspeed
     import torch.distributed as dist
 
+    if is_remote(str(output_dir or cfg.output_dir)):
+        raise ValueError(
+            f"output_dir={output_dir or cfg.output_dir}: without Ray the outputs go to a local folder"
+        )
     output_dir = Path(output_dir or cfg.output_dir)
     runtime = LocalRuntime(cfg.cluster.use_gpu)
     if cfg.cluster.num_workers != runtime.world:

@@ -46,18 +46,16 @@ def api_key(cfg: ServeConfig) -> str | None:
 
 def start(cfg: Config, adapters: dict[str, str], base: str | None, log: object = print) -> str:
     """Deploy the application (connecting to ``RAY_ADDRESS`` or starting a local cluster); its URL."""
-    import ray
     from ray import serve
 
-    from raylora.cluster import console_options, runtime_env
+    from raylora.cluster import init_ray
     from raylora.serve_app import APP_NAME, application
 
     s = cfg.serve
     key = api_key(s)
     base = base_of(adapters, base)
-    if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env(), **console_options())
-    serve.start(http_options={"host": s.host, "port": s.port})
+    init_ray(cfg)
+    serve.start(http_options=http_options(s))
     serve.run(application(base, adapters, s, key), name=APP_NAME, route_prefix="/")
     url = f"http://{s.host}:{s.port}/v1"
     log(f"[serve] {len(adapters)} adapter(s) on {base}: {', '.join(adapters) or '(none)'}")
@@ -65,15 +63,32 @@ def start(cfg: Config, adapters: dict[str, str], base: str | None, log: object =
     return url
 
 
-def stop() -> None:
-    """Delete the application from the Ray cluster it runs on (``RAY_ADDRESS`` or the local one)."""
-    import ray
+def http_options(s: ServeConfig) -> dict[str, object]:
+    """Where Ray Serve's HTTP proxy listens: ``serve.host`` (127.0.0.1 unless the user says otherwise;
+    anywhere else needs an API key, :func:`api_key`) and ``serve.port``."""
+    return {"host": s.host, "port": s.port}
+
+
+def running() -> bool:
+    """Whether the application is deployed on the connected cluster."""
     from ray import serve
 
     from raylora.serve_app import APP_NAME
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    return APP_NAME in serve.status().applications
+
+
+def stop(cfg: Config) -> None:
+    """Delete the application from the Ray cluster it runs on (``RAY_ADDRESS``, or the local cluster a
+    ``raylora serve`` on this machine started: that command then ends)."""
+    from ray import serve
+
+    from raylora.cluster import init_ray
+    from raylora.serve_app import APP_NAME
+
+    if not cfg.cluster.address and not os.environ.get("RAY_ADDRESS"):
+        cfg.cluster.address = "auto"
+    init_ray(cfg)
     serve.delete(APP_NAME)
 
 
@@ -103,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> None:
+        cfg = load_config(args.config, args.overrides)
         if args.stop:
-            stop()
+            stop(cfg)
             print("[serve] stopped")
             return
-        cfg = load_config(args.config, args.overrides)
         if args.host:
             cfg.serve.host = args.host
         if args.port:
@@ -118,14 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         base = model_spec(args.base) if args.base else None
         start(cfg, adapters, base)
         print(f"[serve] running; Ctrl-C (or raylora serve --stop) stops it; specs: {redact(str(adapters))}")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            from ray import serve
+        from ray import serve
 
-            serve.shutdown()
-            print("[serve] stopped")
+        try:
+            while running():  # until Ctrl-C here, or raylora serve --stop elsewhere
+                time.sleep(2)
+        except KeyboardInterrupt:
+            pass
+        serve.shutdown()
+        print("[serve] stopped")
 
     return run_command(body, command="serve", verbose_flag=args.verbose)
 

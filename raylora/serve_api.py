@@ -82,11 +82,12 @@ def registered_adapters(name: str, tracking_uri: str | None = None) -> dict[str,
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
         raise ValueError(f"no registered model {name!r} (or it has no versions) in {tracking.current_uri()}")
-    out = {}
-    for v in sorted(versions, key=lambda v: int(v.version)):
-        out[f"{name}/{v.version}"] = f"models:/{name}/{v.version}"
-        for alias in v.aliases:
-            out[f"{name}@{alias}"] = f"models:/{name}@{alias}"
+    out = {
+        f"{name}/{v.version}": f"models:/{name}/{v.version}"
+        for v in sorted(versions, key=lambda v: int(v.version))
+    }
+    for alias in sorted(client.get_registered_model(name).aliases):  # search results may not carry them
+        out[f"{name}@{alias}"] = f"models:/{name}@{alias}"
     return out
 
 

@@ -14,7 +14,7 @@ from raylora.__main__ import COMMANDS, main
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-VERBS = ["train", "sweep", "evaluate", "merge", "caption", "convert", "data", "demo"]
+VERBS = ["train", "sweep", "evaluate", "merge", "caption", "serve", "convert", "data", "demo"]
 
 
 def _python(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,7 +66,7 @@ def test_help_lists_every_verb_without_loading_torch_or_ray() -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[-1] == "[]"  # nothing heavy imported
-    for verb in ("train", "sweep", "evaluate", "merge", "caption", "convert", "data check", "demo"):
+    for verb in ("train", "sweep", "evaluate", "merge", "caption", "serve", "convert", "data check", "demo"):
         assert sum(line.startswith(f"  {verb}  ") for line in lines) == 1, verb
 
 
@@ -74,5 +74,5 @@ def test_help_lists_every_verb_without_loading_torch_or_ray() -> None:
 def test_a_wrong_verb_names_the_verbs(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "verbs: train, sweep, evaluate, merge, caption, convert, data check, demo" in err
+    assert "verbs: train, sweep, evaluate, merge, caption, serve, convert, data check, demo" in err
     assert ("unknown verb 'frobnicate'" if argv else "a verb is required") in err

@@ -216,7 +216,7 @@ def test_mlflow_prints_no_run_links_when_a_run_ends_on_a_server(quiet_state, mlf
 
 @pytest.mark.parametrize(
     "module",
-    ["train", "sweep", "evaluate", "merge", "caption", "convert", "demo", "data.__main__"],
+    ["train", "sweep", "evaluate", "merge", "caption", "serve", "convert", "demo", "data.__main__"],
 )
 def test_every_command_has_verbose(module, capsys):
     main = importlib.import_module(f"raylora.{module}").main

@@ -138,9 +138,25 @@ def test_nothing_binds_to_every_interface() -> None:
             for name, value in pairs:
                 if not (isinstance(name, str) and (name == "host" or name.endswith("_host"))):
                     continue
+                if path.name == "serve.py" and ast.unparse(value) == "s.host":
+                    continue  # serve.host: 127.0.0.1 by default, elsewhere only with an API key (below)
                 if not (isinstance(value, ast.Constant) and value.value in loopback):
                     bad.append(f"{_where(path, value)} {name}={ast.unparse(value)}")
     assert not bad, bad
+
+
+def test_raylora_serve_binds_loopback_unless_told_and_then_needs_a_key(monkeypatch) -> None:
+    """The one configurable bind address (``serve.host``): 127.0.0.1 by default; any other needs an
+    API key (tests/test_serve.py checks the key is asked for)."""
+    from raylora.config import ServeConfig
+    from raylora.serve import api_key, http_options
+
+    assert http_options(ServeConfig())["host"] == "127.0.0.1"
+    monkeypatch.delenv("RAYLORA_API_KEY", raising=False)
+    elsewhere = ServeConfig()
+    elsewhere.host = "192.0.2.10"  # a documentation address (RFC 5737)
+    with pytest.raises(ValueError, match="RAYLORA_API_KEY"):
+        api_key(elsewhere)
 
 
 def test_every_ray_init_keeps_the_dashboard_on_localhost() -> None:

@@ -73,8 +73,8 @@ def test_a_run_in_s3_survives_a_decode_actor_kill_and_a_worker_crash_exactly(
     restart from the last checkpoint). Then the last rank dies at step 6: FailureConfig restarts the
     workers from the step-4 checkpoint, read back from the bucket. Every micro-batch and the result
     equal the uninterrupted local run's, bitwise; every optimizer step is logged once, none skipped.
-    The run folder exists only in the bucket, the adapter is in MLflow's artifacts there, and the
-    credentials appear nowhere."""
+    The run folder and the outputs exist only in the bucket, the adapter is in MLflow's artifacts
+    there, and the credentials appear nowhere."""
     from mlflow.tracking import MlflowClient
 
     data = demo_root / "data"
@@ -91,7 +91,7 @@ def test_a_run_in_s3_survives_a_decode_actor_kill_and_a_worker_crash_exactly(
         f"data.val_gt={bucket}/demo/annotations/demo_val_gt.json",
         f"data.val_root={bucket}/demo",
         f"cluster.storage_path={storage}",
-        f"output_dir={tmp_path / 'out'}",
+        f"output_dir={bucket}/out",
         "tracking.experiment=s3-drill",
         f"tracking.artifact_location={bucket}/mlflow",
         *SHORT,
@@ -111,8 +111,9 @@ def test_a_run_in_s3_survives_a_decode_actor_kill_and_a_worker_crash_exactly(
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
     _download(storage, tmp_path / "runs")  # the run folder, read back from the bucket
+    _download(f"{bucket}/out", tmp_path / "out")  # the outputs (adapter, metrics), from the bucket too
     (marker,) = (tmp_path / "runs").glob("*/injected_failure")
     assert marker.read_text() == "6"
     assert len(traces(tmp_path)[10]) == 2  # step 6's micro-batches were consumed twice: before and after
