@@ -16,6 +16,7 @@ or ``serve.api_key_file``). Replicas, autoscaling, resources and batching come f
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from raylora.cli import model_spec
 from raylora.config import Config, ServeConfig, load_config
-from raylora.console import add_verbose_flag, run_command
+from raylora.console import add_verbose_flag, run_command, verbose
 from raylora.files import redact
 from raylora.serve_api import base_of, parse_adapters, registered_adapters
 
@@ -55,6 +56,8 @@ def start(cfg: Config, adapters: dict[str, str], base: str | None, log: object =
     key = api_key(s)
     base = base_of(adapters, base)
     init_ray(cfg)
+    if not verbose():  # Ray Serve's INFO lines (deploying, "ready at") say what the [serve] lines say
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options=http_options(s))
     serve.run(application(base, adapters, s, key), name=APP_NAME, route_prefix="/")
     url = f"http://{s.host}:{s.port}/v1"

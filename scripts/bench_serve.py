@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                     key = f"{side}_{mix}_{concurrency}_clients"
                     results[key] = measure(clients, models, concurrency, args.requests)
                     print(f"[bench] {key}: {results[key]}", flush=True)
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
         replica_pids = [
-            a.pid
-            for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
-            if "CaptionServer" in a.class_name
+            int(line.split()[0]) for line in ps if "ServeReplica" in line and "CaptionServer" in line
         ]
+        assert replica_pids, "no serve replica process found"
         memory_a = sum(rss_mib(pid) for pid in replica_pids)
         memory_b = sum(rss_mib(proc.pid) for proc in procs.values())
     finally:
