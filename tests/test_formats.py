@@ -327,3 +327,21 @@ def test_a_large_jsonl_is_checked_as_a_ray_data_job(
     assert together.table.equals(alone.table) and together.rows_total == alone.rows_total == 245
     assert together.rejects == alone.rejects and [r.line for r in alone.rejects] == [41, 82, 205, 246]
     assert sorted(ledger.read_text().splitlines()) == sorted(r.to_json() for r in alone.rejects)
+
+
+def test_shards_are_checked_a_shard_per_ray_data_task(
+    ray_cluster, demo_settings, tmp_path, monkeypatch, capsys
+):
+    """A folder of Parquet files or tar shards: each file checked and tokenized by a Ray Data actor,
+    the same records and rejects as the driver's own read."""
+    _export(tmp_path / "export")
+    for name in ("parquet", "webdataset"):
+        monkeypatch.setenv("RAYLORA_CACHE", str(tmp_path / f"cache-driver-{name}"))
+        alone = prepare(tmp_path / "export" / name, None, demo_settings, use_ray=False)
+        monkeypatch.setenv("RAYLORA_CACHE", str(tmp_path / f"cache-ray-{name}"))
+        together = prepare(
+            tmp_path / "export" / name, None, demo_settings, use_ray=True, progress=True, chunk_bytes=1024
+        )
+        assert "in 2 shards, 2 Ray Data actor(s)" in capsys.readouterr().err, name
+        assert together.table.equals(alone.table) and together.rejects == alone.rejects, name
+        assert together.rows_total == alone.rows_total == 40

@@ -24,7 +24,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from raylora.data.images import container_of
 from raylora.data.pipeline import quiet_progress
 from raylora.data.plan import plan_units, unit_lengths
-from raylora.data.readers import iter_annotation
+from raylora.data.readers import READERS, iter_annotation
 from raylora.data.records import (
     CAPTION_PROMPT,
     SHARD_SUFFIXES,
@@ -273,12 +273,14 @@ def prepare(
 
 @dataclass
 class Chunk:
-    """Lines of a JSONL file: ``size`` bytes from ``start``, the first being line ``first_line``."""
+    """What one Ray Data task checks: lines of a JSONL file (``size`` bytes from ``start``, the first
+    being line ``first_line``), or a whole shard file ``uri`` (Parquet, tar; ``size`` -1)."""
 
     index: int
     start: int
     size: int
     first_line: int
+    uri: str = ""  # a shard file; "" for the dataset's JSONL
 
 
 def line_chunks(uri: str, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
@@ -308,10 +310,16 @@ def line_chunks(uri: str, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
 
 def parallel_chunks(spec: Any, use_ray: bool, chunk_bytes: int) -> list[Chunk]:
     """The chunks a Ray Data job checks for this dataset, or [] when the driver reads it: Ray down,
-    not JSONL, a fractional or repeated dataset (repeat_time), or under :data:`PARALLEL_BYTES`
-    (unless ``chunk_bytes`` is set below the default, as the tests do)."""
-    if not use_ray or spec.format != "jsonl" or spec.repeat_time != 1.0:
+    a COCO or LLaVA JSON (one document), a fractional or repeated dataset (repeat_time), a single
+    shard, or under :data:`PARALLEL_BYTES` in all (unless ``chunk_bytes`` is set below the default, as
+    the tests do). JSONL: chunks of whole lines; Parquet and WebDataset: a chunk per shard file."""
+    if not use_ray or spec.repeat_time != 1.0 or spec.format not in ("jsonl", *SHARD_SUFFIXES):
         return []
+    if spec.format in SHARD_SUFFIXES:
+        files = list_files(spec.annotation, SHARD_SUFFIXES[spec.format])
+        if len(files) < 2 or (sum(f.size for f in files) < PARALLEL_BYTES and chunk_bytes >= CHUNK_BYTES):
+            return []
+        return [Chunk(i, 0, -1, 1, f.uri) for i, f in enumerate(files)]
     entry = file_entry(spec.annotation)
     if entry is None or (entry.size < PARALLEL_BYTES and chunk_bytes >= CHUNK_BYTES):
         return []
@@ -322,7 +330,8 @@ def parallel_chunks(spec: Any, use_ray: bool, chunk_bytes: int) -> list[Chunk]:
 
 
 class ChunkChecker:
-    """A Ray Data actor: checks and tokenizes chunks of a JSONL annotation (its own tokenizer)."""
+    """A Ray Data actor: checks and tokenizes chunks of an annotation, lines of a JSONL or whole
+    shard files (its own tokenizer)."""
 
     def __init__(self, spec: Any, settings: ImageSettings) -> None:
         self.spec = spec
@@ -330,16 +339,21 @@ class ChunkChecker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         import io
+        from dataclasses import replace
 
         from raylora.data.records import jsonl_lines
 
         out: dict[str, list[Any]] = {"index": [], "rows": [], "records": [], "rejects": [], "paths": []}
-        for index, start, size, first in zip(
-            batch["index"], batch["start"], batch["size"], batch["first_line"]
+        for index, start, size, first, uri in zip(
+            batch["index"], batch["start"], batch["size"], batch["first_line"], batch["uri"]
         ):
-            data = read_bytes(self.spec.annotation, int(start), int(size))
+            if uri:  # a whole shard file, read as the dataset's reader reads each of its files
+                items = READERS[self.spec.format](replace(self.spec, annotation=str(uri)))
+            else:
+                data = read_bytes(self.spec.annotation, int(start), int(size))
+                items = jsonl_lines(self.spec, io.BytesIO(data), int(first))
             records, rejects, rows = [], [], 0
-            for item in jsonl_lines(self.spec, io.BytesIO(data), int(first)):
+            for item in items:
                 rows += 1
                 (rejects if isinstance(item, Reject) else records).append(item)
             table = _text_columns(records, self.conv_tok)
@@ -373,7 +387,8 @@ def _check_in_parallel(
     actors = max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1))))
     if progress:
         print(
-            f"[data] checking {spec.annotation} in {len(chunks)} chunks, {actors} Ray Data actor(s) ...",
+            f"[data] checking {spec.annotation} in {len(chunks)} {'shards' if chunks[0].uri else 'chunks'}, "
+            f"{actors} Ray Data actor(s) ...",
             file=sys.stderr,
             flush=True,
         )
