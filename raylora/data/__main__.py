@@ -20,8 +20,8 @@ from raylora.cluster import console_options
 from raylora.config import DataConfig, ModelConfig
 from raylora.console import add_verbose_flag, run_command
 from raylora.data.prepare import PARALLEL_BYTES, prepare
-from raylora.data.records import DataError
-from raylora.files import file_entry, is_remote
+from raylora.data.records import SHARD_SUFFIXES, DataError
+from raylora.files import file_entry, is_remote, list_files
 from raylora.sources import image_settings, resolve_source
 
 DATA_DEFAULTS, MODEL_DEFAULTS = DataConfig(), ModelConfig()
@@ -113,9 +113,8 @@ def start_workers(annotation: str, workers: int | None) -> bool:
 
     if ray.is_initialized():
         return True
-    entry = file_entry(annotation) if annotation.endswith(".jsonl") else None
     if workers is None:
-        workers = (os.cpu_count() or 1) if entry is not None and entry.size >= PARALLEL_BYTES else 1
+        workers = (os.cpu_count() or 1) if _checked_bytes(annotation) >= PARALLEL_BYTES else 1
     if workers <= 1:
         return False
     print(
@@ -125,6 +124,15 @@ def start_workers(annotation: str, workers: int | None) -> bool:
     )
     ray.init(num_cpus=workers, include_dashboard=False, **console_options())
     return True
+
+
+def _checked_bytes(annotation: str) -> int:
+    """The size of what a Ray Data job would check: a JSONL file, or a folder's Parquet files or tar
+    shards (0 for the JSON formats, which the driver reads)."""
+    if annotation.endswith(".jsonl"):
+        entry = file_entry(annotation)
+        return entry.size if entry is not None else 0
+    return max(sum(f.size for f in list_files(annotation, suffixes)) for suffixes in SHARD_SUFFIXES.values())
 
 
 def default_rejects_path(annotation: str) -> Path:
@@ -203,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         help="check the rows in this many Ray Data actors (a local Ray cluster of that many CPUs; default: "
-        "one per CPU for a JSONL of 16 MiB or more, else 1: in this process)",
+        "one per CPU for a JSONL, or a folder of Parquet files or tar shards, of 16 MiB or more; else 1: in "
+        "this process)",
     )
     add_verbose_flag(c)
     args = parser.parse_args(argv)
