@@ -71,6 +71,7 @@ class CaptionServer:
         t0 = time.perf_counter()
         if not self._authorized(request):
             return self._refuse(APIError(401, "a valid API key is required (Authorization: Bearer KEY)"))
+        body: Any = None
         try:
             raw = await request.body()
             if len(raw) > self.cfg.max_image_bytes * 4 // 3 + (1 << 20):
@@ -84,8 +85,7 @@ class CaptionServer:
             if isinstance(result, APIError):
                 raise result
         except APIError as e:
-            model = body.get("model", "") if "body" in locals() and isinstance(body, dict) else ""
-            return self._refuse(e, str(model))
+            return self._refuse(e, str(body.get("model", "")) if isinstance(body, dict) else "")
         caption, tokens = result
         self.requests.inc(tags={"model": parsed.model, "status": "200"})
         self.latency.observe((time.perf_counter() - t0) * 1000, tags={"model": parsed.model})
