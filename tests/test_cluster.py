@@ -153,10 +153,10 @@ def test_preflight_refuses_what_the_cluster_cannot_do(cluster, tmp_path):
 
 
 def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewhere(cluster, s3, tmp_path):
-    """A sweep on the cluster (one trial: tests/test_sweep.py sweeps several) with no shared folder:
-    its trials' checkpoints in object storage (the tests' S3 server) and its experiment's artifacts
-    there too; its champion is registered in the server's registry, and `merge --model-uri
-    models:/...@champion` works from another folder, through the server and the bucket only."""
+    """A 2-trial sweep on the cluster with no shared folder: its trials' checkpoints in object storage
+    (the tests' S3 server) and its experiment's artifacts there too; its champion is registered in the
+    server's registry, and `merge --model-uri models:/...@champion` works from another folder, through
+    the server and the bucket only."""
     name = "raylora-rehearsal-lora"
     bucket = s3()
     swept = command(
@@ -165,7 +165,7 @@ def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewher
         "--config",
         "demo",
         "--trials",
-        "1",
+        "2",
         f"cluster.storage_path={bucket}/storage",
         f"output_dir={tmp_path / 'out' / 'x'}",
         "data.val_size=16",
@@ -184,7 +184,10 @@ def test_sweep_registers_its_champion_through_the_server_and_merge_runs_elsewher
     assert champion.source.startswith(f"{bucket}/mlflow/"), champion.source
     fs, path = pafs.FileSystem.from_uri(f"{bucket}/storage")
     stored = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
-    assert any("/checkpoint_" in p for p in stored) and any(p.endswith("raylora_sweep.json") for p in stored)
+    trials = {
+        p.split("/trials/", 1)[1].split("/", 1)[0] for p in stored if "/trials/" in p and "/checkpoint_" in p
+    }
+    assert len(trials) == 2 and any(p.endswith("raylora_sweep.json") for p in stored), sorted(stored)[:20]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"}  # the server is all it has
