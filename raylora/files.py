@@ -170,9 +170,11 @@ def file_entry(uri: str | os.PathLike) -> FileEntry | None:
 
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        return None
-    return FileEntry(str(uri), int(info.size or 0), int(info.mtime_ns or 0))
+    return _entry(str(uri), info) if info.type == pafs.FileType.File else None
+
+
+def _entry(uri: str, info: Any) -> FileEntry:
+    return FileEntry(uri, int(info.size or 0), int(info.mtime_ns or 0))
 
 
 def list_files(uri: str | os.PathLike, suffixes: tuple[str, ...]) -> list[FileEntry]:
@@ -184,16 +186,13 @@ def list_files(uri: str | os.PathLike, suffixes: tuple[str, ...]) -> list[FileEn
     fs, path = filesystem(text)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return (
-            [FileEntry(text, int(info.size or 0), int(info.mtime_ns or 0))] if text.endswith(suffixes) else []
-        )
+        return [_entry(text, info)] if text.endswith(suffixes) else []
     if info.type != pafs.FileType.Directory:
         return []
     out = []
     for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if f.type == pafs.FileType.File and f.path.endswith(suffixes):
-            rel = f.path[len(path) :].lstrip("/")
-            out.append(FileEntry(join_uri(text, rel), int(f.size or 0), int(f.mtime_ns or 0)))
+            out.append(_entry(join_uri(text, f.path[len(path) :].lstrip("/")), f))
     return sorted(out, key=lambda e: e.uri)
 
 
@@ -223,7 +222,7 @@ def read_text(uri: str) -> str | None:
     """A small file's text (local path or URI such as ``s3://``), None when it does not exist."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else absolute(uri))
+    fs, path = filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
@@ -232,9 +231,7 @@ def read_text(uri: str) -> str | None:
 
 def write_text(uri: str, text: str) -> None:
     """Write a small file (local path or URI), creating its folder."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else absolute(uri))
+    fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode("utf-8"))
@@ -244,7 +241,7 @@ def remove_dir(uri: str) -> None:
     """Delete a folder (local path or URI); nothing when it does not exist."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else absolute(uri))
+    fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
 

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raylora.config import Config
-from raylora.files import absolute, is_remote, read_text, remove_dir, write_text
+from raylora.files import absolute, filesystem, is_remote, read_text, remove_dir, write_text
 
 RECORD = "raylora_run.json"
 # A checkpoint folder (``checkpoint_*``): rank 0's state, written last (it completes the checkpoint),
@@ -133,7 +133,7 @@ def checkpoints(directory: str, world_size: int) -> list[CheckpointInfo]:
     by its files rather than by Ray's bookkeeping.
     """
     try:
-        fs, base = _filesystem(directory)
+        fs, base = filesystem(directory)
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
     except (OSError, ValueError):
         return []
@@ -191,7 +191,7 @@ def record_validation(directory: str, step: int, metrics: dict[str, Any]) -> Non
 def validations(directory: str) -> list[tuple[int, float]]:
     """(step, val CIDEr) of every validation of the run, by step."""
     try:
-        fs, base = _filesystem(directory)
+        fs, base = filesystem(directory)
         infos = fs.get_file_info(pafs.FileSelector(f"{base}/{VALIDATIONS}", allow_not_found=True))
     except (OSError, ValueError):
         return []
@@ -206,10 +206,6 @@ def validations(directory: str) -> list[tuple[int, float]]:
         except (OSError, KeyError, ValueError):
             continue
     return sorted(found)
-
-
-def _filesystem(directory: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(directory if is_remote(directory) else absolute(directory))
 
 
 def plateau(scores: list[tuple[int, float]], patience: int) -> dict[str, Any] | None:

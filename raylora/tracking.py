@@ -106,9 +106,8 @@ def setup(cfg: Config) -> tuple[str, str]:
             )
         return uri, exp.experiment_id
     artifact_location = wanted
-    if not wanted and uri.startswith(
-        "sqlite:///"
-    ):  # else artifacts would land in ./mlruns of the current dir
+    # beside a sqlite store by default: else artifacts would land in ./mlruns of the current dir
+    if not wanted and uri.startswith("sqlite:///"):
         artifact_location = (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
     return uri, mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
 

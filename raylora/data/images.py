@@ -14,7 +14,7 @@ import re
 from collections import OrderedDict
 from typing import Any, BinaryIO
 
-from raylora.files import FileEntry, file_entry, filesystem, is_remote, read_bytes
+from raylora.files import filesystem, is_remote, read_bytes
 
 _REF_RE = re.compile(
     r"^(?P<container>.+)#(?:offset=(?P<offset>\d+)&size=(?P<size>\d+)|row=(?P<row>\d+)&column=(?P<column>[^&#]+))$"
@@ -38,11 +38,6 @@ def container_of(ref: str) -> str:
     """The file that holds the image: the container of a member or row reference, else ``ref``."""
     m = _REF_RE.match(ref)
     return m["container"] if m else ref
-
-
-def stamp(ref: str) -> FileEntry | None:
-    """Size and modification time of the file that holds the image (what the validation cache keys on)."""
-    return file_entry(container_of(ref))
 
 
 def open_image(ref: str) -> str | BinaryIO:

@@ -169,7 +169,7 @@ def _image_sizes(paths: list[str], use_ray: bool) -> dict[str, tuple[int, int] |
 
 CHUNK_ROWS = 8192  # rows tokenized and packed into Arrow at a time (bounded memory on large files)
 CHUNK_BYTES = 8 << 20  # a JSONL chunk a Ray Data task checks (whole lines)
-PARALLEL_BYTES = 16 << 20  # JSONL annotations from this size are checked across the cluster
+PARALLEL_BYTES = 16 << 20  # a JSONL, or a folder of shards, from this size is checked across the cluster
 
 
 def prepare(
@@ -190,8 +190,9 @@ def prepare(
     only a caption (COCO captions JSON); ``ledger``: a file the rejects are appended to as they are
     found (the returned ones are sorted by file and line).
 
-    With Ray up, a JSONL annotation over :data:`PARALLEL_BYTES` is cut into chunks of whole lines
-    (``chunk_bytes``) that a Ray Data job checks and tokenizes across the cluster, one actor per CPU
+    With Ray up, a JSONL annotation of :data:`PARALLEL_BYTES` or more is cut into chunks of whole
+    lines (``chunk_bytes``), and a folder of Parquet files or tar shards as large into its files, that
+    a Ray Data job checks and tokenizes across the cluster, one actor per CPU
     (:func:`_check_in_parallel`); else the driver reads it.
 
     Rows stream through in chunks of :data:`CHUNK_ROWS`: checked, tokenized and packed into Arrow
@@ -509,10 +510,9 @@ def validation_key(specs: list[Any], settings: ImageSettings, strict: bool, seed
         if spec.format in SHARD_SUFFIXES:  # shards: their listing (names, sizes, mtimes)
             for e in list_files(spec.annotation, SHARD_SUFFIXES[spec.format]):
                 h.update(f"{e.uri}\t{e.size}\t{e.mtime_ns}\n".encode())
-        elif is_remote(spec.annotation):
-            h.update(read_bytes(spec.annotation))
         else:
-            with open(spec.annotation, "rb") as f:
+            fs, path = filesystem(spec.annotation)
+            with fs.open_input_stream(path) as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     tokenizer = Path(settings.tokenizer_path)

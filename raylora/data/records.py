@@ -340,11 +340,11 @@ def resolve_image(root: str | Path, rel: str) -> str:
     """join(root, image), refusing paths that escape the root and anything but an existing file.
     Under a remote root (``s3://``) the file is only looked for when the image is decoded."""
     if is_remote(root):
-        base = str(root).rstrip("/")
-        full = posixpath.normpath(posixpath.join(base.split("://", 1)[1], rel))
-        if full != base.split("://", 1)[1] and not full.startswith(base.split("://", 1)[1] + "/"):
-            raise RowRejected("image_outside_root", f"{rel!r} resolves outside {base}")
-        return f"{base.split('://', 1)[0]}://{full}"
+        scheme, base = str(root).rstrip("/").split("://", 1)
+        full = posixpath.normpath(posixpath.join(base, rel))
+        if full != base and not full.startswith(base + "/"):
+            raise RowRejected("image_outside_root", f"{rel!r} resolves outside {scheme}://{base}")
+        return f"{scheme}://{full}"
     root_abs = Path(os.path.abspath(root))
     full = Path(os.path.abspath(root_abs / rel))
     if os.path.commonpath([root_abs, full]) != str(root_abs):
@@ -418,7 +418,7 @@ def jsonl_items(spec: DatasetSpec) -> Iterator[Record | Reject]:
 
 def jsonl_lines(spec: DatasetSpec, lines: Iterable[bytes], first_line: int) -> Iterator[Record | Reject]:
     """Records and rejects of JSONL lines (bytes, with their newlines) numbered from ``first_line``:
-    the whole file, or one chunk of it (:func:`raylora.data.chunks.line_chunks`)."""
+    the whole file, or one chunk of it (:func:`raylora.data.prepare.line_chunks`)."""
     source = str(spec.annotation)
     for lineno, raw in enumerate(lines, first_line):
         if raw.startswith(_UTF8_BOM):
