@@ -68,7 +68,8 @@ def test_exported_formats_give_the_jsonl_records(demo_settings, tmp_path, capsys
         assert got.column("group_key").to_pylist() != [""] * 40  # captions of an image still share it
         assert len(set(got.column("group_key").to_pylist())) == 8
         root = ["--root", str(COCO)] if kind in ("coco", "llava") else []
-        assert main(["check", str(tmp_path / name), *root, "--model", "demo", "--json"]) == 0
+        rejects = ["--rejects", str(tmp_path / f"{name}.rejects.jsonl")]  # not into the current folder
+        assert main(["check", str(tmp_path / name), *root, *rejects, "--model", "demo", "--json"]) == 0
         stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert stats["rows_ok"] == stats["rows_total"] == 40, name
 

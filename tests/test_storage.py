@@ -39,7 +39,10 @@ def test_every_format_is_read_from_s3(s3, demo_settings, tmp_path, monkeypatch, 
     ref = prepare(TRAIN, COCO, demo_settings, use_ray=False).table
     for name in ("captions.json", "llava.json", "parquet", "webdataset"):
         root = ["--root", f"{bucket}/coco"] if name.endswith(".json") else []
-        assert main(["check", f"{bucket}/export/{name}", *root, "--model", "demo", "--json"]) == 0, name
+        rejects = ["--rejects", str(tmp_path / f"{name}.rejects.jsonl")]  # not into the current folder
+        assert (
+            main(["check", f"{bucket}/export/{name}", *root, *rejects, "--model", "demo", "--json"]) == 0
+        ), name
         stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert stats["rows_ok"] == stats["rows_total"] == 40, name
         got = prepare(f"{bucket}/export/{name}", root[1] if root else None, demo_settings, use_ray=False)
